@@ -1,0 +1,66 @@
+//! The command line: subcommands and flags in exporter conventions (`--web.listen-address`,
+//! `--config.file`, …). Parsing only; what each command does lives in `commands`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::logging::{LogFormat, LogLevel};
+
+/// The default listen address: port 9469, chosen once for clusterwatch (no common stack
+/// component uses it) and kept.
+pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9469";
+
+/// Watches small HA stacks (PostgreSQL, Redis, MongoDB, gateways) and serves Prometheus metrics.
+#[derive(Debug, Parser)]
+#[command(name = "clusterwatch", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (YAML). Without it, the embedded default is used.
+    #[arg(
+        long = "config.file",
+        value_name = "FILE",
+        global = true,
+        env = "CLUSTERWATCH_CONFIG"
+    )]
+    pub config_file: Option<PathBuf>,
+
+    /// Address to serve metrics on.
+    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS, global = true)]
+    pub listen_address: SocketAddr,
+
+    /// Path metrics are served under.
+    #[arg(
+        long = "web.telemetry-path",
+        value_name = "PATH",
+        default_value = "/metrics",
+        global = true
+    )]
+    pub telemetry_path: String,
+
+    /// Minimum log level.
+    #[arg(long = "log.level", value_enum, default_value_t = LogLevel::Info, global = true)]
+    pub log_level: LogLevel,
+
+    /// Log line format.
+    #[arg(long = "log.format", value_enum, default_value_t = LogFormat::Logfmt, global = true)]
+    pub log_format: LogFormat,
+
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve metrics (the default).
+    Serve,
+    /// Check a configuration file and print every problem with its line; exit 1 on problems.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Run every collector once, print the exposition and exit.
+    Once,
+}

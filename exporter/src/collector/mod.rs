@@ -1,0 +1,379 @@
+//! The collector trait, the explicit list of collector kinds, and the scrape engine that runs
+//! every target concurrently under its own deadline. Collectors only query and fill a buffer;
+//! concurrency, deadlines, up/duration/error metrics and merging are owned here.
+
+pub mod exporter;
+pub mod fs;
+pub mod system;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::config::{Located, Problem, SectionContext};
+use crate::snapshot::{Kind, Label, SampleBuffer};
+
+/// Every collector kind, in exposition order. Adding a collector = one file + one line here.
+pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND];
+
+/// A kind of collector: its name (file, `collector` label, metric subsystem), the config
+/// section it reads, and how it builds targets from that section.
+pub struct CollectorKind {
+    /// Collector name, e.g. `fs`: the `collector` label and the metric subsystem.
+    pub name: &'static str,
+    /// Configuration section it reads, e.g. `filesystems`.
+    pub section: &'static str,
+    /// Built even when its section is absent (clusterwatch's own process).
+    pub always_on: bool,
+    /// Parses and checks the section into targets; records problems instead of failing.
+    pub configure: fn(Located, &SectionContext, &mut Vec<Problem>) -> Vec<Arc<dyn Collector>>,
+}
+
+/// Passed to every collection: when it must be finished by.
+#[derive(Clone, Copy, Debug)]
+pub struct ScrapeContext {
+    /// The moment the engine will abandon this target. Collectors that fan out to items
+    /// (mounts, probes) bound each item by it so one stuck item is not the whole target.
+    pub deadline: Instant,
+}
+
+/// One scrape target: a collector kind bound to one configured thing (a server, the host).
+#[async_trait]
+pub trait Collector: Send + Sync + 'static {
+    /// The collector name (`fs`, `pg`, …), the same as its kind's.
+    fn name(&self) -> &'static str;
+    /// The configured target name: the `target` label.
+    fn target(&self) -> &str;
+    /// The replication group, for rules that count primaries per cluster.
+    fn cluster(&self) -> Option<&str> {
+        None
+    }
+    /// A per-target deadline overriding `global.timeout`.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+    /// Queries the target once and writes samples into `out`. Samples written before an error
+    /// or a missed deadline are discarded, so a scrape never shows half a target.
+    async fn collect(
+        &self,
+        ctx: &ScrapeContext,
+        out: &mut SampleBuffer,
+    ) -> Result<(), CollectError>;
+}
+
+/// Why a collection failed. `reason()` is the short, bounded label value; the message is for
+/// logs and must never contain a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// The deadline passed.
+    #[error("deadline exceeded")]
+    Timeout,
+    /// Could not connect (refused, unreachable, DNS).
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// The server rejected our credentials.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// Connected and authenticated, but not allowed to read what we need.
+    #[error("permission denied: {0}")]
+    Permission(String),
+    /// A query or command failed.
+    #[error("query failed: {0}")]
+    Query(String),
+    /// A local read failed.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The answer did not make sense.
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}
+
+impl CollectError {
+    /// The `reason` label value: a short word from a fixed set.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CollectError::Timeout => "timeout",
+            CollectError::Connect(_) => "connect",
+            CollectError::Auth(_) => "auth",
+            CollectError::Permission(_) => "permission",
+            CollectError::Query(_) => "query",
+            CollectError::Io(_) => "io",
+            CollectError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// How much of Prometheus' scrape timeout to leave for encoding and the network.
+fn scrape_margin(header: Duration) -> Duration {
+    (header / 4).min(Duration::from_millis(500))
+}
+
+/// The deadline budget for one target: its timeout, capped by the scraper's own timeout.
+pub fn target_budget(configured: Duration, scrape_timeout: Option<Duration>) -> Duration {
+    match scrape_timeout {
+        Some(h) => configured.min(h.saturating_sub(scrape_margin(h))),
+        None => configured,
+    }
+}
+
+/// Runs every target of a configuration concurrently and keeps per-target error counters.
+pub struct Engine {
+    targets: Vec<Arc<dyn Collector>>,
+    default_timeout: Duration,
+    /// (collector, target, reason) → count, kept across scrapes.
+    errors: Mutex<HashMap<(&'static str, String, &'static str), u64>>,
+    /// Last failure reason per (collector, target), so a failure is logged when it starts or
+    /// changes, not on every scrape.
+    last_failure: Mutex<HashMap<(&'static str, String), &'static str>>,
+}
+
+impl Engine {
+    /// An engine over `targets` with `default_timeout` for targets without their own.
+    pub fn new(targets: Vec<Arc<dyn Collector>>, default_timeout: Duration) -> Self {
+        Engine {
+            targets,
+            default_timeout,
+            errors: Mutex::new(HashMap::new()),
+            last_failure: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The targets, for the landing page.
+    pub fn targets(&self) -> &[Arc<dyn Collector>] {
+        &self.targets
+    }
+
+    /// Scrapes every target once. `scrape_timeout` is Prometheus' own timeout from the
+    /// `X-Prometheus-Scrape-Timeout-Seconds` header. Never fails: failures become metrics.
+    pub async fn scrape(&self, scrape_timeout: Option<Duration>) -> SampleBuffer {
+        let started = Instant::now();
+        let runs = self.targets.iter().map(|t| {
+            let target = Arc::clone(t);
+            let budget = target_budget(
+                target.timeout().unwrap_or(self.default_timeout),
+                scrape_timeout,
+            );
+            run_target(target, started + budget)
+        });
+        let results = futures::future::join_all(runs).await;
+
+        let mut out = SampleBuffer::new();
+        declare_engine_families(&mut out);
+        for (target, (result, buffer, elapsed)) in self.targets.iter().zip(results) {
+            let labels = target_labels(target.as_ref());
+            let mut own = SampleBuffer::with_common_labels(labels);
+            own.gauge(
+                "clusterwatch_target_scrape_duration_seconds",
+                HELP_DURATION,
+                &[],
+                elapsed.as_secs_f64(),
+            );
+            match result {
+                Ok(()) => {
+                    own.gauge("clusterwatch_target_up", HELP_UP, &[], 1.0);
+                    out.merge(buffer);
+                    self.note_success(target.as_ref());
+                }
+                Err(e) => {
+                    own.gauge("clusterwatch_target_up", HELP_UP, &[], 0.0);
+                    self.note_failure(target.as_ref(), &e);
+                }
+            }
+            out.merge(own);
+        }
+        self.write_error_counters(&mut out);
+        out
+    }
+
+    fn note_success(&self, t: &dyn Collector) {
+        let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = last.remove(&(t.name(), t.target().to_owned())) {
+            tracing::info!(
+                collector = t.name(),
+                target = t.target(),
+                previous_reason = reason,
+                "target recovered"
+            );
+        }
+    }
+
+    fn note_failure(&self, t: &dyn Collector, e: &CollectError) {
+        let reason = e.reason();
+        {
+            let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+            *errors
+                .entry((t.name(), t.target().to_owned(), reason))
+                .or_insert(0) += 1;
+        }
+        let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = last.insert((t.name(), t.target().to_owned()), reason);
+        if previous != Some(reason) {
+            tracing::warn!(collector = t.name(), target = t.target(), reason, error = %e, "target scrape failed");
+        } else {
+            tracing::debug!(collector = t.name(), target = t.target(), reason, error = %e, "target scrape failed again");
+        }
+    }
+
+    fn write_error_counters(&self, out: &mut SampleBuffer) {
+        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<_> = errors.iter().collect();
+        rows.sort();
+        for ((collector, target, reason), count) in rows {
+            out.counter(
+                "clusterwatch_target_scrape_errors_total",
+                HELP_ERRORS,
+                &[
+                    ("collector", collector),
+                    ("target", target),
+                    ("reason", reason),
+                ],
+                *count as f64,
+            );
+        }
+    }
+}
+
+const HELP_UP: &str = "Whether the last collection of the target succeeded (1) or failed (0).";
+const HELP_DURATION: &str = "How long the last collection of the target took, in seconds.";
+const HELP_ERRORS: &str = "Failed collections of the target, by short reason (timeout, connect, auth, permission, query, io, protocol).";
+
+fn declare_engine_families(out: &mut SampleBuffer) {
+    out.declare("clusterwatch_target_up", HELP_UP, Kind::Gauge);
+    out.declare(
+        "clusterwatch_target_scrape_duration_seconds",
+        HELP_DURATION,
+        Kind::Gauge,
+    );
+    out.declare(
+        "clusterwatch_target_scrape_errors_total",
+        HELP_ERRORS,
+        Kind::Counter,
+    );
+}
+
+/// The labels every sample of a target carries: collector, target and (if set) cluster.
+fn target_labels(t: &dyn Collector) -> Vec<Label> {
+    let mut labels = vec![
+        (Cow::Borrowed("collector"), t.name().to_owned()),
+        (Cow::Borrowed("target"), t.target().to_owned()),
+    ];
+    if let Some(c) = t.cluster() {
+        labels.push((Cow::Borrowed("cluster"), c.to_owned()));
+    }
+    labels
+}
+
+/// Runs one target in its own task so a collector that blocks or hangs cannot hold up the
+/// others; past the deadline the task is aborted and the target reported down.
+async fn run_target(
+    target: Arc<dyn Collector>,
+    deadline: Instant,
+) -> (Result<(), CollectError>, SampleBuffer, Duration) {
+    let started = Instant::now();
+    let ctx = ScrapeContext { deadline };
+    // Collector samples carry target/cluster but not `collector`: the subsystem in the
+    // metric name says that already.
+    let common: Vec<Label> = target_labels(target.as_ref()).into_iter().skip(1).collect();
+    let task = tokio::spawn(async move {
+        let mut buf = SampleBuffer::with_common_labels(common);
+        let r = target.collect(&ctx, &mut buf).await;
+        (r, buf)
+    });
+    let abort = task.abort_handle();
+    let outcome = match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok((r, buf))) => (r, buf),
+        Ok(Err(join_err)) => (
+            Err(CollectError::Protocol(format!(
+                "collector task failed: {join_err}"
+            ))),
+            SampleBuffer::new(),
+        ),
+        Err(_) => {
+            abort.abort();
+            (Err(CollectError::Timeout), SampleBuffer::new())
+        }
+    };
+    let (result, buffer) = outcome;
+    let buffer = if result.is_ok() {
+        buffer
+    } else {
+        SampleBuffer::new()
+    };
+    (result, buffer, started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sleepy {
+        name: String,
+        sleep: Duration,
+    }
+
+    #[async_trait]
+    impl Collector for Sleepy {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn target(&self) -> &str {
+            &self.name
+        }
+        async fn collect(
+            &self,
+            _ctx: &ScrapeContext,
+            out: &mut SampleBuffer,
+        ) -> Result<(), CollectError> {
+            out.gauge("clusterwatch_test_value", "A value.", &[], 1.0);
+            tokio::time::sleep(self.sleep).await;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn budget_is_capped_by_the_scrape_timeout_header() {
+        let five = Duration::from_secs(5);
+        assert_eq!(target_budget(five, None), five);
+        assert_eq!(target_budget(five, Some(Duration::from_secs(10))), five);
+        assert_eq!(
+            target_budget(five, Some(Duration::from_secs(2))),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            target_budget(five, Some(Duration::from_millis(400))),
+            Duration::from_millis(300)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_target_costs_its_deadline_and_is_down_while_others_report() {
+        let fast: Arc<dyn Collector> = Arc::new(Sleepy {
+            name: "fast".into(),
+            sleep: Duration::from_millis(10),
+        });
+        let slow: Arc<dyn Collector> = Arc::new(Sleepy {
+            name: "slow".into(),
+            sleep: Duration::from_secs(3600),
+        });
+        let engine = Engine::new(vec![fast, slow], Duration::from_secs(1));
+        let started = Instant::now();
+        let out = engine.scrape(None).await;
+        assert!(started.elapsed() < Duration::from_millis(1100));
+        let up = out.get("clusterwatch_target_up").unwrap();
+        let by_target: Vec<(String, f64)> = up
+            .samples
+            .iter()
+            .map(|s| (s.labels[1].1.clone(), s.value))
+            .collect();
+        assert_eq!(by_target, vec![("fast".into(), 1.0), ("slow".into(), 0.0)]);
+        // Only the healthy target's samples are kept.
+        assert_eq!(out.get("clusterwatch_test_value").unwrap().samples.len(), 1);
+        let errors = out.get("clusterwatch_target_scrape_errors_total").unwrap();
+        assert_eq!(errors.samples.len(), 1);
+        assert_eq!(errors.samples[0].labels[2].1, "timeout");
+    }
+}

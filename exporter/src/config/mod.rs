@@ -1,0 +1,398 @@
+//! Configuration in typed stages: YAML text → spanned node tree → each section parsed by its
+//! owner into raw serde structs → validated into a checked [`Config`] (files read, DSNs parsed).
+//! Every problem carries file, line and hint, and all problems are reported at once.
+
+pub mod source;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::collector::{Collector, CollectorKind, KINDS};
+use source::{suggest, Node};
+pub use source::{Located, Pos, Problem};
+
+/// The configuration used when no `--config.file` is given: local filesystems with default
+/// thresholds, host system statistics and clusterwatch's own process.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.yml");
+
+/// Name used in messages for the embedded default configuration.
+pub const EMBEDDED_NAME: &str = "<embedded default>";
+
+/// Default per-target deadline when `global.timeout` is not set.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A checked configuration: every target built and ready to scrape.
+pub struct Config {
+    /// Where it came from (a path or [`EMBEDDED_NAME`]).
+    pub origin: String,
+    /// Settings that apply to every target.
+    pub global: Global,
+    /// Every configured target, in file order.
+    pub targets: Vec<Arc<dyn Collector>>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("origin", &self.origin)
+            .field("global", &self.global)
+            .field("targets", &self.targets.len())
+            .finish()
+    }
+}
+
+/// The `global:` section.
+#[derive(Clone, Debug)]
+pub struct Global {
+    /// Deadline for one target's collection unless the target sets its own.
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    timeout: Option<HumanDuration>,
+}
+
+/// What a section's parser gets besides its own node.
+pub struct SectionContext<'a> {
+    /// Checked global settings.
+    pub global: &'a Global,
+    /// Directory of the configuration file, for relative paths (password files, …).
+    pub base_dir: &'a Path,
+}
+
+impl SectionContext<'_> {
+    /// Resolves a path from the configuration relative to the configuration file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    /// The file the problems are in.
+    pub file: String,
+    /// The problems, in document order.
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    /// One line per problem: `FILE:LINE:COL: PATH: MESSAGE (hint: …)`.
+    pub fn render(&self) -> String {
+        self.problems
+            .iter()
+            .map(|p| p.render(&self.file))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Reads and checks a configuration file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![
+            Problem::new("", Pos::default(), format!("cannot read the file: {e}"))
+                .hint("check the path given to --config.file and its permissions"),
+        ],
+    })?;
+    let text = String::from_utf8(text).map_err(|e| ConfigError {
+        file: file.clone(),
+        problems: vec![Problem::new(
+            "",
+            Pos::default(),
+            format!("not UTF-8 text: {e}"),
+        )],
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &file, &base)
+}
+
+/// The embedded default configuration, checked.
+pub fn load_embedded() -> Result<Config, ConfigError> {
+    parse(EMBEDDED_DEFAULT, EMBEDDED_NAME, Path::new("."))
+}
+
+/// Checks configuration text. `file` is used in messages; `base_dir` resolves relative paths.
+pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        file: file.to_owned(),
+        problems,
+    };
+    let doc = Node::parse_document(text).map_err(|p| fail(vec![p]))?;
+    let Some(entries) = doc.as_map() else {
+        return Err(fail(vec![Problem::new(
+            "",
+            doc.pos,
+            "the configuration must be a mapping of sections",
+        )
+        .hint(
+            "start with e.g. `global:` or `filesystems:` at the beginning of a line",
+        )]));
+    };
+
+    let mut problems = Vec::new();
+    let global = entries
+        .iter()
+        .find(|(k, _)| k.name == "global")
+        .map(|(_, node)| parse_global(Located::new(node, "global"), &mut problems))
+        .unwrap_or(Global {
+            timeout: DEFAULT_TIMEOUT,
+        });
+    let ctx = SectionContext {
+        global: &global,
+        base_dir,
+    };
+
+    let mut targets: Vec<Arc<dyn Collector>> = Vec::new();
+    let known: Vec<&str> = std::iter::once("global")
+        .chain(KINDS.iter().map(|k| k.section))
+        .collect();
+    let mut seen_sections = Vec::new();
+    for (key, node) in entries {
+        if seen_sections.contains(&key.name.as_str()) {
+            problems.push(
+                Problem::new(&key.name, key.pos, "section appears twice")
+                    .hint("merge both into one section"),
+            );
+            continue;
+        }
+        seen_sections.push(key.name.as_str());
+        if key.name == "global" {
+            continue;
+        }
+        match KINDS.iter().find(|k| k.section == key.name) {
+            Some(kind) => {
+                let built =
+                    (kind.configure)(Located::new(node, key.name.clone()), &ctx, &mut problems);
+                check_unique_targets(kind, &built, node, &key.name, &mut problems);
+                targets.extend(built);
+            }
+            None => {
+                let mut p = Problem::new(
+                    &key.name,
+                    key.pos,
+                    format!("unknown section `{}`", key.name),
+                );
+                p = p.hint(
+                    suggest(&key.name, &known)
+                        .unwrap_or_else(|| format!("known sections: {}", known.join(", "))),
+                );
+                problems.push(p);
+            }
+        }
+    }
+    // Collectors that are always on (clusterwatch's own process) need no section.
+    for kind in KINDS.iter().filter(|k| k.always_on) {
+        if !seen_sections.contains(&kind.section) {
+            let empty = Node {
+                pos: Pos::default(),
+                value: source::Value::Null,
+            };
+            targets.extend((kind.configure)(
+                Located::new(&empty, kind.section),
+                &ctx,
+                &mut problems,
+            ));
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Config {
+            origin: file.to_owned(),
+            global,
+            targets,
+        })
+    } else {
+        problems.sort_by_key(|p| (p.pos.line, p.pos.column));
+        Err(fail(problems))
+    }
+}
+
+fn parse_global(at: Located, problems: &mut Vec<Problem>) -> Global {
+    let raw = at.parse::<Option<RawGlobal>>(problems).flatten();
+    let timeout = raw
+        .and_then(|r| r.timeout)
+        .map(|d| d.0)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    if timeout.is_zero() {
+        problems.push(at.problem("timeout", "timeout must be greater than zero"));
+    }
+    Global { timeout }
+}
+
+/// Two targets of one collector with the same name would produce clashing series.
+fn check_unique_targets(
+    kind: &CollectorKind,
+    built: &[Arc<dyn Collector>],
+    node: &Node,
+    section: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let mut names: Vec<&str> = Vec::new();
+    for (i, t) in built.iter().enumerate() {
+        if names.contains(&t.target()) {
+            let item = match &node.value {
+                source::Value::Seq(items) => items.get(i).unwrap_or(node),
+                _ => node,
+            };
+            problems.push(
+                Located::new(item, format!("{section}[{i}]"))
+                    .problem(
+                        "name",
+                        format!("duplicate {} target name `{}`", kind.name, t.target()),
+                    )
+                    .hint("every target needs its own `name`; it becomes the `target` label"),
+            );
+        }
+        names.push(t.target());
+    }
+}
+
+/// A duration written the human way (`5s`, `1m30s`, `250ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a duration with a unit, like `5s`, `250ms` or `1m30s`",
+            )
+        })?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration `{s}`: {e} (write e.g. `5s`, `250ms`, `1m30s`)"
+                ))
+            })
+    }
+}
+
+/// A secret (password, token): never printed. `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Reads a secret file (password, token). One trailing newline is removed, as editors add it.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let trimmed = text.strip_suffix('\n').unwrap_or(&text);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    if trimmed.is_empty() {
+        return Err(format!("secret file {} is empty", path.display()));
+    }
+    Ok(Secret::new(trimmed))
+}
+
+/// Fields every network target shares: `name` (the `target` label), `cluster`, `timeout`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TargetCommon {
+    /// The `target` label; never derived from a DSN.
+    pub name: String,
+    /// The replication group this target belongs to.
+    pub cluster: Option<String>,
+    /// Overrides `global.timeout` for this target.
+    pub timeout: Option<HumanDuration>,
+}
+
+/// Checks a target's name and cluster are usable as label values.
+pub fn check_target_common(c: &TargetCommon, at: &Located, problems: &mut Vec<Problem>) {
+    if c.name.trim().is_empty() {
+        problems.push(at.problem("name", "name must not be empty"));
+    }
+    if c.cluster.as_deref().is_some_and(|cl| cl.trim().is_empty()) {
+        problems.push(at.problem("cluster", "cluster must not be empty when given"));
+    }
+    if c.timeout.is_some_and(|t| t.0.is_zero()) {
+        problems.push(at.problem("timeout", "timeout must be greater than zero"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = load_embedded().expect("embedded default must be valid");
+        assert!(cfg.targets.iter().any(|t| t.name() == "fs"));
+        assert!(cfg.targets.iter().any(|t| t.name() == "system"));
+    }
+
+    #[test]
+    fn unknown_section_gets_a_suggestion() {
+        let err = parse(
+            "filesystem:\n  default_threshold: 0.8\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        let line = err.render();
+        assert!(
+            line.starts_with("c.yml:1:1: filesystem: unknown section"),
+            "{line}"
+        );
+        assert!(line.contains("did you mean `filesystems`?"), "{line}");
+    }
+
+    #[test]
+    fn bad_duration_and_unknown_key_both_reported() {
+        let err = parse(
+            "global:\n  timeout: 5 parsecs\nfilesystems:\n  default_treshold: 0.8\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{}", err.render());
+        assert_eq!(err.problems[0].pos.line, 2);
+        assert!(err.problems[0].message.contains("invalid duration"));
+        assert_eq!(err.problems[1].pos.line, 4);
+        assert_eq!(
+            err.problems[1].hint.as_deref(),
+            Some("did you mean `default_threshold`?")
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "*** ***");
+    }
+}

@@ -1,0 +1,139 @@
+//! The HTTP surface: `/metrics`, `/-/healthy`, `/-/ready` and a landing page. Handlers are thin:
+//! extract, call the engine, map the result. State lives in one [`AppState`]; `app()` is apart
+//! from `main` so tests drive the router directly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::collector::Engine;
+use crate::snapshot::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
+
+/// Everything the handlers need.
+#[derive(Clone)]
+pub struct AppState {
+    /// The scrape engine built from the checked configuration.
+    pub engine: Arc<Engine>,
+    /// Path `/metrics` is served on (`--web.telemetry-path`).
+    pub telemetry_path: String,
+    /// Where the configuration came from, for the landing page.
+    pub config_origin: String,
+}
+
+/// The router with every route.
+pub fn app(state: AppState) -> Router {
+    let telemetry_path = state.telemetry_path.clone();
+    Router::new()
+        .route(&telemetry_path, get(metrics))
+        .route("/-/healthy", get(healthy))
+        .route("/-/ready", get(ready))
+        .route("/", get(landing))
+        .with_state(state)
+}
+
+/// Prometheus' own scrape timeout, sent with every scrape.
+fn scrape_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get("x-prometheus-scrape-timeout-seconds")?
+        .to_str()
+        .ok()?;
+    let secs: f64 = v.trim().parse().ok()?;
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// OpenMetrics only when the scraper asks for it; curl and older scrapers get text 0.0.4.
+fn wants_openmetrics(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let buffer = state.engine.scrape(scrape_timeout(&headers)).await;
+    let snapshot = buffer.into_snapshot();
+    if wants_openmetrics(&headers) {
+        (
+            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+            snapshot.encode_openmetrics(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
+            snapshot.encode_text(),
+        )
+            .into_response()
+    }
+}
+
+async fn healthy() -> &'static str {
+    "clusterwatch is healthy.\n"
+}
+
+async fn ready() -> (StatusCode, &'static str) {
+    // The engine exists only after the configuration was checked, so serving means ready.
+    (StatusCode::OK, "clusterwatch is ready.\n")
+}
+
+/// Lists collectors and targets by name only: never a DSN, URI or password.
+async fn landing(State(state): State<AppState>) -> Html<String> {
+    let mut rows = String::new();
+    for t in state.engine.targets() {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            escape_html(t.name()),
+            escape_html(t.target()),
+            escape_html(t.cluster().unwrap_or("")),
+        ));
+    }
+    Html(format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clusterwatch</title></head>\n<body>\n\
+         <h1>clusterwatch {version}</h1>\n\
+         <p><a href=\"{path}\">Metrics</a> · <a href=\"/-/healthy\">health</a> · <a href=\"/-/ready\">ready</a></p>\n\
+         <p>Configuration: {origin}</p>\n\
+         <table>\n<tr><th>collector</th><th>target</th><th>cluster</th></tr>\n{rows}</table>\n</body></html>\n",
+        version = env!("CARGO_PKG_VERSION"),
+        path = escape_html(&state.telemetry_path),
+        origin = escape_html(&state.config_origin),
+    ))
+}
+
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_parsing() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-prometheus-scrape-timeout-seconds",
+            "2.5".parse().unwrap(),
+        );
+        h.insert(
+            header::ACCEPT,
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(scrape_timeout(&h), Some(Duration::from_millis(2500)));
+        assert!(wants_openmetrics(&h));
+        let mut bad = HeaderMap::new();
+        bad.insert("x-prometheus-scrape-timeout-seconds", "-1".parse().unwrap());
+        assert_eq!(scrape_timeout(&bad), None);
+        assert!(!wants_openmetrics(&bad));
+    }
+}

@@ -1,0 +1,11 @@
+//! clusterwatch: a Prometheus exporter for small high-availability stacks. See ARCHITECTURE.md
+//! for the map; this crate root only lists the modules.
+
+pub mod blocking;
+pub mod cli;
+pub mod collector;
+pub mod commands;
+pub mod config;
+pub mod http;
+pub mod logging;
+pub mod snapshot;

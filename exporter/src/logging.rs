@@ -1,0 +1,63 @@
+//! Log setup: logfmt (the exporter convention) or JSON on stderr, filtered by `--log.level`.
+//! `RUST_LOG` overrides the level for debugging one module.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Log line format (`--log.format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `ts=… level=info msg=… key=value`.
+    Logfmt,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Minimum level logged (`--log.level`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    /// Everything, including per-scrape details.
+    Debug,
+    /// Start, stop, state changes.
+    Info,
+    /// Failures of targets and hooks.
+    Warn,
+    /// Only what needs a person.
+    Error,
+}
+
+impl LogLevel {
+    fn as_filter(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// Installs the global subscriber. Called once, first thing in `main`.
+pub fn init(level: LogLevel, format: LogFormat) {
+    // Our own modules at the chosen level; libraries only warn unless RUST_LOG says otherwise.
+    let default = format!("warn,clusterwatch={}", level.as_filter());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let layer = match format {
+        LogFormat::Logfmt => tracing_logfmt::builder()
+            .with_span_name(false)
+            .with_span_path(false)
+            .layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init();
+}

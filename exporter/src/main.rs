@@ -1,0 +1,11 @@
+//! The `clusterwatch` binary: parse the command line, set up logging, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = clusterwatch::cli::Cli::parse();
+    clusterwatch::logging::init(cli.log_level, cli.log_format);
+    clusterwatch::commands::run(cli)
+}
