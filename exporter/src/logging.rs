@@ -44,7 +44,10 @@ pub fn init(level: LogLevel, format: LogFormat) {
     let default = format!("warn,clusterwatch={}", level.as_filter());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let layer = match format {
+        // The Rust module path would be written as `target=`, clashing with our own `target`
+        // field (the scrape target); operators need the latter.
         LogFormat::Logfmt => tracing_logfmt::builder()
+            .with_target(false)
             .with_span_name(false)
             .with_span_path(false)
             .layer()
@@ -52,6 +55,7 @@ pub fn init(level: LogLevel, format: LogFormat) {
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_target(false)
             .flatten_event(true)
             .with_writer(std::io::stderr)
             .boxed(),

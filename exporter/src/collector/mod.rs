@@ -4,6 +4,7 @@
 
 pub mod exporter;
 pub mod fs;
+pub mod pg;
 pub mod system;
 
 use std::borrow::Cow;
@@ -18,7 +19,7 @@ use crate::config::{Located, Problem, SectionContext};
 use crate::snapshot::{Kind, Label, SampleBuffer};
 
 /// Every collector kind, in exposition order. Adding a collector = one file + one line here.
-pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND];
+pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND, pg::KIND];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
 /// section it reads, and how it builds targets from that section.
@@ -30,8 +31,11 @@ pub struct CollectorKind {
     /// Built even when its section is absent (clusterwatch's own process).
     pub always_on: bool,
     /// Parses and checks the section into targets; records problems instead of failing.
-    pub configure: fn(Located, &SectionContext, &mut Vec<Problem>) -> Vec<Arc<dyn Collector>>,
+    pub configure: Configure,
 }
+
+/// Parses a section into targets, recording problems (with lines) instead of failing early.
+pub type Configure = fn(Located, &SectionContext, &mut Vec<Problem>) -> Vec<Arc<dyn Collector>>;
 
 /// Passed to every collection: when it must be finished by.
 #[derive(Clone, Copy, Debug)]

@@ -174,10 +174,9 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
         match KINDS.iter().find(|k| k.section == key.name) {
             Some(kind) => {
-                let built =
-                    (kind.configure)(Located::new(node, key.name.clone()), &ctx, &mut problems);
-                check_unique_targets(kind, &built, node, &key.name, &mut problems);
-                targets.extend(built);
+                let at = Located::new(node, key.name.clone());
+                targets.extend((kind.configure)(at, &ctx, &mut problems));
+                check_unique_targets(kind, node, &key.name, &mut problems);
             }
             None => {
                 let mut p = Problem::new(
@@ -232,31 +231,36 @@ fn parse_global(at: Located, problems: &mut Vec<Problem>) -> Global {
     Global { timeout }
 }
 
-/// Two targets of one collector with the same name would produce clashing series.
+/// Two targets of one collector with the same name would produce clashing series. Checked on
+/// the YAML items themselves, so an item that failed for another reason is still counted.
 fn check_unique_targets(
     kind: &CollectorKind,
-    built: &[Arc<dyn Collector>],
     node: &Node,
     section: &str,
     problems: &mut Vec<Problem>,
 ) {
-    let mut names: Vec<&str> = Vec::new();
-    for (i, t) in built.iter().enumerate() {
-        if names.contains(&t.target()) {
-            let item = match &node.value {
-                source::Value::Seq(items) => items.get(i).unwrap_or(node),
-                _ => node,
-            };
+    let source::Value::Seq(items) = &node.value else {
+        return;
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = Located::new(item, format!("{section}[{i}]"));
+        let Some(name) = at.field("name").and_then(|n| match &n.node.value {
+            source::Value::Str(s) => Some(s.as_str()),
+            _ => None,
+        }) else {
+            continue;
+        };
+        if seen.contains(&name) {
             problems.push(
-                Located::new(item, format!("{section}[{i}]"))
-                    .problem(
-                        "name",
-                        format!("duplicate {} target name `{}`", kind.name, t.target()),
-                    )
-                    .hint("every target needs its own `name`; it becomes the `target` label"),
+                at.problem(
+                    "name",
+                    format!("duplicate {} target name `{name}`", kind.name),
+                )
+                .hint("every target needs its own `name`; it becomes the `target` label"),
             );
         }
-        names.push(t.target());
+        seen.push(name);
     }
 }
 
@@ -321,7 +325,9 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
 }
 
 /// Fields every network target shares: `name` (the `target` label), `cluster`, `timeout`.
-#[derive(Clone, Debug, Deserialize)]
+/// Sections repeat them in their raw structs (serde cannot flatten into a struct that denies
+/// unknown fields) and gather them here for checking.
+#[derive(Clone, Debug)]
 pub struct TargetCommon {
     /// The `target` label; never derived from a DSN.
     pub name: String,
