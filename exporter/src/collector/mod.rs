@@ -2,6 +2,7 @@
 //! every target concurrently under its own deadline. Collectors only query and fill a buffer;
 //! concurrency, deadlines, up/duration/error metrics and merging are owned here.
 
+pub mod dir;
 pub mod exporter;
 pub mod fs;
 pub mod pg;
@@ -19,7 +20,7 @@ use crate::config::{Located, Problem, SectionContext};
 use crate::snapshot::{Kind, Label, SampleBuffer};
 
 /// Every collector kind, in exposition order. Adding a collector = one file + one line here.
-pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND, pg::KIND];
+pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND, dir::KIND, pg::KIND];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
 /// section it reads, and how it builds targets from that section.
