@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The whole test suite, runnable on a fresh Debian machine: installs the real servers the
+# end-to-end tests start (only what is missing), the Python OpenMetrics parser the exposition
+# is checked with, then runs `cargo test` over the workspace. Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# Real servers and tools the tests start on loopback, and the peers the benchmarks compare with.
+packages=(
+  postgresql postgresql-contrib
+  redis-server redis-tools
+  prometheus prometheus-alertmanager
+  prometheus-postgres-exporter prometheus-redis-exporter
+  python3-prometheus-client
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The OpenMetrics parser: any python3 that has prometheus_client will do; Debian's has it
+# from the package above, a pyenv one may need pip.
+if [ -z "${CLUSTERWATCH_PYTHON:-}" ]; then
+  for py in python3 /usr/bin/python3; do
+    if command -v "$py" >/dev/null && "$py" -c "import prometheus_client.openmetrics.parser" 2>/dev/null; then
+      CLUSTERWATCH_PYTHON=$(command -v "$py"); break
+    fi
+  done
+fi
+if [ -z "${CLUSTERWATCH_PYTHON:-}" ]; then
+  python3 -m pip install --quiet prometheus_client
+  CLUSTERWATCH_PYTHON=$(command -v python3)
+fi
+export CLUSTERWATCH_PYTHON
+
+cargo build --workspace --all-targets
+cargo test --workspace "$@"

@@ -1,0 +1,5 @@
+//! The single end-to-end test binary: each module drives real servers started by
+//! `clusterwatch_tests::harness` on loopback. Add one `mod` line per test module.
+
+mod foundation;
+mod harness_selftest;
