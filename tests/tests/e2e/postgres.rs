@@ -1,0 +1,444 @@
+//! The PostgreSQL collector through every state a failover passes through, on a real primary
+//! and streaming standby: healthy and idle, under write load, standby down and back, primary
+//! down, split brain after a promotion, archiving failing and recovering.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clusterwatch_tests::exposition::{scrape, Exposition};
+use clusterwatch_tests::harness::postgres::STANDBY_NAME;
+use clusterwatch_tests::harness::{wait_until, Clusterwatch, PgCluster};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// An exporter watching both nodes as one cluster, `primary` and `standby`.
+async fn watch(pair: &PgCluster) -> Result<Clusterwatch> {
+    let config = format!(
+        "global:\n  timeout: 3s\npostgres:\n  - {{ name: primary, cluster: pg, dsn: '{}', expected_standbys: 1 }}\n  - {{ name: standby, cluster: pg, dsn: '{}' }}\n",
+        pair.primary.monitor_dsn(),
+        pair.standby.monitor_dsn(),
+    );
+    Clusterwatch::start(Some(&config), &[]).await
+}
+
+fn on(target: &'static str) -> (&'static str, &'static str) {
+    ("target", target)
+}
+
+/// Polls the exporter until `check` accepts a scrape; the last scrape's complaint is the error.
+async fn until(
+    cw: &Clusterwatch,
+    what: &str,
+    check: impl Fn(&Exposition) -> Result<bool>,
+) -> Result<Exposition> {
+    let mut last = None;
+    wait_until(WAIT, what, async || {
+        let m = scrape(cw).await?;
+        let ok = check(&m)?;
+        last = Some(m);
+        Ok(ok)
+    })
+    .await?;
+    Ok(last.expect("a successful check stored its scrape"))
+}
+
+fn streaming_seen_from_primary(m: &Exposition) -> bool {
+    m.value(
+        "clusterwatch_pg_replication_state",
+        &[
+            on("primary"),
+            ("application_name", STANDBY_NAME),
+            ("state", "streaming"),
+        ],
+    ) == Some(1.0)
+}
+
+#[tokio::test]
+async fn healthy_pair_streams_with_zero_lag_while_idle() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let cw = watch(&pair).await?;
+    let m = until(&cw, "a streaming, caught-up pair", |m| {
+        Ok(streaming_seen_from_primary(m)
+            && m.value("clusterwatch_pg_replay_lag_seconds", &[on("standby")]) == Some(0.0))
+    })
+    .await?;
+    assert_eq!(
+        m.value(
+            "clusterwatch_pg_role",
+            &[on("primary"), ("role", "primary")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value(
+            "clusterwatch_pg_role",
+            &[on("standby"), ("role", "standby")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value("clusterwatch_pg_walsenders", &[on("primary")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value("clusterwatch_pg_expected_standbys", &[on("primary")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value(
+            "clusterwatch_pg_wal_receiver_status",
+            &[on("standby"), ("status", "streaming")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value(
+            "clusterwatch_pg_wal_receiver_status",
+            &[on("standby"), ("status", "stopped")]
+        ),
+        Some(0.0)
+    );
+    let upstream = m.find("clusterwatch_pg_upstream_info", &[on("standby")]);
+    assert_eq!(upstream.len(), 1);
+    assert_eq!(
+        upstream[0].labels["upstream_port"],
+        pair.primary.port().to_string()
+    );
+    assert_eq!(
+        m.value("clusterwatch_pg_timeline_id", &[on("primary")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value("clusterwatch_pg_timeline_id", &[on("standby")]),
+        Some(1.0)
+    );
+    let ids: Vec<&String> = m
+        .find("clusterwatch_pg_info", &[])
+        .iter()
+        .map(|s| &s.labels["system_identifier"])
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(
+        ids[0] == ids[1] && !ids[0].is_empty(),
+        "same cluster, same identifier: {ids:?}"
+    );
+    assert!(
+        m.find("clusterwatch_pg_query_success", &[])
+            .iter()
+            .all(|s| s.value == 1.0),
+        "pg_monitor is enough"
+    );
+
+    // Idle for 30 s: the standby's lag stays exactly 0, in seconds and bytes.
+    let idle_until = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut samples = 0;
+    while tokio::time::Instant::now() < idle_until {
+        let m = scrape(&cw).await?;
+        assert_eq!(
+            m.value("clusterwatch_pg_replay_lag_seconds", &[on("standby")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            m.value("clusterwatch_pg_replay_lag_bytes", &[on("standby")]),
+            Some(0.0)
+        );
+        for stage in ["write", "flush", "replay"] {
+            let lag = m.value(
+                "clusterwatch_pg_replication_lag_seconds",
+                &[
+                    on("primary"),
+                    ("application_name", STANDBY_NAME),
+                    ("stage", stage),
+                ],
+            );
+            assert!(
+                lag.is_some_and(|v| v < 1.0),
+                "{stage} lag on an idle pair: {lag:?}"
+            );
+        }
+        samples += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(samples >= 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn lags_under_write_load_are_non_negative_and_converge() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let cw = watch(&pair).await?;
+    until(&cw, "a streaming pair", |m| {
+        Ok(streaming_seen_from_primary(m))
+    })
+    .await?;
+    pair.primary
+        .psql("CREATE TABLE load (id bigserial, payload text)")
+        .await?;
+
+    let writer = {
+        async {
+            for _ in 0..40 {
+                pair.primary
+                    .psql("INSERT INTO load (payload) SELECT repeat('x', 200) FROM generate_series(1, 5000)")
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let watcher = async {
+        let mut scrapes = 0;
+        let mut max_lag: f64 = 0.0;
+        for _ in 0..30 {
+            let m = scrape(&cw).await?;
+            for s in m.find("clusterwatch_pg_replication_lag_bytes", &[on("primary")]) {
+                assert!(s.value >= 0.0, "negative lag: {s:?}");
+                max_lag = max_lag.max(s.value);
+            }
+            let rx = m.value("clusterwatch_pg_wal_receive_lsn_bytes", &[on("standby")]);
+            let rp = m.value("clusterwatch_pg_wal_replay_lsn_bytes", &[on("standby")]);
+            if let (Some(rx), Some(rp)) = (rx, rp) {
+                assert!(rp <= rx, "replayed {rp} beyond received {rx}");
+                let gap = m
+                    .value("clusterwatch_pg_replay_lag_bytes", &[on("standby")])
+                    .unwrap_or(-1.0);
+                assert!(gap >= 0.0);
+            }
+            scrapes += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok((scrapes, max_lag))
+    };
+    let (written, watched) = tokio::join!(writer, watcher);
+    written?;
+    let (scrapes, _max_lag) = watched?;
+    assert_eq!(scrapes, 30);
+
+    // Load over: both views agree exactly once the standby has caught up.
+    until(&cw, "primary and standby views to agree", |m| {
+        let primary = m.value("clusterwatch_pg_wal_lsn_bytes", &[on("primary")]);
+        let received = m.value("clusterwatch_pg_wal_receive_lsn_bytes", &[on("standby")]);
+        let replayed = m.value("clusterwatch_pg_wal_replay_lsn_bytes", &[on("standby")]);
+        let replay_lag = m.value(
+            "clusterwatch_pg_replication_lag_bytes",
+            &[
+                on("primary"),
+                ("application_name", STANDBY_NAME),
+                ("stage", "replay"),
+            ],
+        );
+        Ok(primary.is_some()
+            && primary == received
+            && received == replayed
+            && replay_lag == Some(0.0))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn standby_stopped_then_restarted() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let cw = watch(&pair).await?;
+    until(&cw, "a streaming pair", |m| {
+        Ok(streaming_seen_from_primary(m))
+    })
+    .await?;
+
+    pair.standby.stop().await?;
+    let m = until(&cw, "the primary to lose its walsender", |m| {
+        Ok(m.value("clusterwatch_pg_walsenders", &[on("primary")]) == Some(0.0))
+    })
+    .await?;
+    assert_eq!(
+        m.value("clusterwatch_target_up", &[on("standby")]),
+        Some(0.0)
+    );
+    assert!(m
+        .value(
+            "clusterwatch_target_scrape_errors_total",
+            &[on("standby"), ("reason", "connect")]
+        )
+        .is_some());
+    assert!(m
+        .find("clusterwatch_pg_replication_state", &[on("primary")])
+        .is_empty());
+
+    pair.standby.start().await?;
+    until(&cw, "streaming again", |m| {
+        Ok(streaming_seen_from_primary(m)
+            && m.value("clusterwatch_target_up", &[on("standby")]) == Some(1.0)
+            && m.value("clusterwatch_pg_walsenders", &[on("primary")]) == Some(1.0))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn primary_stopped_makes_standby_lag_grow() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let cw = watch(&pair).await?;
+    until(&cw, "a streaming pair", |m| {
+        Ok(streaming_seen_from_primary(m))
+    })
+    .await?;
+    pair.primary.stop().await?;
+
+    let first = until(&cw, "the standby's receiver to stop streaming", |m| {
+        Ok(m.value(
+            "clusterwatch_pg_wal_receiver_status",
+            &[on("standby"), ("status", "streaming")],
+        ) == Some(0.0))
+    })
+    .await?;
+    assert_eq!(
+        first.value("clusterwatch_target_up", &[on("primary")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        first.value(
+            "clusterwatch_pg_role",
+            &[on("standby"), ("role", "standby")]
+        ),
+        Some(1.0)
+    );
+    let lag0 = first
+        .value("clusterwatch_pg_replay_lag_seconds", &[on("standby")])
+        .unwrap_or(0.0);
+    let age0 = first
+        .value(
+            "clusterwatch_pg_wal_receiver_last_message_age_seconds",
+            &[on("standby")],
+        )
+        .unwrap_or(0.0);
+    until(&cw, "lag to keep growing while the primary is gone", |m| {
+        let lag = m
+            .value("clusterwatch_pg_replay_lag_seconds", &[on("standby")])
+            .unwrap_or(0.0);
+        let age = m
+            .value(
+                "clusterwatch_pg_wal_receiver_last_message_age_seconds",
+                &[on("standby")],
+            )
+            .unwrap_or(0.0);
+        if lag < lag0 {
+            bail!("lag went down from {lag0} to {lag}");
+        }
+        Ok(lag >= lag0 + 2.0 && lag > 0.0 && age >= age0 + 2.0)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn promoting_the_standby_while_the_primary_runs_shows_two_primaries() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let cw = watch(&pair).await?;
+    until(&cw, "a streaming pair", |m| {
+        Ok(streaming_seen_from_primary(m))
+    })
+    .await?;
+    pair.standby.promote().await?;
+    let m = until(&cw, "two primaries", |m| {
+        Ok(m.value(
+            "clusterwatch_pg_role",
+            &[on("standby"), ("role", "primary")],
+        ) == Some(1.0)
+            && m.value(
+                "clusterwatch_pg_role",
+                &[on("primary"), ("role", "primary")],
+            ) == Some(1.0))
+    })
+    .await?;
+    // The state-set has no stale series: the promoted node is no longer a standby.
+    assert_eq!(
+        m.value(
+            "clusterwatch_pg_role",
+            &[on("standby"), ("role", "standby")]
+        ),
+        Some(0.0)
+    );
+    let old = m.value("clusterwatch_pg_timeline_id", &[on("primary")]);
+    let new = m.value("clusterwatch_pg_timeline_id", &[on("standby")]);
+    assert_eq!(old, Some(1.0));
+    assert_eq!(new, Some(2.0));
+    assert!(m
+        .find("clusterwatch_pg_wal_receiver_status", &[on("standby")])
+        .is_empty());
+    assert!(m
+        .value("clusterwatch_pg_wal_lsn_bytes", &[on("standby")])
+        .is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn failing_archive_command_builds_a_backlog_that_drains_when_fixed() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let cw = watch(&pair).await?;
+    let before = until(&cw, "archiver metrics", |m| {
+        Ok(m.value("clusterwatch_pg_archiver_ready_files", &[on("primary")]) == Some(0.0))
+    })
+    .await?;
+    let failed0 = before
+        .value("clusterwatch_pg_archiver_failed_total", &[on("primary")])
+        .unwrap_or(0.0);
+    assert_eq!(
+        before.value("clusterwatch_pg_archiver_enabled", &[on("primary")]),
+        Some(1.0)
+    );
+
+    pair.primary.set_archive_command("false").await?;
+    for _ in 0..3 {
+        pair.primary.switch_wal().await?;
+    }
+    let failing = until(&cw, "archiving failures and a backlog", |m| {
+        let failed = m
+            .value("clusterwatch_pg_archiver_failed_total", &[on("primary")])
+            .unwrap_or(0.0);
+        let ready = m
+            .value("clusterwatch_pg_archiver_ready_files", &[on("primary")])
+            .unwrap_or(0.0);
+        Ok(failed > failed0 && ready >= 3.0)
+    })
+    .await?;
+    assert!(failing
+        .value(
+            "clusterwatch_pg_archiver_last_failed_age_seconds",
+            &[on("primary")]
+        )
+        .is_some());
+    let age0 = failing
+        .value(
+            "clusterwatch_pg_archiver_oldest_ready_age_seconds",
+            &[on("primary")],
+        )
+        .unwrap_or(0.0);
+    until(&cw, "the backlog to age", |m| {
+        Ok(m.value(
+            "clusterwatch_pg_archiver_oldest_ready_age_seconds",
+            &[on("primary")],
+        )
+        .unwrap_or(0.0)
+            >= age0 + 2.0)
+    })
+    .await?;
+
+    pair.primary.reset_archive_command().await?;
+    let drained = until(&cw, "the backlog to drain", |m| {
+        Ok(m.value("clusterwatch_pg_archiver_ready_files", &[on("primary")]) == Some(0.0))
+    })
+    .await?;
+    assert_eq!(
+        drained.value(
+            "clusterwatch_pg_archiver_oldest_ready_age_seconds",
+            &[on("primary")]
+        ),
+        Some(0.0)
+    );
+    assert!(drained
+        .value(
+            "clusterwatch_pg_archiver_last_archived_age_seconds",
+            &[on("primary")]
+        )
+        .is_some());
+    Ok(())
+}
