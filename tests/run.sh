@@ -8,7 +8,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # Real servers and tools the tests start on loopback, and the peers the benchmarks compare with.
 packages=(
-  postgresql postgresql-contrib
+  postgresql postgresql-contrib repmgr
   redis-server redis-tools
   prometheus prometheus-alertmanager
   prometheus-postgres-exporter prometheus-redis-exporter
@@ -39,6 +39,8 @@ if [ -z "${CLUSTERWATCH_PYTHON:-}" ]; then
   CLUSTERWATCH_PYTHON=$(command -v python3)
 fi
 export CLUSTERWATCH_PYTHON
+# A test that cannot build or find the exporter fails instead of skipping.
+export CLUSTERWATCH_REQUIRE_BIN=1
 
 cargo build --workspace --all-targets
 cargo test --workspace "$@"

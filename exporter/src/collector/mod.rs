@@ -97,8 +97,20 @@ pub enum CollectError {
     Protocol(String),
 }
 
+/// Every `reason` label value, so each error counter series exists from the first scrape
+/// (an `increase()` over a series that appears at 1 misses the first failure).
+pub const REASONS: &[&str] = &[
+    "timeout",
+    "connect",
+    "auth",
+    "permission",
+    "query",
+    "io",
+    "protocol",
+];
+
 impl CollectError {
-    /// The `reason` label value: a short word from a fixed set.
+    /// The `reason` label value: a short word from [`REASONS`].
     pub fn reason(&self) -> &'static str {
         match self {
             CollectError::Timeout => "timeout",
@@ -129,8 +141,8 @@ pub fn target_budget(configured: Duration, scrape_timeout: Option<Duration>) -> 
 pub struct Engine {
     targets: Vec<Arc<dyn Collector>>,
     default_timeout: Duration,
-    /// (collector, target, reason) → count, kept across scrapes.
-    errors: Mutex<HashMap<(&'static str, String, &'static str), u64>>,
+    /// (collector, target) → count per entry of [`REASONS`], kept across scrapes.
+    errors: Mutex<HashMap<(&'static str, String), [u64; REASONS.len()]>>,
     /// Last failure reason per (collector, target), so a failure is logged when it starts or
     /// changes, not on every scrape.
     last_failure: Mutex<HashMap<(&'static str, String), &'static str>>,
@@ -208,11 +220,9 @@ impl Engine {
 
     fn note_failure(&self, t: &dyn Collector, e: &CollectError) {
         let reason = e.reason();
-        {
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
             let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-            *errors
-                .entry((t.name(), t.target().to_owned(), reason))
-                .or_insert(0) += 1;
+            errors.entry((t.name(), t.target().to_owned())).or_default()[i] += 1;
         }
         let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
         let previous = last.insert((t.name(), t.target().to_owned()), reason);
@@ -225,19 +235,21 @@ impl Engine {
 
     fn write_error_counters(&self, out: &mut SampleBuffer) {
         let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<_> = errors.iter().collect();
-        rows.sort();
-        for ((collector, target, reason), count) in rows {
-            out.counter(
-                "clusterwatch_target_scrape_errors_total",
-                HELP_ERRORS,
-                &[
-                    ("collector", collector),
-                    ("target", target),
-                    ("reason", reason),
-                ],
-                *count as f64,
-            );
+        for t in &self.targets {
+            let counts = errors
+                .get(&(t.name(), t.target().to_owned()))
+                .copied()
+                .unwrap_or_default();
+            let mut labels = SampleBuffer::with_common_labels(target_labels(t.as_ref()));
+            for (reason, count) in REASONS.iter().zip(counts) {
+                labels.counter(
+                    "clusterwatch_target_scrape_errors_total",
+                    HELP_ERRORS,
+                    &[("reason", reason)],
+                    count as f64,
+                );
+            }
+            out.merge(labels);
         }
     }
 }
@@ -378,7 +390,17 @@ mod tests {
         // Only the healthy target's samples are kept.
         assert_eq!(out.get("clusterwatch_test_value").unwrap().samples.len(), 1);
         let errors = out.get("clusterwatch_target_scrape_errors_total").unwrap();
-        assert_eq!(errors.samples.len(), 1);
-        assert_eq!(errors.samples[0].labels[2].1, "timeout");
+        assert_eq!(
+            errors.samples.len(),
+            2 * REASONS.len(),
+            "every reason from the start"
+        );
+        let counted: Vec<(String, String, f64)> = errors
+            .samples
+            .iter()
+            .filter(|s| s.value > 0.0)
+            .map(|s| (s.labels[1].1.clone(), s.labels[2].1.clone(), s.value))
+            .collect();
+        assert_eq!(counted, vec![("slow".into(), "timeout".into(), 1.0)]);
     }
 }

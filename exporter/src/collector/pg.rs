@@ -128,8 +128,27 @@ struct State {
     /// Server time of the last message from upstream while the WAL receiver was alive, so
     /// the lag keeps growing after the link is gone.
     last_upstream_message: Option<f64>,
+    /// When the WAL a standby has not replayed yet arrived, for its lag in seconds.
+    replay: ReplayTracker,
     /// Query groups already reported as failing, so each is logged once, not per scrape.
     reported: HashMap<&'static str, String>,
+    /// Role seen on the last scrape (`true` = standby); `None` until the first one.
+    in_recovery: Option<bool>,
+    /// System identifier and checkpoint timeline from the control file, and when read: the
+    /// identifier never changes, so the file is read on the slow cadence, not every scrape.
+    control: Option<(Instant, String, Option<i64>)>,
+}
+
+impl State {
+    /// Whether a query group is worth running now. Skipping what cannot apply keeps the load
+    /// on a production database down; a new connection (role unknown) runs everything.
+    fn wants(&self, group: &str, slow_due: bool) -> bool {
+        match group {
+            "control" => slow_due || self.control.is_none(),
+            "wal_receiver" => self.in_recovery != Some(false),
+            _ => true,
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -145,7 +164,8 @@ struct Session {
     statements: HashMap<&'static str, Result<Statement, String>>,
 }
 
-/// The node's status. Required: when it fails, the target is down.
+/// The node's status. Required: when it fails, the target is down. (repmgr's table is looked
+/// up in the catalog, not with to_regclass, which errors without USAGE on the schema.)
 const STATUS_SQL: &str = "SELECT current_setting('server_version_num')::int4, \
     current_setting('server_version'), \
     pg_is_in_recovery(), \
@@ -157,7 +177,8 @@ const STATUS_SQL: &str = "SELECT current_setting('server_version_num')::int4, \
     extract(epoch FROM pg_last_xact_replay_timestamp())::float8, \
     current_setting('max_connections')::int4, \
     current_setting('archive_mode'), \
-    to_regclass('repmgr.nodes') IS NOT NULL";
+    EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+            WHERE n.nspname = 'repmgr' AND c.relname = 'nodes')";
 
 /// Optional query groups: a failure of one (privilege, version) is reported on
 /// `clusterwatch_pg_query_success{query}` and the rest still work.
@@ -420,11 +441,20 @@ impl Collector for PgCollector {
             .sizes
             .as_ref()
             .is_none_or(|(at, _)| at.elapsed() >= self.sizes_interval);
+        let control_due = state
+            .control
+            .as_ref()
+            .is_none_or(|(at, _, _)| at.elapsed() >= self.sizes_interval);
+        let wanted: Vec<&'static str> = GROUPS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| state.wants(name, control_due))
+            .collect();
         // All groups go out together: tokio-postgres pipelines concurrent queries on one
         // connection, so a scrape costs about one round trip.
         let status_fut = run_group(&session, "status");
         let groups_fut =
-            futures::future::join_all(GROUPS.iter().map(|(name, _)| run_group(&session, name)));
+            futures::future::join_all(wanted.iter().map(|name| run_group(&session, name)));
         let sizes_fut = async {
             if sizes_due {
                 Some(futures::join!(
@@ -456,8 +486,21 @@ impl Collector for PgCollector {
             None
         };
 
+        state.in_recovery = Some(status.in_recovery);
         let mut results: HashMap<&'static str, Result<Vec<Row>, CollectError>> =
-            GROUPS.iter().map(|(n, _)| *n).zip(group_rows).collect();
+            wanted.into_iter().zip(group_rows).collect();
+        // A group skipped this time (cached, or not applicable to the role) is not failing;
+        // keeping its series steady avoids gaps in `clusterwatch_pg_query_success`.
+        for (name, _) in GROUPS {
+            results.entry(name).or_insert_with(|| Ok(Vec::new()));
+        }
+        if let Some(Ok(rows)) = results.get("control") {
+            if let Some(row) = rows.first() {
+                let id: String = row.try_get(0).unwrap_or_default();
+                let tli: Option<i64> = row.try_get(1).ok();
+                state.control = Some((Instant::now(), id, tli));
+            }
+        }
         if let Some((db, ts)) = sizes_rows {
             match (db, ts) {
                 (Ok(db), Ok(ts)) => {
@@ -521,12 +564,10 @@ impl PgCollector {
         results: &HashMap<&'static str, Result<Vec<Row>, CollectError>>,
         out: &mut SampleBuffer,
     ) {
-        let control = results
-            .get("control")
-            .and_then(|r| r.as_ref().ok())
-            .and_then(|rows| rows.first());
-        let system_identifier: String = control.and_then(|r| r.try_get(0).ok()).unwrap_or_default();
-        let checkpoint_timeline: Option<i64> = control.and_then(|r| r.try_get(1).ok());
+        let (system_identifier, checkpoint_timeline) = match &state.control {
+            Some((_, id, tli)) => (id.clone(), *tli),
+            None => (String::new(), None),
+        };
         out.gauge(
             "clusterwatch_pg_info",
             H_INFO,
@@ -595,6 +636,7 @@ impl PgCollector {
         }
         if !s.in_recovery {
             state.last_upstream_message = None;
+            state.replay = ReplayTracker::default();
             return;
         }
         if let Some(lsn) = s.receive_lsn {
@@ -668,16 +710,16 @@ impl PgCollector {
                 &[],
                 replay_gap,
             );
-            let lag_seconds = if streaming && replay_gap == 0.0 {
-                0.0
-            } else if streaming {
-                s.last_replay.map(|t| (s.now - t).max(0.0)).unwrap_or(0.0)
+            let behind = match (s.receive_lsn, s.replay_lsn) {
+                (Some(rx), Some(rp)) => state.replay.observe(s.now, rx, rp),
+                _ => 0.0,
+            };
+            let lag_seconds = if streaming {
+                behind
             } else {
-                // Link down: we are behind by at least the time since upstream last spoke.
-                heard
-                    .or(s.last_replay)
-                    .map(|t| (s.now - t).max(0.0))
-                    .unwrap_or(0.0)
+                // Link down: behind by at least the time since upstream last spoke.
+                let silent = heard.or(s.last_replay).map(|t| s.now - t).unwrap_or(0.0);
+                behind.max(silent).max(0.0)
             };
             out.gauge(
                 "clusterwatch_pg_replay_lag_seconds",
@@ -886,6 +928,37 @@ impl PgCollector {
     }
 }
 
+/// Estimates how long ago the oldest WAL a standby has received but not replayed arrived,
+/// from the receive positions seen at earlier scrapes. The last replayed transaction's time
+/// would be wrong both ways: an idle standby that just received a periodic record is not
+/// "minutes behind", and a standby replaying steadily under load is not behind forever.
+#[derive(Default)]
+struct ReplayTracker {
+    /// (server time, receive position) at scrapes where the standby was behind, oldest first.
+    seen: std::collections::VecDeque<(f64, f64)>,
+}
+
+/// Bound on remembered positions: a day of 15 s scrapes; beyond that the oldest are kept
+/// and later ones thinned, so the estimate can only err towards "longer".
+const REPLAY_TRACKER_CAPACITY: usize = 6000;
+
+impl ReplayTracker {
+    /// Records a scrape and returns the lag in seconds (0 when all received WAL is replayed
+    /// or the unreplayed WAL was first seen at this scrape).
+    fn observe(&mut self, now: f64, received: f64, replayed: f64) -> f64 {
+        while self.seen.front().is_some_and(|&(_, rx)| rx <= replayed) {
+            self.seen.pop_front();
+        }
+        if received > replayed && self.seen.back().is_none_or(|&(_, rx)| received > rx) {
+            if self.seen.len() >= REPLAY_TRACKER_CAPACITY {
+                self.seen.remove(1);
+            }
+            self.seen.push_back((now, received));
+        }
+        self.seen.front().map_or(0.0, |&(t, _)| (now - t).max(0.0))
+    }
+}
+
 /// pg_stat_replication can hold two rows for one standby name and address (a base backup
 /// beside the stream, a reconnect racing the old sender); series must be unique, so keep the
 /// row that matters most: streaming over catchup over the rest.
@@ -953,10 +1026,12 @@ fn write_standby(row: &Row, out: &mut SampleBuffer) {
     }
     for (i, stage) in ["write", "flush", "replay"].iter().enumerate() {
         let v: Option<f64> = row.try_get(8 + i).ok().flatten();
-        // PostgreSQL clears these once a standby is caught up and idle; that is 0, not unknown.
+        // PostgreSQL clears these once a streaming standby has caught up and gone idle; a
+        // periodic record may make the byte lag briefly non-zero before a new time is
+        // measured. That is 0, not unknown.
         let v = match v {
             Some(v) => Some(v),
-            None if byte_lags[i + 1] == 0.0 => Some(0.0),
+            None if state == "streaming" || byte_lags[i + 1] == 0.0 => Some(0.0),
             None => None,
         };
         if let Some(v) = v {
@@ -991,6 +1066,23 @@ mod tests {
             text.contains("postgres[2].name: duplicate pg target name `b`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn replay_lag_counts_from_when_unreplayed_wal_arrived() {
+        let mut t = ReplayTracker::default();
+        assert_eq!(t.observe(100.0, 500.0, 500.0), 0.0, "caught up");
+        // A small record arrives on an idle standby: seen now, so no lag yet.
+        assert_eq!(t.observe(115.0, 600.0, 500.0), 0.0);
+        // Replayed by the next scrape.
+        assert_eq!(t.observe(130.0, 600.0, 600.0), 0.0);
+        // Replay stalls while WAL keeps arriving: lag grows from when it first fell behind.
+        assert_eq!(t.observe(145.0, 700.0, 600.0), 0.0);
+        assert_eq!(t.observe(160.0, 800.0, 600.0), 15.0);
+        assert_eq!(t.observe(175.0, 900.0, 600.0), 30.0);
+        // Replay moves on past what had arrived at 145: the oldest unreplayed came at 160.
+        assert_eq!(t.observe(190.0, 900.0, 750.0), 30.0);
+        assert_eq!(t.observe(205.0, 900.0, 900.0), 0.0);
     }
 
     #[test]

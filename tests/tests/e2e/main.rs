@@ -1,6 +1,8 @@
 //! The single end-to-end test binary: each module drives real servers started by
 //! `clusterwatch_tests::harness` on loopback. Add one `mod` line per test module.
 
+mod dashboards;
 mod foundation;
 mod harness_selftest;
 mod postgres;
+mod rules_pack;

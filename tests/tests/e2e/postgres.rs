@@ -442,3 +442,228 @@ async fn failing_archive_command_builds_a_backlog_that_drains_when_fixed() -> Re
         .is_some());
     Ok(())
 }
+
+#[tokio::test]
+async fn wal_archive_directory_growth_is_visible() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    let config = format!(
+        "directories:\n  - {{ name: wal-archive, cluster: pg, path: '{}', pattern: '^[0-9A-F]{{24}}$' }}\n",
+        pair.primary.archive_dir().display()
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    let before = until(&cw, "the archive directory to be measured", |m| {
+        Ok(m.value("clusterwatch_target_up", &[on("wal-archive")]) == Some(1.0))
+    })
+    .await?;
+    let files0 = before
+        .value("clusterwatch_dir_files", &[on("wal-archive")])
+        .unwrap_or(0.0);
+    let bytes0 = before
+        .value("clusterwatch_dir_bytes", &[on("wal-archive")])
+        .unwrap_or(0.0);
+    let segment = pair.primary.switch_wal().await?;
+    pair.primary.wait_archived(&segment, WAIT).await?;
+    let after = until(&cw, "the archived segment to be counted", |m| {
+        Ok(m.value("clusterwatch_dir_files", &[on("wal-archive")])
+            .unwrap_or(0.0)
+            > files0)
+    })
+    .await?;
+    // A WAL segment is 16 MiB.
+    assert!(
+        after
+            .value("clusterwatch_dir_bytes", &[on("wal-archive")])
+            .unwrap_or(0.0)
+            >= bytes0 + 16.0 * 1048576.0
+    );
+    assert!(after
+        .value(
+            "clusterwatch_dir_newest_file_age_seconds",
+            &[on("wal-archive")]
+        )
+        .is_some_and(|a| a < 60.0));
+    Ok(())
+}
+
+/// Every metric a real scrape of every collector emits is in the README's metric reference.
+#[tokio::test]
+async fn readme_documents_every_emitted_metric() -> Result<()> {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )?;
+    let pair = PgCluster::start_pair().await?;
+    let config = format!(
+        "filesystems: {{}}\nsystem: {{}}\ndirectories:\n  - {{ name: archive, path: '{}' }}\npostgres:\n  - {{ name: primary, cluster: pg, dsn: '{}', expected_standbys: 1 }}\n  - {{ name: standby, cluster: pg, dsn: '{}' }}\n  - {{ name: wrong, dsn: '{}' }}\n",
+        pair.primary.archive_dir().display(),
+        pair.primary.monitor_dsn(),
+        pair.standby.monitor_dsn(),
+        pair.primary.dsn_for("monitor", "not-the-password"),
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    pair.primary
+        .psql("SELECT pg_create_physical_replication_slot('spare')")
+        .await?;
+    pair.primary.switch_wal().await?;
+    let m = until(&cw, "a full scrape", |m| Ok(streaming_seen_from_primary(m))).await?;
+    let mut names: Vec<&str> = m.samples.iter().map(|s| s.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from the README's metric reference: {missing:?}"
+    );
+    assert!(
+        names.len() > 60,
+        "only {} metric names scraped",
+        names.len()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_privilege_is_reported_once_and_the_rest_still_works() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    pair.primary
+        .psql("CREATE ROLE plain LOGIN PASSWORD 'plainpass'")
+        .await?;
+    let config = format!(
+        "postgres:\n  - {{ name: plain, cluster: pg, dsn: '{}' }}\n",
+        pair.primary.dsn_for("plain", "plainpass")
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(scrape(&cw).await?);
+    }
+    let m = last.expect("scraped");
+    assert_eq!(m.value("clusterwatch_target_up", &[on("plain")]), Some(1.0));
+    assert_eq!(
+        m.value("clusterwatch_pg_role", &[on("plain"), ("role", "primary")]),
+        Some(1.0)
+    );
+    // Functions reserved to pg_monitor fail; everything else is still reported.
+    for query in ["wal_dir", "archive_status"] {
+        assert_eq!(
+            m.value(
+                "clusterwatch_pg_query_success",
+                &[on("plain"), ("query", query)]
+            ),
+            Some(0.0),
+            "{query}"
+        );
+    }
+    assert_eq!(
+        m.value(
+            "clusterwatch_pg_query_success",
+            &[on("plain"), ("query", "archiver")]
+        ),
+        Some(1.0)
+    );
+    assert!(m
+        .value("clusterwatch_pg_archiver_archived_total", &[on("plain")])
+        .is_some());
+    assert!(m
+        .value("clusterwatch_pg_wal_dir_bytes", &[on("plain")])
+        .is_none());
+    let logs = cw.logs();
+    let warnings = logs
+        .lines()
+        .filter(|l| l.contains("query failed") && l.contains("query=wal_dir"))
+        .count();
+    assert_eq!(warnings, 1, "logged once, not per scrape:\n{logs}");
+    assert!(
+        logs.contains("pg_monitor"),
+        "the log says which grant fixes it:\n{logs}"
+    );
+    Ok(())
+}
+
+/// repmgr's own extension (Debian package `repmgr`) provides the node table, as
+/// `repmgr primary register` / `standby register` would fill it.
+#[tokio::test]
+async fn repmgr_node_table_is_reported_once_readable() -> Result<()> {
+    let pair = PgCluster::start_pair().await?;
+    pair.primary.psql("CREATE EXTENSION repmgr").await?;
+    pair.primary
+        .psql(
+            "INSERT INTO repmgr.nodes (node_id, upstream_node_id, active, node_name, type, conninfo, repluser, config_file) VALUES \
+             (1, NULL, true, 'node1', 'primary', 'host=node1 user=repmgr password=hunter2', 'repmgr', '/etc/repmgr.conf'), \
+             (2, 1, true, 'node2', 'standby', 'host=node2 user=repmgr password=hunter2', 'repmgr', '/etc/repmgr.conf')",
+        )
+        .await?;
+    let cw = watch(&pair).await?;
+    // pg_monitor does not cover repmgr's schema: reported, the rest works.
+    let m = until(&cw, "the repmgr query to be tried", |m| {
+        Ok(m.value(
+            "clusterwatch_pg_query_success",
+            &[on("primary"), ("query", "repmgr")],
+        ) == Some(0.0))
+    })
+    .await?;
+    assert_eq!(
+        m.value("clusterwatch_target_up", &[on("primary")]),
+        Some(1.0)
+    );
+
+    pair.primary
+        .psql("GRANT USAGE ON SCHEMA repmgr TO monitor; GRANT SELECT ON repmgr.nodes TO monitor")
+        .await?;
+    let m = until(&cw, "repmgr nodes on both servers", |m| {
+        Ok(m.value(
+            "clusterwatch_pg_query_success",
+            &[on("primary"), ("query", "repmgr")],
+        ) == Some(1.0)
+            && m.value(
+                "clusterwatch_pg_query_success",
+                &[on("standby"), ("query", "repmgr")],
+            ) == Some(1.0))
+    })
+    .await?;
+    for node in ["primary", "standby"] {
+        let t = ("target", node);
+        assert_eq!(
+            m.value(
+                "clusterwatch_pg_repmgr_node_role",
+                &[t, ("node_name", "node1"), ("role", "primary")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.value(
+                "clusterwatch_pg_repmgr_node_role",
+                &[t, ("node_name", "node2"), ("role", "standby")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.value(
+                "clusterwatch_pg_repmgr_node_role",
+                &[t, ("node_name", "node2"), ("role", "primary")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            m.value(
+                "clusterwatch_pg_repmgr_node_active",
+                &[t, ("node_name", "node2")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.value(
+                "clusterwatch_pg_repmgr_node_upstream_info",
+                &[t, ("node_name", "node2"), ("upstream", "node1")]
+            ),
+            Some(1.0)
+        );
+    }
+    assert!(
+        !m.mentions("hunter2"),
+        "repmgr's conninfo never reaches the metrics"
+    );
+    Ok(())
+}

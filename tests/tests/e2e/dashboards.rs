@@ -1,0 +1,650 @@
+//! The Grafana dashboards in `dashboards/`, checked two ways: statically (a unit on every
+//! panel, `${datasource}` everywhere, unique panel ids, template variables, metric names from
+//! the README's metric reference) and against a real stack (a PostgreSQL pair watched by
+//! clusterwatch and scraped by Prometheus), where every panel query must be valid PromQL and
+//! return data. No Grafana runs here: rendering and layout are not tested.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use clusterwatch_tests::harness::{
+    temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
+};
+
+/// How long the stack gets until every panel query has data.
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The dashboards the project ships; any other `*.json` in `dashboards/` is checked too.
+const EXPECTED: &[&str] = &[
+    "clusterwatch-host.json",
+    "clusterwatch-overview.json",
+    "clusterwatch-postgres.json",
+];
+
+/// Grafana's built-in interval variables and what they become in the test's instant queries.
+const BUILTINS: &[(&str, &str)] = &[
+    ("__rate_interval", "1m"),
+    ("__interval", "15s"),
+    ("__range", "5m"),
+];
+
+/// The datasource reference every panel and query carries.
+const DATASOURCE_UID: &str = "${datasource}";
+
+/// Panel queries allowed to return no series on the test stack, as (a substring of the
+/// expression, why). Empty on purpose: the fixture creates the states the panels show (an
+/// inactive slot, an archived segment, a failing directory target, a firing alert), so a panel
+/// without data is a broken query. Add an entry only for a state the stack cannot reach.
+const ALLOWED_EMPTY: &[(&str, &str)] = &[];
+
+/// A test-only alert that fires at the first evaluation, so the "Firing alerts" panels have a
+/// row to show (the real rules all wait several minutes before firing).
+const FIRING_RULE: &str = "groups:
+  - name: dashboards-test
+    rules:
+      - alert: DashboardsTestAlwaysFiring
+        expr: vector(1)
+        labels:
+          severity: info
+          cluster: pg
+        annotations:
+          summary: Fires from the first evaluation so the dashboards' alert panels have data.
+";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Every `dashboards/*.json`, parsed, by file name.
+fn dashboards() -> BTreeMap<String, Value> {
+    let dir = workspace_root().join("dashboards");
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("directory entry").path();
+        if path.extension().is_some_and(|ext| ext == "json") {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let json: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            out.insert(name, json);
+        }
+    }
+    for name in EXPECTED {
+        assert!(out.contains_key(*name), "dashboards/{name} is missing");
+    }
+    out
+}
+
+/// Every panel, with the panels of collapsed rows (nested under the row) included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    fn walk<'a>(list: &'a Value, out: &mut Vec<&'a Value>) {
+        for panel in list.as_array().into_iter().flatten() {
+            out.push(panel);
+            walk(&panel["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    out
+}
+
+fn is_row(panel: &Value) -> bool {
+    panel["type"] == "row"
+}
+
+fn title(panel: &Value) -> String {
+    panel["title"].as_str().unwrap_or("<untitled>").to_owned()
+}
+
+/// The names of a dashboard's template variables other than the datasource one.
+fn query_variables(dashboard: &Value) -> Vec<String> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["type"] != "datasource")
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The query text of a Prometheus template variable (a string, or Grafana 10's object form).
+fn variable_query(variable: &Value) -> Option<&str> {
+    variable["query"]
+        .as_str()
+        .or_else(|| variable["query"]["query"].as_str())
+}
+
+/// One PromQL expression found in a dashboard.
+#[derive(Debug, Clone)]
+struct Query {
+    /// `file: panel title (refId)` or `file: variable NAME`.
+    at: String,
+    /// The expression as written, with Grafana variables.
+    expr: String,
+    /// The expression the test runs: variables replaced.
+    promql: String,
+}
+
+/// Replaces Grafana variables in `expr`: the dashboard's own (`$name`, `${name}`) by `.*`,
+/// built-ins by [`BUILTINS`]. A dashboard variable must sit inside a `=~"…"` matcher (a
+/// multi-value or All selection is a regex), and an unknown variable is an error.
+fn expand(expr: &str, variables: &[String]) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(at) = rest.find('$') {
+        let (before, from_dollar) = rest.split_at(at);
+        out.push_str(before);
+        let after = &from_dollar[1..];
+        let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
+            let end = braced
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in `{expr}`"))?;
+            let inner = &braced[..end];
+            // `${name:format}`: the format does not change what the name refers to.
+            (inner.split(':').next().unwrap_or(inner), end + 2)
+        } else {
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..end], end)
+        };
+        if let Some((_, value)) = BUILTINS.iter().find(|(builtin, _)| *builtin == name) {
+            out.push_str(value);
+        } else if variables.iter().any(|v| v == name) {
+            if !out.ends_with("=~\"") {
+                return Err(format!(
+                    "`${name}` is not inside a `=~\"…\"` matcher (multi-select and All are regexes): `{expr}`"
+                ));
+            }
+            out.push_str(".*");
+        } else {
+            return Err(format!("unknown variable `${name}` in `{expr}`"));
+        }
+        rest = &after[consumed..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Every panel query and every variable query of a dashboard; problems (unknown variables,
+/// variables outside a regex matcher, unreadable `label_values`) go to `problems`.
+fn queries(file: &str, dashboard: &Value, problems: &mut Vec<String>) -> Vec<Query> {
+    let variables = query_variables(dashboard);
+    let mut out = Vec::new();
+    for panel in panels(dashboard) {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let at = format!(
+                "{file}: {} ({})",
+                title(panel),
+                target["refId"].as_str().unwrap_or("?")
+            );
+            let Some(expr) = target["expr"].as_str() else {
+                problems.push(format!("{at}: a target without `expr`"));
+                continue;
+            };
+            match expand(expr, &variables) {
+                Ok(promql) => out.push(Query {
+                    at,
+                    expr: expr.to_owned(),
+                    promql,
+                }),
+                Err(e) => problems.push(format!("{at}: {e}")),
+            }
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if variable["type"] != "query" {
+            continue;
+        }
+        let name = variable["name"].as_str().unwrap_or("?");
+        let at = format!("{file}: variable {name}");
+        let Some(query) = variable_query(variable) else {
+            problems.push(format!("{at}: no query"));
+            continue;
+        };
+        // label_values(SELECTOR, LABEL) lists LABEL over SELECTOR's series: as PromQL,
+        // `count by (LABEL) (SELECTOR)`.
+        let parsed = query
+            .trim()
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.rsplit_once(','));
+        let Some((selector, label)) = parsed else {
+            problems.push(format!(
+                "{at}: `{query}` is not label_values(SELECTOR, LABEL)"
+            ));
+            continue;
+        };
+        match expand(selector.trim(), &variables) {
+            Ok(selector) => out.push(Query {
+                at,
+                expr: query.to_owned(),
+                promql: format!("count by ({}) ({selector})", label.trim()),
+            }),
+            Err(e) => problems.push(format!("{at}: {e}")),
+        }
+    }
+    out
+}
+
+/// Every match of `clusterwatch_[a-z0-9_]+` in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    const PREFIX: &str = "clusterwatch_";
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(PREFIX) {
+        let tail = &rest[at + PREFIX.len()..];
+        let len = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        if len > 0 {
+            out.insert(format!("{PREFIX}{}", &tail[..len]));
+        }
+        rest = &tail[len..];
+    }
+    out
+}
+
+/// Metric names a dashboard may use: the README's "Metric reference" section and the names
+/// inside the recording rules of `rules/*.yml`.
+fn known_metrics() -> BTreeSet<String> {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let start = readme
+        .find("## Metric reference")
+        .expect("README.md has a `## Metric reference` section");
+    let section = &readme[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+    let mut known = metric_names(&section[..end]);
+    let rules = root.join("rules");
+    for entry in std::fs::read_dir(&rules).expect("rules/") {
+        let path = entry.expect("directory entry").path();
+        if path
+            .extension()
+            .is_some_and(|ext| ext == "yml" || ext == "yaml")
+        {
+            let text = std::fs::read_to_string(&path).expect("rules file");
+            for line in text.lines() {
+                if let Some(record) = line.trim_start().strip_prefix("- record:") {
+                    known.extend(metric_names(record));
+                } else if let Some(record) = line.trim_start().strip_prefix("record:") {
+                    known.extend(metric_names(record));
+                }
+            }
+        }
+    }
+    known
+}
+
+/// Every `datasource` member anywhere in `value` that is not `{type: prometheus, uid:
+/// ${datasource}}`, by JSON path.
+fn foreign_datasources(value: &Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                let child_path = format!("{path}.{key}");
+                if key == "datasource" {
+                    let ok = child["uid"] == DATASOURCE_UID && child["type"] == "prometheus";
+                    if !ok {
+                        out.push(format!("{child_path} = {child}"));
+                    }
+                }
+                foreign_datasources(child, &child_path, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                foreign_datasources(child, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Everything about one dashboard that can be checked without a server.
+fn conventions(file: &str, dashboard: &Value, problems: &mut Vec<String>) {
+    let mut complain = |what: String| problems.push(format!("{file}: {what}"));
+    if dashboard["schemaVersion"].as_u64().is_none_or(|v| v < 38) {
+        complain(format!(
+            "schemaVersion {} (Grafana 10 needs 38 or later)",
+            dashboard["schemaVersion"]
+        ));
+    }
+    for key in ["uid", "title"] {
+        if dashboard[key].as_str().is_none_or(str::is_empty) {
+            complain(format!("no `{key}`"));
+        }
+    }
+    if !dashboard["tags"]
+        .as_array()
+        .is_some_and(|tags| tags.iter().any(|t| t == "clusterwatch"))
+    {
+        complain("`tags` lacks \"clusterwatch\"".to_owned());
+    }
+
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let find = |name: &str| variables.iter().find(|v| v["name"] == name);
+    match find("datasource") {
+        Some(v) if v["type"] == "datasource" && v["query"] == "prometheus" => {}
+        other => complain(format!(
+            "needs a `datasource` variable of type datasource, query prometheus; found {other:?}"
+        )),
+    }
+    for name in ["cluster", "target"] {
+        if find(name).is_none() {
+            complain(format!("no `{name}` template variable"));
+        }
+    }
+    let all_exprs: String = panels(dashboard)
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .chain(variables.iter().filter_map(variable_query))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for v in variables.iter().filter(|v| v["type"] == "query") {
+        let name = v["name"].as_str().unwrap_or("?");
+        if v["multi"] != true || v["includeAll"] != true {
+            complain(format!("variable `{name}` must be multi-select with All"));
+        }
+        if v["allValue"] != ".*" {
+            complain(format!(
+                "variable `{name}` needs allValue `.*` so All also matches series without the label"
+            ));
+        }
+        let used = all_exprs.contains(&format!("${name}\""))
+            || all_exprs.contains(&format!("${{{name}}}"));
+        if !used {
+            complain(format!("variable `{name}` is used by no query"));
+        }
+    }
+
+    let mut ids = BTreeSet::new();
+    for panel in panels(dashboard) {
+        let name = title(panel);
+        match panel["id"].as_u64() {
+            Some(id) if !ids.insert(id) => complain(format!("panel id {id} used twice ({name})")),
+            Some(_) => {}
+            None => complain(format!("panel `{name}` has no numeric id")),
+        }
+        if is_row(panel) {
+            continue;
+        }
+        if panel["title"].as_str().is_none_or(str::is_empty) {
+            complain(format!("panel {} has no title", panel["id"]));
+        }
+        if panel["fieldConfig"]["defaults"]["unit"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            complain(format!("panel `{name}` has no fieldConfig.defaults.unit"));
+        }
+        if panel["datasource"]["uid"] != DATASOURCE_UID {
+            complain(format!("panel `{name}` does not use ${{datasource}}"));
+        }
+        let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+        if targets.is_empty() {
+            complain(format!("panel `{name}` has no query"));
+        }
+        for target in &targets {
+            if target["datasource"]["uid"] != DATASOURCE_UID {
+                complain(format!(
+                    "a query of panel `{name}` does not use ${{datasource}}"
+                ));
+            }
+        }
+    }
+
+    let mut foreign = Vec::new();
+    foreign_datasources(dashboard, "", &mut foreign);
+    for f in foreign {
+        complain(format!("datasource other than ${{datasource}}: {f}"));
+    }
+}
+
+#[test]
+fn dashboards_follow_the_conventions() {
+    let known = known_metrics();
+    let mut problems = Vec::new();
+    let mut uids = BTreeMap::new();
+    for (file, dashboard) in &dashboards() {
+        conventions(file, dashboard, &mut problems);
+        if let Some(previous) = uids.insert(dashboard["uid"].to_string(), file.clone()) {
+            problems.push(format!("{file}: same uid as {previous}"));
+        }
+        for query in queries(file, dashboard, &mut problems) {
+            for metric in metric_names(&query.expr) {
+                if !known.contains(&metric) {
+                    problems.push(format!(
+                        "{}: `{metric}` is neither in README.md's metric reference nor a recording rule in rules/",
+                        query.at
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn variables_are_expanded_only_inside_regex_matchers() {
+    let vars = vec!["cluster".to_owned(), "target".to_owned()];
+    assert_eq!(
+        expand(
+            r#"rate(x{cluster=~"$cluster", target=~"${target}"}[$__rate_interval])"#,
+            &vars
+        ),
+        Ok(r#"rate(x{cluster=~".*", target=~".*"}[1m])"#.to_owned())
+    );
+    assert!(expand(r#"x{cluster="$cluster"}"#, &vars).is_err());
+    assert!(expand(r#"x{cluster=~"$clusters"}"#, &vars).is_err());
+    assert_eq!(
+        metric_names("cluster:clusterwatch_pg_primaries:count + clusterwatch_fs_used_ratio"),
+        BTreeSet::from([
+            "clusterwatch_fs_used_ratio".to_owned(),
+            "clusterwatch_pg_primaries".to_owned()
+        ])
+    );
+}
+
+/// Number of series (or 1 for a scalar) in a query's `data`.
+fn series_count(data: &Value) -> usize {
+    match data["resultType"].as_str() {
+        Some("scalar") | Some("string") => 1,
+        _ => data["result"].as_array().map_or(0, Vec::len),
+    }
+}
+
+/// `label value → sample value` of a vector result.
+fn values_by(data: &Value, label: &str) -> BTreeMap<String, f64> {
+    data["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let key = s["metric"][label].as_str().unwrap_or("").to_owned();
+            let value = s["value"][1].as_str()?.parse::<f64>().ok()?;
+            Some((key, value))
+        })
+        .collect()
+}
+
+/// What some panels must show on the healthy pair: the state encodings add up.
+/// (panel title, label, label value, expected value)
+const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
+    ("Primaries per cluster", "cluster", "pg", 1.0),
+    ("Standbys streaming", "cluster", "pg", 1.0),
+    ("Role now", "target", "primary", 2.0),
+    ("Role now", "target", "standby", 1.0),
+    ("WAL receiver", "target", "standby", 1.0),
+    (
+        "Standby state (pg_stat_replication)",
+        "target",
+        "primary",
+        1.0,
+    ),
+    ("Standbys missing", "target", "primary", 0.0),
+];
+
+#[tokio::test]
+async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
+    let started = Instant::now();
+    let mut problems = Vec::new();
+    let mut all = Vec::new();
+    for (file, dashboard) in &dashboards() {
+        all.extend(queries(file, dashboard, &mut problems));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    let pair = PgCluster::start_pair().await?;
+    // An inactive slot next to the standby's active one, so the slot panels show both states.
+    pair.primary
+        .psql("SELECT pg_create_physical_replication_slot('spare')")
+        .await?;
+    // At least one archived segment, so the archive directory and archiver ages have values.
+    let segment = pair.primary.switch_wal().await?;
+    pair.primary.wait_archived(&segment, WAIT).await?;
+    let stack_ready = started.elapsed();
+
+    // `missing-dir` fails on every scrape, so the panels about failed collections have data.
+    let config = format!(
+        "global:\n  timeout: 3s\n\
+         postgres:\n\
+         \x20 - {{ name: primary, cluster: pg, dsn: '{}', expected_standbys: 1 }}\n\
+         \x20 - {{ name: standby, cluster: pg, dsn: '{}' }}\n\
+         filesystems:\n  mounts:\n    - {{ path: '{}', threshold: 0.9 }}\n\
+         system: {{}}\n\
+         directories:\n\
+         \x20 - {{ name: wal-archive, cluster: pg, path: '{}' }}\n\
+         \x20 - {{ name: missing-dir, path: '{}' }}\n",
+        pair.primary.monitor_dsn(),
+        pair.standby.monitor_dsn(),
+        pair.primary.dir().display(),
+        pair.primary.archive_dir().display(),
+        pair.primary.dir().join("no-such-directory").display(),
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+
+    let rules = temp_dir("cw-dashboards-rules-")?;
+    let rule_file = rules.path().join("always-firing.rules.yml");
+    std::fs::write(&rule_file, FIRING_RULE).context("writing the test rule file")?;
+    // Two seconds leave each PostgreSQL collection 1.5 s under the scrape-timeout header, room
+    // enough on a busy two-core machine.
+    let mut job = ScrapeJob::new("clusterwatch", &[&cw.addr()]);
+    job.scrape_interval = Duration::from_secs(2);
+    job.scrape_timeout = Duration::from_secs(2);
+    let prometheus = Prometheus::start(&PrometheusConfig {
+        jobs: vec![job],
+        rule_files: vec![rule_file],
+        ..PrometheusConfig::default()
+    })
+    .await?;
+    prometheus
+        .wait_for_target_up("clusterwatch", Duration::from_secs(60))
+        .await?;
+    let scraping = started.elapsed();
+
+    // Rates and derivatives need two samples and sizes come on their own cadence, so poll
+    // until every query has data; an invalid query fails at once.
+    let deadline = Instant::now() + WAIT;
+    let mut pending: Vec<&Query> = all.iter().collect();
+    let mut invalid = Vec::new();
+    let mut answers: BTreeMap<String, Value> = BTreeMap::new();
+    loop {
+        let mut still = Vec::new();
+        for query in pending {
+            match prometheus.query(&query.promql).await {
+                Err(e) => invalid.push(format!("{}: {e:#}\n    {}", query.at, query.promql)),
+                Ok(data) if series_count(&data) > 0 => {
+                    answers.insert(query.at.clone(), data);
+                }
+                Ok(_) => still.push(query),
+            }
+        }
+        pending = still;
+        if !invalid.is_empty() || pending.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        invalid.is_empty(),
+        "queries Prometheus rejects:\n{}",
+        invalid.join("\n")
+    );
+
+    let mut empty = Vec::new();
+    for query in &pending {
+        match ALLOWED_EMPTY
+            .iter()
+            .find(|(needle, _)| query.expr.contains(needle))
+        {
+            Some((_, reason)) => eprintln!("allowed without data: {} ({reason})", query.at),
+            None => empty.push(format!("{}:\n    {}", query.at, query.promql)),
+        }
+    }
+    for (needle, reason) in ALLOWED_EMPTY {
+        if all
+            .iter()
+            .filter(|q| q.expr.contains(needle))
+            .all(|q| answers.contains_key(&q.at))
+        {
+            eprintln!("ALLOWED_EMPTY entry `{needle}` ({reason}) is no longer needed");
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "queries without data after {WAIT:?} (exporter log tail below):\n{}\n\n{}",
+        empty.join("\n"),
+        cw.logs()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    for (panel, label, value, expected) in EXPECTED_VALUES {
+        let mut seen = false;
+        for (at, data) in answers
+            .iter()
+            .filter(|(at, _)| at.contains(&format!(": {panel} (")))
+        {
+            seen = true;
+            let got = values_by(data, label);
+            assert_eq!(
+                got.get(*value),
+                Some(expected),
+                "{at}: expected {label}={value} to be {expected}, got {got:?}"
+            );
+        }
+        assert!(seen, "no panel titled `{panel}` answered");
+    }
+
+    eprintln!(
+        "{} queries checked; stack ready after {:.0?}, scraped after {:.0?}, all data after {:.0?}",
+        all.len(),
+        stack_ready,
+        scraping,
+        started.elapsed()
+    );
+    drop(prometheus);
+    drop(cw);
+    drop(pair);
+    Ok(())
+}
