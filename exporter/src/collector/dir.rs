@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use regex::Regex;
@@ -12,9 +12,7 @@ use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{
-    check_target_common, HumanDuration, Located, Problem, SectionContext, TargetCommon,
-};
+use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
 /// The `dir` collector, configured by the `directories:` section.
@@ -50,29 +48,16 @@ fn configure(
     let mut out: Vec<Arc<dyn Collector>> = Vec::new();
     for (raw, item) in at.parse_list::<RawDirectory>(problems) {
         let before = problems.len();
-        let common = TargetCommon {
-            name: raw.name,
-            cluster: raw.cluster,
-            timeout: raw.timeout,
-        };
-        check_target_common(&common, &item, problems);
-        let pattern = match raw.pattern.as_deref().map(Regex::new) {
-            None => None,
-            Some(Ok(r)) => Some(r),
-            Some(Err(e)) => {
-                let why = e.to_string().lines().last().unwrap_or("invalid").to_owned();
-                problems
-                    .push(item.problem("pattern", format!("invalid regular expression: {why}")));
-                None
-            }
-        };
+        let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
+        let pattern = raw
+            .pattern
+            .as_deref()
+            .and_then(|p| compile_regex(p, &item, "pattern", problems));
         if problems.len() > before {
             continue;
         }
         out.push(Arc::new(DirCollector {
-            target: common.name,
-            cluster: common.cluster,
-            timeout: common.timeout.map(|d| d.0),
+            id,
             path: ctx.resolve(&raw.path),
             pattern,
             recursive: raw.recursive,
@@ -84,9 +69,7 @@ fn configure(
 
 /// One watched directory.
 pub struct DirCollector {
-    target: String,
-    cluster: Option<String>,
-    timeout: Option<Duration>,
+    id: TargetId,
     path: PathBuf,
     pattern: Option<Regex>,
     recursive: bool,
@@ -153,16 +136,8 @@ impl Collector for DirCollector {
         KIND.name
     }
 
-    fn target(&self) -> &str {
-        &self.target
-    }
-
-    fn cluster(&self) -> Option<&str> {
-        self.cluster.as_deref()
-    }
-
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn id(&self) -> &TargetId {
+        &self.id
     }
 
     async fn collect(
@@ -218,6 +193,7 @@ impl Collector for DirCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn counts_matching_files_and_ages() {

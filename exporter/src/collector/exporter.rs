@@ -9,7 +9,7 @@ use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 use crate::blocking::InFlight;
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{Located, Problem, SectionContext};
+use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
 /// The `exporter` collector; its optional `exporter:` section only renames the target.
@@ -38,7 +38,7 @@ fn configure(
         .and_then(|r| r.name)
         .unwrap_or_else(|| "clusterwatch".into());
     vec![Arc::new(ExporterCollector {
-        target,
+        id: TargetId::local(target),
         system: Arc::new(Mutex::new(None)),
         inflight: InFlight::new(),
     })]
@@ -46,7 +46,7 @@ fn configure(
 
 /// Reads this process's own statistics.
 pub struct ExporterCollector {
-    target: String,
+    id: TargetId,
     /// Created on first use (see `system.rs` for why).
     system: Arc<Mutex<Option<System>>>,
     inflight: InFlight,
@@ -90,8 +90,8 @@ impl Collector for ExporterCollector {
         KIND.name
     }
 
-    fn target(&self) -> &str {
-        &self.target
+    fn id(&self) -> &TargetId {
+        &self.id
     }
 
     async fn collect(

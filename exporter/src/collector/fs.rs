@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{Located, Problem, SectionContext};
+use crate::config::{compile_regex, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
 /// The `fs` collector, configured by the `filesystems:` section.
@@ -59,7 +59,7 @@ struct MountRule {
 
 /// Checked `filesystems:` settings.
 pub struct FsCollector {
-    target: String,
+    id: TargetId,
     default_threshold: f64,
     discover: bool,
     exclude_fstypes: Regex,
@@ -92,12 +92,8 @@ fn compile(
     problems: &mut Vec<Problem>,
 ) -> Regex {
     let p = pattern.unwrap_or_else(|| default.to_owned());
-    Regex::new(&p).unwrap_or_else(|e| {
-        // The regex crate's message draws a caret over several lines; its last line says why.
-        let why = e.to_string().lines().last().unwrap_or("invalid").to_owned();
-        problems.push(at.problem(field, format!("invalid regular expression: {why}")));
-        Regex::new(default).expect("default pattern compiles")
-    })
+    compile_regex(&p, at, field, problems)
+        .unwrap_or_else(|| Regex::new(default).expect("default pattern compiles"))
 }
 
 fn configure(
@@ -147,7 +143,7 @@ fn configure(
         }
     }
     let collector = FsCollector {
-        target: raw.name.unwrap_or_else(|| "local".into()),
+        id: TargetId::local(raw.name.unwrap_or_else(|| "local".into())),
         default_threshold,
         discover: raw.discover.unwrap_or(true),
         exclude_fstypes: compile(
@@ -326,8 +322,8 @@ impl Collector for FsCollector {
         KIND.name
     }
 
-    fn target(&self) -> &str {
-        &self.target
+    fn id(&self) -> &TargetId {
+        &self.id
     }
 
     async fn collect(
@@ -477,7 +473,7 @@ tmpfs /run tmpfs rw 0 0
         .unwrap();
         assert_eq!(cfg.targets.iter().filter(|t| t.name() == "fs").count(), 1);
         let fs = FsCollector {
-            target: "local".into(),
+            id: TargetId::local("local"),
             default_threshold: 0.8,
             discover: true,
             exclude_fstypes: Regex::new(DEFAULT_EXCLUDE_FSTYPES).unwrap(),

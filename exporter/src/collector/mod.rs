@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::config::{Located, Problem, SectionContext};
+use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::{Kind, Label, SampleBuffer};
 
 /// Every collector kind, in exposition order. Adding a collector = one file + one line here.
@@ -51,15 +51,19 @@ pub struct ScrapeContext {
 pub trait Collector: Send + Sync + 'static {
     /// The collector name (`fs`, `pg`, …), the same as its kind's.
     fn name(&self) -> &'static str;
+    /// Which configured thing this is: target name, cluster, own deadline.
+    fn id(&self) -> &TargetId;
     /// The configured target name: the `target` label.
-    fn target(&self) -> &str;
+    fn target(&self) -> &str {
+        &self.id().name
+    }
     /// The replication group, for rules that count primaries per cluster.
     fn cluster(&self) -> Option<&str> {
-        None
+        self.id().cluster.as_deref()
     }
     /// A per-target deadline overriding `global.timeout`.
     fn timeout(&self) -> Option<Duration> {
-        None
+        self.id().timeout
     }
     /// Queries the target once and writes samples into `out`. Samples written before an error
     /// or a missed deadline are discarded, so a scrape never shows half a target.
@@ -328,7 +332,7 @@ mod tests {
     use super::*;
 
     struct Sleepy {
-        name: String,
+        id: TargetId,
         sleep: Duration,
     }
 
@@ -337,8 +341,8 @@ mod tests {
         fn name(&self) -> &'static str {
             "test"
         }
-        fn target(&self) -> &str {
-            &self.name
+        fn id(&self) -> &TargetId {
+            &self.id
         }
         async fn collect(
             &self,
@@ -369,11 +373,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_target_costs_its_deadline_and_is_down_while_others_report() {
         let fast: Arc<dyn Collector> = Arc::new(Sleepy {
-            name: "fast".into(),
+            id: TargetId::local("fast"),
             sleep: Duration::from_millis(10),
         });
         let slow: Arc<dyn Collector> = Arc::new(Sleepy {
-            name: "slow".into(),
+            id: TargetId::local("slow"),
             sleep: Duration::from_secs(3600),
         });
         let engine = Engine::new(vec![fast, slow], Duration::from_secs(1));

@@ -15,10 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{
-    check_target_common, read_secret_file, HumanDuration, Located, Problem, SectionContext,
-    TargetCommon,
-};
+use crate::config::{read_secret_file, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
 /// The `pg` collector, configured by the `postgres:` section.
@@ -53,12 +50,7 @@ fn configure(
     let mut out: Vec<Arc<dyn Collector>> = Vec::new();
     for (raw, item) in at.parse_list::<RawPostgres>(problems) {
         let before = problems.len();
-        let common = TargetCommon {
-            name: raw.name,
-            cluster: raw.cluster,
-            timeout: raw.timeout,
-        };
-        check_target_common(&common, &item, problems);
+        let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
         // Never echo the DSN: it may hold a password.
         let mut pg_config = match tokio_postgres::Config::from_str(&raw.dsn) {
             Ok(c) => c,
@@ -91,9 +83,7 @@ fn configure(
         }
         pg_config.application_name("clusterwatch");
         out.push(Arc::new(PgCollector {
-            target: common.name,
-            cluster: common.cluster,
-            timeout: common.timeout.map(|d| d.0),
+            id,
             pg_config,
             expected_standbys: raw.expected_standbys,
             sizes_interval: raw
@@ -108,9 +98,7 @@ fn configure(
 
 /// One PostgreSQL server.
 pub struct PgCollector {
-    target: String,
-    cluster: Option<String>,
-    timeout: Option<Duration>,
+    id: TargetId,
     pg_config: tokio_postgres::Config,
     expected_standbys: Option<u32>,
     sizes_interval: Duration,
@@ -290,7 +278,7 @@ impl PgCollector {
         let remaining = deadline.saturating_duration_since(Instant::now());
         cfg.connect_timeout(remaining.max(Duration::from_millis(10)));
         let (client, connection) = cfg.connect(NoTls).await.map_err(|e| classify(&e))?;
-        let target = self.target.clone();
+        let target = self.id.name.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(collector = "pg", target = %target, error = %describe(&e), "connection closed");
@@ -414,16 +402,8 @@ impl Collector for PgCollector {
         KIND.name
     }
 
-    fn target(&self) -> &str {
-        &self.target
-    }
-
-    fn cluster(&self) -> Option<&str> {
-        self.cluster.as_deref()
-    }
-
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn id(&self) -> &TargetId {
+        &self.id
     }
 
     async fn collect(
@@ -908,7 +888,7 @@ impl PgCollector {
             match &results[*name] {
                 Ok(_) => {
                     if state.reported.remove(*name).is_some() {
-                        tracing::info!(collector = "pg", target = %self.target, query = *name, "query works again");
+                        tracing::info!(collector = "pg", target = %self.id.name, query = *name, "query works again");
                     }
                 }
                 Err(e) => {
@@ -919,7 +899,7 @@ impl PgCollector {
                         } else {
                             "this part of the metrics is skipped; the rest still works"
                         };
-                        tracing::warn!(collector = "pg", target = %self.target, query = *name, reason = e.reason(), error = %msg, hint, "query failed");
+                        tracing::warn!(collector = "pg", target = %self.id.name, query = *name, reason = e.reason(), error = %msg, hint, "query failed");
                         state.reported.insert(name, msg);
                     }
                 }

@@ -9,7 +9,7 @@ use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
 use crate::blocking::InFlight;
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{Located, Problem, SectionContext};
+use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
 /// The `system` collector, configured by the `system:` section.
@@ -40,7 +40,7 @@ fn configure(
 
 /// Keeps one sysinfo `System` so CPU usage is measured between two scrapes.
 pub struct SystemCollector {
-    target: String,
+    id: TargetId,
     /// Created on first use: sysinfo can fail where /proc is missing, and that is a scrape
     /// failure to report, not a reason to refuse to start.
     system: Arc<Mutex<Option<System>>>,
@@ -50,7 +50,7 @@ pub struct SystemCollector {
 impl SystemCollector {
     fn new(target: String) -> Self {
         SystemCollector {
-            target,
+            id: TargetId::local(target),
             system: Arc::new(Mutex::new(None)),
             inflight: InFlight::new(),
         }
@@ -105,8 +105,8 @@ impl Collector for SystemCollector {
         KIND.name
     }
 
-    fn target(&self) -> &str {
-        &self.target
+    fn id(&self) -> &TargetId {
+        &self.id
     }
 
     async fn collect(

@@ -324,29 +324,67 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     Ok(Secret::new(trimmed))
 }
 
-/// Fields every network target shares: `name` (the `target` label), `cluster`, `timeout`.
-/// Sections repeat them in their raw structs (serde cannot flatten into a struct that denies
-/// unknown fields) and gather them here for checking.
-#[derive(Clone, Debug)]
-pub struct TargetCommon {
+/// Compiles a regular expression from the configuration, recording a problem at `field`.
+pub fn compile_regex(
+    pattern: &str,
+    at: &Located,
+    field: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<regex::Regex> {
+    regex::Regex::new(pattern)
+        .map_err(|e| {
+            // The regex crate's message draws a caret over several lines; its last line says why.
+            let why = e.to_string().lines().last().unwrap_or("invalid").to_owned();
+            problems.push(at.problem(field, format!("invalid regular expression: {why}")));
+        })
+        .ok()
+}
+
+/// A target's identity: its `target` label, its `cluster` label and its own deadline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetId {
     /// The `target` label; never derived from a DSN.
     pub name: String,
     /// The replication group this target belongs to.
     pub cluster: Option<String>,
     /// Overrides `global.timeout` for this target.
-    pub timeout: Option<HumanDuration>,
+    pub timeout: Option<Duration>,
 }
 
-/// Checks a target's name and cluster are usable as label values.
-pub fn check_target_common(c: &TargetCommon, at: &Located, problems: &mut Vec<Problem>) {
-    if c.name.trim().is_empty() {
-        problems.push(at.problem("name", "name must not be empty"));
+impl TargetId {
+    /// A target on this host with no cluster and the global deadline.
+    pub fn local(name: impl Into<String>) -> Self {
+        TargetId {
+            name: name.into(),
+            cluster: None,
+            timeout: None,
+        }
     }
-    if c.cluster.as_deref().is_some_and(|cl| cl.trim().is_empty()) {
-        problems.push(at.problem("cluster", "cluster must not be empty when given"));
-    }
-    if c.timeout.is_some_and(|t| t.0.is_zero()) {
-        problems.push(at.problem("timeout", "timeout must be greater than zero"));
+
+    /// Checks the `name`, `cluster` and `timeout` fields of a list item. Sections repeat
+    /// these fields in their raw structs (serde cannot flatten into a struct that denies
+    /// unknown fields) and gather them here.
+    pub fn check(
+        name: String,
+        cluster: Option<String>,
+        timeout: Option<HumanDuration>,
+        at: &Located,
+        problems: &mut Vec<Problem>,
+    ) -> TargetId {
+        if name.trim().is_empty() {
+            problems.push(at.problem("name", "name must not be empty"));
+        }
+        if cluster.as_deref().is_some_and(|cl| cl.trim().is_empty()) {
+            problems.push(at.problem("cluster", "cluster must not be empty when given"));
+        }
+        if timeout.is_some_and(|t| t.0.is_zero()) {
+            problems.push(at.problem("timeout", "timeout must be greater than zero"));
+        }
+        TargetId {
+            name,
+            cluster,
+            timeout: timeout.map(|t| t.0),
+        }
     }
 }
 
