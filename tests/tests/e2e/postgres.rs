@@ -463,19 +463,18 @@ async fn wal_archive_directory_growth_is_visible() -> Result<()> {
         .unwrap_or(0.0);
     let segment = pair.primary.switch_wal().await?;
     pair.primary.wait_archived(&segment, WAIT).await?;
-    let after = until(&cw, "the archived segment to be counted", |m| {
-        Ok(m.value("clusterwatch_dir_files", &[on("wal-archive")])
-            .unwrap_or(0.0)
-            > files0)
+    // The archive command copies a 16 MiB segment into place, so one scrape may see a file
+    // still being written: wait for the end state rather than asserting on a single scrape.
+    let after = until(&cw, "the archived segment to be counted in full", |m| {
+        let files = m
+            .value("clusterwatch_dir_files", &[on("wal-archive")])
+            .unwrap_or(0.0);
+        let bytes = m
+            .value("clusterwatch_dir_bytes", &[on("wal-archive")])
+            .unwrap_or(0.0);
+        Ok(files > files0 && bytes >= bytes0 + 16.0 * 1048576.0)
     })
     .await?;
-    // A WAL segment is 16 MiB.
-    assert!(
-        after
-            .value("clusterwatch_dir_bytes", &[on("wal-archive")])
-            .unwrap_or(0.0)
-            >= bytes0 + 16.0 * 1048576.0
-    );
     assert!(after
         .value(
             "clusterwatch_dir_newest_file_age_seconds",
