@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
 use clusterwatch_tests::harness::{
     temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
 };
@@ -427,14 +428,23 @@ fn dashboards_follow_the_conventions() {
         if let Some(previous) = uids.insert(dashboard["uid"].to_string(), file.clone()) {
             problems.push(format!("{file}: same uid as {previous}"));
         }
-        for query in queries(file, dashboard, &mut problems) {
-            for metric in metric_names(&query.expr) {
-                if !known.contains(&metric) {
-                    problems.push(format!(
-                        "{}: `{metric}` is neither in README.md's metric reference nor a recording rule in rules/",
-                        query.at
-                    ));
-                }
+        queries(file, dashboard, &mut problems);
+        let exprs = panels(dashboard)
+            .into_iter()
+            .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+            .filter_map(|t| t["expr"].as_str())
+            .chain(
+                dashboard["templating"]["list"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(variable_query),
+            );
+        for metric in exprs.flat_map(metric_names) {
+            if !known.contains(&metric) {
+                problems.push(format!(
+                    "{file}: `{metric}` is neither in README.md's metric reference nor a recording rule in rules/"
+                ));
             }
         }
     }
@@ -453,6 +463,10 @@ fn variables_are_expanded_only_inside_regex_matchers() {
     );
     assert!(expand(r#"x{cluster="$cluster"}"#, &vars).is_err());
     assert!(expand(r#"x{cluster=~"$clusters"}"#, &vars).is_err());
+}
+
+#[test]
+fn metric_names_are_found_like_the_regex_would() {
     assert_eq!(
         metric_names("cluster:clusterwatch_pg_primaries:count + clusterwatch_fs_used_ratio"),
         BTreeSet::from([
@@ -611,12 +625,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         empty.is_empty(),
         "queries without data after {WAIT:?} (exporter log tail below):\n{}\n\n{}",
         empty.join("\n"),
-        cw.logs()
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .join("\n")
+        tail(&cw.logs(), LOG_TAIL_LINES)
     );
 
     for (panel, label, value, expected) in EXPECTED_VALUES {
