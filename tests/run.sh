@@ -43,4 +43,13 @@ export CLUSTERWATCH_PYTHON
 export CLUSTERWATCH_REQUIRE_BIN=1
 
 cargo build --workspace --all-targets
-cargo test --workspace "$@"
+# cargo prints one result line per test binary, the last being doc-tests with nothing in
+# them; finish with the totals so the outcome is the last thing on screen.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
