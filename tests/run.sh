@@ -6,14 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# Real servers and tools the tests start on loopback, and the peers the benchmarks compare with.
-packages=(
-  postgresql postgresql-contrib repmgr
-  redis-server redis-tools
-  prometheus prometheus-alertmanager
-  prometheus-postgres-exporter prometheus-redis-exporter
-  python3-prometheus-client
-)
+# Real servers and tools the tests start on loopback, and the peers the benchmarks compare
+# with: one list, shared with .ci/run.
+mapfile -t packages < <(grep -v '^#' tests/debian-packages.txt | grep -v '^$')
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,7 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
   $sudo apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
 fi
 
 # The OpenMetrics parser: any python3 that has prometheus_client will do; Debian's has it
