@@ -2,17 +2,17 @@
 //! and storage in a temporary directory, and helpers for the v2 alerts API. Routing itself
 //! is Alertmanager's business; tests give it the configuration they want to exercise.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tempfile::TempDir;
 
-use super::http::{self, get_json, is_ready};
+use super::http::get_json;
 use super::ports::free_port;
-use super::process::{find_program, ChildGuard};
+use super::process::find_program;
+use super::served::HttpServer;
 
 /// How long Alertmanager gets to answer `/-/ready` after it is started.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,13 +29,12 @@ receivers:
   - name: blackhole
 ";
 
-/// A running Alertmanager; dropping it stops the server and removes its directory.
+/// A running Alertmanager; dropping it stops the server and removes its directory. The
+/// shared accessors (`port`, `addr`, `url`, `dir`, `client`, `logs`, `process`) come from
+/// [`HttpServer`].
+#[derive(Debug)]
 pub struct Alertmanager {
-    // Declared before `dir` so the server stops before its directory is removed.
-    guard: ChildGuard,
-    port: u16,
-    client: reqwest::Client,
-    dir: TempDir,
+    server: HttpServer,
 }
 
 impl Alertmanager {
@@ -62,45 +61,13 @@ impl Alertmanager {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--cluster.listen-address=")
             .arg("--log.level=info");
-        let mut guard = ChildGuard::spawn("alertmanager", command, dir.path())?;
-        let client = http::client()?;
-        let ready_url = format!("http://127.0.0.1:{port}/-/ready");
-        guard
-            .wait_ready(START_TIMEOUT, "Alertmanager /-/ready", async || {
-                is_ready(&client, &ready_url).await
-            })
-            .await?;
-        Ok(Alertmanager {
-            guard,
-            port,
-            client,
-            dir,
-        })
-    }
-
-    /// The port of its web UI and API (on 127.0.0.1).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `127.0.0.1:PORT`, as Prometheus' `alertmanagers` targets want it.
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// `http://127.0.0.1:PORT` followed by `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let server = HttpServer::spawn("Alertmanager", command, port, dir, START_TIMEOUT).await?;
+        Ok(Alertmanager { server })
     }
 
     /// The configuration file it was started with.
     pub fn config_path(&self) -> PathBuf {
         self.dir().join("alertmanager.yml")
-    }
-
-    /// The temporary directory holding configuration, storage and logs.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// `POST /api/v2/alerts` with `alerts`, a JSON array of postable alerts
@@ -110,7 +77,7 @@ impl Alertmanager {
             bail!("post_alerts takes a JSON array of alerts, got {alerts}");
         }
         let response = self
-            .client
+            .client()
             .post(self.url("/api/v2/alerts"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(alerts.to_string())
@@ -127,25 +94,19 @@ impl Alertmanager {
 
     /// `GET /api/v2/alerts`: the alerts it currently holds.
     pub async fn alerts(&self) -> Result<Value> {
-        get_json(&self.client, &self.url("/api/v2/alerts")).await
-    }
-
-    /// Everything Alertmanager logged so far.
-    pub fn logs(&self) -> String {
-        self.guard.logs()
-    }
-
-    /// The process guard, for pause/resume/kill9 or the PID.
-    pub fn process(&mut self) -> &mut ChildGuard {
-        &mut self.guard
+        get_json(self.client(), &self.url("/api/v2/alerts")).await
     }
 }
 
-impl std::fmt::Debug for Alertmanager {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Alertmanager")
-            .field("port", &self.port)
-            .field("dir", &self.dir())
-            .finish()
+impl std::ops::Deref for Alertmanager {
+    type Target = HttpServer;
+    fn deref(&self) -> &HttpServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for Alertmanager {
+    fn deref_mut(&mut self) -> &mut HttpServer {
+        &mut self.server
     }
 }

@@ -10,11 +10,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
-use tempfile::TempDir;
 
-use super::http::{self, is_ready};
 use super::ports::free_port;
-use super::process::{tail, ChildGuard, LOG_TAIL_LINES};
+use super::process::{tail, LOG_TAIL_LINES};
+use super::served::HttpServer;
 
 /// How long the exporter gets to answer `/-/ready` after it is started.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,13 +99,12 @@ fn locate() -> Result<PathBuf> {
 }
 
 /// A running exporter; dropping it stops the process (SIGTERM) and removes its directory.
+/// The shared accessors (`port`, `addr`, `url`, `dir`, `client`, `logs`, `process`) come
+/// from [`HttpServer`].
+#[derive(Debug)]
 pub struct Clusterwatch {
-    // Declared before `dir` so the process stops before its directory is removed.
-    guard: ChildGuard,
-    port: u16,
+    server: HttpServer,
     config_path: Option<PathBuf>,
-    client: reqwest::Client,
-    dir: TempDir,
 }
 
 impl Clusterwatch {
@@ -142,48 +140,18 @@ impl Clusterwatch {
             .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
             .args(extra_args)
             .env("RUST_BACKTRACE", "1");
-        let mut guard = ChildGuard::spawn("clusterwatch", command, dir.path())?;
-        let client = http::client()?;
-        let ready_url = format!("http://127.0.0.1:{port}/-/ready");
-        guard
-            .wait_ready(START_TIMEOUT, "clusterwatch /-/ready", async || {
-                is_ready(&client, &ready_url).await
-            })
+        let server = HttpServer::spawn("clusterwatch", command, port, dir, START_TIMEOUT)
             .await
             .with_context(|| format!("clusterwatch binary: {}", binary.display()))?;
         Ok(Clusterwatch {
-            guard,
-            port,
+            server,
             config_path,
-            client,
-            dir,
         })
-    }
-
-    /// The port it serves metrics on (127.0.0.1).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `127.0.0.1:PORT`, as a Prometheus scrape target.
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// `http://127.0.0.1:PORT` followed by `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     /// The configuration file it was started with, if any; tests may rewrite it.
     pub fn config_path(&self) -> Option<&Path> {
         self.config_path.as_deref()
-    }
-
-    /// The temporary directory holding the configuration and the logs; tests may put other
-    /// files there (password files, hook scripts) to be removed with it.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// `GET path`: status, headers and body.
@@ -198,7 +166,7 @@ impl Clusterwatch {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, HeaderMap, String)> {
-        let mut request = self.client.get(self.url(path));
+        let mut request = self.client().get(self.url(path));
         for (name, value) in headers {
             request = request.header(
                 HeaderName::from_bytes(name.as_bytes())
@@ -219,28 +187,17 @@ impl Clusterwatch {
             .with_context(|| format!("reading the body of GET {path} from clusterwatch"))?;
         Ok((status, headers, body))
     }
+}
 
-    /// The HTTP client it uses (no proxy, bounded timeouts), for other requests.
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
-    }
-
-    /// Everything the exporter wrote to stdout and stderr so far.
-    pub fn logs(&self) -> String {
-        self.guard.logs()
-    }
-
-    /// The process guard, for pause/resume/kill9/stop or the PID.
-    pub fn process(&mut self) -> &mut ChildGuard {
-        &mut self.guard
+impl std::ops::Deref for Clusterwatch {
+    type Target = HttpServer;
+    fn deref(&self) -> &HttpServer {
+        &self.server
     }
 }
 
-impl std::fmt::Debug for Clusterwatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Clusterwatch")
-            .field("port", &self.port)
-            .field("pid", &self.guard.pid())
-            .finish()
+impl std::ops::DerefMut for Clusterwatch {
+    fn deref_mut(&mut self) -> &mut HttpServer {
+        &mut self.server
     }
 }

@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
+pub mod served;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
@@ -30,6 +31,7 @@ pub use postgres::{PgCluster, PgNode};
 pub use process::{wait_until, ChildGuard};
 pub use prometheus::{Prometheus, PrometheusConfig, ScrapeJob};
 pub use redis::{RedisNode, RedisPair};
+pub use served::HttpServer;
 
 /// Creates a fresh temporary directory named `<prefix>XXXXXX` under `$TMPDIR` (default `/tmp`).
 ///

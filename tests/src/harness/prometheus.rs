@@ -2,17 +2,17 @@
 //! Alertmanagers), TSDB in a temporary directory, HTTP API helpers for queries, targets and
 //! alerts. It does not check rules itself; `promtool test rules` does that in `rules/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tempfile::TempDir;
 
-use super::http::{self, get_json, is_ready};
+use super::http::{self, get_json};
 use super::ports::free_port;
-use super::process::{find_program, wait_until, ChildGuard};
+use super::process::{find_program, wait_until};
+use super::served::HttpServer;
 
 /// How long Prometheus gets to answer `/-/ready` after it is started.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,13 +108,12 @@ fn duration(value: Duration) -> String {
     format!("{}ms", value.as_millis())
 }
 
-/// A running Prometheus; dropping it stops the server and removes its directory.
+/// A running Prometheus; dropping it stops the server and removes its directory. The shared
+/// accessors (`port`, `addr`, `url`, `dir`, `client`, `logs`, `process`) come from
+/// [`HttpServer`].
+#[derive(Debug)]
 pub struct Prometheus {
-    // Declared before `dir` so the server stops before its directory is removed.
-    guard: ChildGuard,
-    port: u16,
-    client: reqwest::Client,
-    dir: TempDir,
+    server: HttpServer,
 }
 
 impl Prometheus {
@@ -137,41 +136,14 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .args(["--web.enable-lifecycle", "--log.level=info"]);
-        let mut guard = ChildGuard::spawn("prometheus", command, dir.path())?;
-        let client = http::client()?;
-        let ready_url = format!("http://127.0.0.1:{port}/-/ready");
-        guard
-            .wait_ready(START_TIMEOUT, "Prometheus /-/ready", async || {
-                is_ready(&client, &ready_url).await
-            })
-            .await?;
-        Ok(Prometheus {
-            guard,
-            port,
-            client,
-            dir,
-        })
-    }
-
-    /// The port of its web UI and API (on 127.0.0.1).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `http://127.0.0.1:PORT` followed by `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let server = HttpServer::spawn("Prometheus", command, port, dir, START_TIMEOUT).await?;
+        Ok(Prometheus { server })
     }
 
     /// The generated configuration file; rewrite it and call [`reload`](Self::reload) to
     /// change scrape jobs during a test.
     pub fn config_path(&self) -> PathBuf {
         self.dir().join("prometheus.yml")
-    }
-
-    /// The temporary directory holding the configuration, TSDB and logs.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Writes a new configuration and reloads it.
@@ -184,7 +156,7 @@ impl Prometheus {
     /// `POST /-/reload`: re-reads the configuration and rule files.
     pub async fn reload(&self) -> Result<()> {
         let response = self
-            .client
+            .client()
             .post(self.url("/-/reload"))
             .send()
             .await
@@ -201,7 +173,7 @@ impl Prometheus {
     /// (`{"resultType": …, "result": …}`).
     pub async fn query(&self, promql: &str) -> Result<Value> {
         let response = self
-            .client
+            .client()
             .get(self.url("/api/v1/query"))
             .query(&[("query", promql)])
             .send()
@@ -235,13 +207,13 @@ impl Prometheus {
 
     /// `/api/v1/targets`' `data` member (`activeTargets`, `droppedTargets`).
     pub async fn targets(&self) -> Result<Value> {
-        let body = get_json(&self.client, &self.url("/api/v1/targets")).await?;
+        let body = get_json(self.client(), &self.url("/api/v1/targets")).await?;
         api_data(body, "targets")
     }
 
     /// `/api/v1/alerts`' `data.alerts`: every pending and firing alert.
     pub async fn alerts(&self) -> Result<Value> {
-        let body = get_json(&self.client, &self.url("/api/v1/alerts")).await?;
+        let body = get_json(self.client(), &self.url("/api/v1/alerts")).await?;
         Ok(api_data(body, "alerts")?["alerts"].take())
     }
 
@@ -279,25 +251,6 @@ impl Prometheus {
         )
         .await
     }
-
-    /// Everything Prometheus logged so far.
-    pub fn logs(&self) -> String {
-        self.guard.logs()
-    }
-
-    /// The process guard, for pause/resume/kill9 or the PID.
-    pub fn process(&mut self) -> &mut ChildGuard {
-        &mut self.guard
-    }
-}
-
-impl std::fmt::Debug for Prometheus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prometheus")
-            .field("port", &self.port)
-            .field("dir", &self.dir())
-            .finish()
-    }
 }
 
 /// The `data` member of a Prometheus API answer, or an error with its `error` member.
@@ -310,6 +263,19 @@ fn api_data(mut body: Value, what: &str) -> Result<Value> {
         );
     }
     Ok(body["data"].take())
+}
+
+impl std::ops::Deref for Prometheus {
+    type Target = HttpServer;
+    fn deref(&self) -> &HttpServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for Prometheus {
+    fn deref_mut(&mut self) -> &mut HttpServer {
+        &mut self.server
+    }
 }
 
 #[cfg(test)]
