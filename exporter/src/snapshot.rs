@@ -130,14 +130,18 @@ impl SampleBuffer {
     }
 
     fn family(&mut self, name: &str, help: &'static str, kind: Kind) -> &mut Family {
-        self.families
-            .entry(name.to_owned())
-            .or_insert_with(|| Family {
+        // Look up before inserting: `entry` would allocate the name on every sample, and
+        // almost every push goes to a family that already exists.
+        if !self.families.contains_key(name) {
+            let family = Family {
                 name: name.to_owned(),
                 help: Cow::Borrowed(help),
                 kind,
                 samples: Vec::new(),
-            })
+            };
+            self.families.insert(name.to_owned(), family);
+        }
+        self.families.get_mut(name).expect("inserted above")
     }
 
     fn push(

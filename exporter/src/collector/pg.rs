@@ -528,7 +528,7 @@ impl Collector for PgCollector {
                 );
             }
         }
-        self.write_groups(&status, &results, out);
+        self.write_groups(&results, out);
         self.report_group_failures(&mut state, &results, out);
 
         state.session = Some(session);
@@ -712,7 +712,6 @@ impl PgCollector {
 
     fn write_groups(
         &self,
-        _s: &Status,
         results: &HashMap<&'static str, Result<Vec<Row>, CollectError>>,
         out: &mut SampleBuffer,
     ) {
