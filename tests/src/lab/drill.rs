@@ -1,0 +1,264 @@
+//! The failover drill: kill a pair's primary by PID and watch the whole chain react — the
+//! failover alert firing in Prometheus, the hook starting in clusterwatch's journal, the
+//! former standby reported as the new primary — timing each step from the kill.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+
+use super::{LabInfo, Member, PG_CLUSTER, PG_HOOK, REDIS_CLUSTER, REDIS_HOOK};
+use crate::exposition::Exposition;
+use crate::harness::http::{client, get_json};
+use crate::harness::process::{pid_alive, signal_tree};
+
+/// How often the drill looks at Prometheus, the journal and the exporter.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Which pair to fail over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    /// The PostgreSQL primary/standby pair.
+    Pg,
+    /// The Redis master/replica pair.
+    Redis,
+}
+
+impl System {
+    /// `pg` or `redis`, as on the command line.
+    pub fn parse(name: &str) -> Result<System> {
+        match name {
+            "pg" | "postgres" | "postgresql" => Ok(System::Pg),
+            "redis" => Ok(System::Redis),
+            other => bail!("unknown drill `{other}`: use `pg` or `redis`"),
+        }
+    }
+
+    /// The alert that must fire when the primary is gone.
+    pub fn alert(self) -> &'static str {
+        match self {
+            System::Pg => "PostgresNoPrimary",
+            System::Redis => "RedisNoMaster",
+        }
+    }
+
+    /// The `cluster` label of the pair.
+    pub fn cluster(self) -> &'static str {
+        match self {
+            System::Pg => PG_CLUSTER,
+            System::Redis => REDIS_CLUSTER,
+        }
+    }
+
+    /// The hook that promotes the standby.
+    pub fn hook(self) -> &'static str {
+        match self {
+            System::Pg => PG_HOOK,
+            System::Redis => REDIS_HOOK,
+        }
+    }
+
+    /// The primary to kill and the standby that must take over.
+    fn members(self, info: &LabInfo) -> (&Member, &Member) {
+        match self {
+            System::Pg => (&info.pg_primary, &info.pg_standby),
+            System::Redis => (&info.redis_master, &info.redis_replica),
+        }
+    }
+
+    /// Whether the exporter reports `target` as this system's primary.
+    fn is_primary(self, metrics: &Exposition, target: &str) -> bool {
+        let (name, role) = match self {
+            System::Pg => ("clusterwatch_pg_role", "primary"),
+            System::Redis => ("clusterwatch_redis_role", "master"),
+        };
+        metrics.value(name, &[("target", target), ("role", role)]) == Some(1.0)
+    }
+}
+
+/// What the drill saw, each step timed from the kill.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    /// The pair that was failed over.
+    pub system: System,
+    /// The killed primary's target name.
+    pub killed: String,
+    /// The standby expected to take over.
+    pub candidate: String,
+    /// The failover alert was firing in Prometheus.
+    pub alert_firing: Option<Duration>,
+    /// clusterwatch recorded the hook as started.
+    pub hook_started: Option<Duration>,
+    /// The hook finished (any exit code).
+    pub hook_finished: Option<Duration>,
+    /// The exporter reported the candidate as primary.
+    pub new_primary: Option<Duration>,
+    /// How many times the hook was started in all (one incident must be one run).
+    pub hook_runs: u64,
+    /// The timing goal: scrape interval + the alert's `for` + group_wait + 2 s.
+    pub budget: Duration,
+}
+
+impl Timeline {
+    /// Whether every step happened.
+    pub fn complete(&self) -> bool {
+        self.alert_firing.is_some() && self.hook_started.is_some() && self.new_primary.is_some()
+    }
+}
+
+impl fmt::Display for Timeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = |step: Option<Duration>| match step {
+            Some(elapsed) => format!("{:>7.1}s", elapsed.as_secs_f64()),
+            None => "  never".to_owned(),
+        };
+        writeln!(f, "drill {:?}: killed {}", self.system, self.killed)?;
+        writeln!(f, "  {}  {} firing", at(self.alert_firing), self.system.alert())?;
+        writeln!(f, "  {}  hook {} started", at(self.hook_started), self.system.hook())?;
+        writeln!(f, "  {}  hook finished", at(self.hook_finished))?;
+        writeln!(f, "  {}  {} seen as primary", at(self.new_primary), self.candidate)?;
+        write!(
+            f,
+            "  hook runs: {}; goal kill -> hook started <= {:.1}s (scrape interval + for + group_wait + 2s)",
+            self.hook_runs,
+            self.budget.as_secs_f64()
+        )
+    }
+}
+
+/// Kills the pair's primary (SIGKILL, the whole process tree) and watches until the
+/// candidate is primary and the hook has finished, or `timeout` passes; returns what it saw
+/// either way, so a failed drill still tells how far it got.
+pub async fn drill(info: &LabInfo, system: System, timeout: Duration) -> Result<Timeline> {
+    let client = client()?;
+    let (primary, candidate) = system.members(info);
+    let metrics = scrape(&client, info).await?;
+    if !system.is_primary(&metrics, &primary.target) || system.is_primary(&metrics, &candidate.target)
+    {
+        bail!(
+            "{} is not the only primary of {} any more (the lab already failed over?); \
+             start a fresh lab to drill again",
+            primary.target,
+            system.cluster()
+        );
+    }
+    let alert_for = alert_for(info, &client, system).await?;
+    let runs_before = hook_runs(&metrics, system);
+
+    let pid = primary_pid(primary)?;
+    let killed_at = Instant::now();
+    signal_tree(pid, Signal::SIGKILL)
+        .with_context(|| format!("could not kill {} (pid {pid})", primary.target))?;
+
+    let mut timeline = Timeline {
+        system,
+        killed: primary.target.clone(),
+        candidate: candidate.target.clone(),
+        alert_firing: None,
+        hook_started: None,
+        hook_finished: None,
+        new_primary: None,
+        hook_runs: 0,
+        budget: info.scrape_interval + alert_for + info.group_wait + Duration::from_secs(2),
+    };
+    let deadline = killed_at + timeout;
+    while Instant::now() < deadline {
+        let elapsed = killed_at.elapsed();
+        if timeline.alert_firing.is_none() && alert_firing(info, &client, system).await? {
+            timeline.alert_firing = Some(elapsed);
+        }
+        if let Ok(metrics) = scrape(&client, info).await {
+            timeline.hook_runs = hook_runs(&metrics, system).saturating_sub(runs_before);
+            if timeline.hook_started.is_none() && timeline.hook_runs > 0 {
+                timeline.hook_started = Some(elapsed);
+            }
+            if timeline.hook_finished.is_none() && hook_finished(&metrics, system) > 0 {
+                timeline.hook_finished = Some(elapsed);
+            }
+            if timeline.new_primary.is_none() && system.is_primary(&metrics, &candidate.target) {
+                timeline.new_primary = Some(elapsed);
+            }
+        }
+        if timeline.complete() && timeline.hook_finished.is_some() {
+            break;
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+    Ok(timeline)
+}
+
+/// The primary's PID: PostgreSQL's from `postmaster.pid`, Redis' as recorded at start.
+fn primary_pid(member: &Member) -> Result<i32> {
+    let pid = match (&member.pid_file, member.pid) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("{} is not running ({})", member.target, path.display()))?
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .with_context(|| format!("no PID in {}", path.display()))?,
+        (None, Some(pid)) => pid,
+        (None, None) => bail!("no PID known for {}", member.target),
+    };
+    if !pid_alive(pid) {
+        bail!("{} (pid {pid}) is not running", member.target);
+    }
+    Ok(pid)
+}
+
+async fn scrape(client: &reqwest::Client, info: &LabInfo) -> Result<Exposition> {
+    let body = client
+        .get(format!("{}/metrics", info.clusterwatch))
+        .send()
+        .await
+        .context("scraping clusterwatch")?
+        .error_for_status()?
+        .text()
+        .await?;
+    Exposition::parse(&body)
+}
+
+/// Hook runs started so far, from clusterwatch's own metrics.
+fn hook_runs(metrics: &Exposition, system: System) -> u64 {
+    metrics
+        .find("clusterwatch_hook_runs_started_total", &[("hook", system.hook())])
+        .iter()
+        .map(|sample| sample.value as u64)
+        .sum()
+}
+
+/// Hook runs finished so far, whatever their result.
+fn hook_finished(metrics: &Exposition, system: System) -> u64 {
+    metrics
+        .find("clusterwatch_hook_runs_total", &[("hook", system.hook())])
+        .iter()
+        .map(|sample| sample.value as u64)
+        .sum()
+}
+
+async fn alert_firing(info: &LabInfo, client: &reqwest::Client, system: System) -> Result<bool> {
+    let alerts = get_json(client, &format!("{}/api/v1/alerts", info.prometheus)).await?;
+    Ok(alerts["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|alert| {
+            alert["labels"]["alertname"] == system.alert()
+                && alert["labels"]["cluster"] == system.cluster()
+                && alert["state"] == "firing"
+        }))
+}
+
+/// The failover alert's `for`, as Prometheus loaded it.
+async fn alert_for(info: &LabInfo, client: &reqwest::Client, system: System) -> Result<Duration> {
+    let rules = get_json(client, &format!("{}/api/v1/rules?type=alert", info.prometheus)).await?;
+    let seconds = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+        .find(|rule| rule["name"] == system.alert())
+        .and_then(|rule| rule["duration"].as_f64())
+        .with_context(|| format!("Prometheus has not loaded the rule {}", system.alert()))?;
+    Ok(Duration::from_secs_f64(seconds))
+}
