@@ -34,6 +34,11 @@ if [ -z "${CLUSTERWATCH_PYTHON:-}" ]; then
   CLUSTERWATCH_PYTHON=$(command -v python3)
 fi
 export CLUSTERWATCH_PYTHON
+# The packaging test builds the Debian package with cargo-deb (a pinned version, from crates.io).
+if ! cargo deb --version >/dev/null 2>&1; then
+  cargo install cargo-deb --locked --version 3.8.0
+fi
+
 # A test that cannot build or find the exporter fails instead of skipping.
 export CLUSTERWATCH_REQUIRE_BIN=1
 

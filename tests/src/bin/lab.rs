@@ -135,9 +135,15 @@ async fn up(dir: &Path, scrape_interval: u64) -> Result<()> {
         .stderr(log)
         // Its own session: closing the terminal that ran `up` leaves the lab running.
         .process_group(0);
-    let mut child = command.spawn().context("could not start the lab in the background")?;
+    let mut child = command
+        .spawn()
+        .context("could not start the lab in the background")?;
     std::fs::write(pid_path(dir), child.id().to_string())?;
-    println!("starting the lab in {} (log: {}) ...", dir.display(), log_path.display());
+    println!(
+        "starting the lab in {} (log: {}) ...",
+        dir.display(),
+        log_path.display()
+    );
 
     let started = Instant::now();
     while started.elapsed() < UP_TIMEOUT {
@@ -228,7 +234,10 @@ async fn run_drill(dir: &Path, system: &str, timeout: u64) -> Result<()> {
     let timeline = drill(&info, system, Duration::from_secs(timeout)).await?;
     println!("{timeline}");
     if !timeline.complete() {
-        bail!("the failover did not complete; see {}/lab.log", dir.display());
+        bail!(
+            "the failover did not complete; see {}/lab.log",
+            dir.display()
+        );
     }
     Ok(())
 }

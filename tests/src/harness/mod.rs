@@ -20,6 +20,8 @@ pub mod prometheus;
 pub mod redis;
 pub mod served;
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result};
 use tempfile::TempDir;
 
@@ -46,4 +48,12 @@ pub fn temp_dir(prefix: &str) -> Result<TempDir> {
                 std::env::temp_dir().display()
             )
         })
+}
+
+/// The repository root: rules, dashboards, examples and packaging are read from there.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the repository")
+        .to_owned()
 }

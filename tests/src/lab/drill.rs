@@ -114,10 +114,25 @@ impl fmt::Display for Timeline {
             None => "  never".to_owned(),
         };
         writeln!(f, "drill {:?}: killed {}", self.system, self.killed)?;
-        writeln!(f, "  {}  {} firing", at(self.alert_firing), self.system.alert())?;
-        writeln!(f, "  {}  hook {} started", at(self.hook_started), self.system.hook())?;
+        writeln!(
+            f,
+            "  {}  {} firing",
+            at(self.alert_firing),
+            self.system.alert()
+        )?;
+        writeln!(
+            f,
+            "  {}  hook {} started",
+            at(self.hook_started),
+            self.system.hook()
+        )?;
         writeln!(f, "  {}  hook finished", at(self.hook_finished))?;
-        writeln!(f, "  {}  {} seen as primary", at(self.new_primary), self.candidate)?;
+        writeln!(
+            f,
+            "  {}  {} seen as primary",
+            at(self.new_primary),
+            self.candidate
+        )?;
         write!(
             f,
             "  hook runs: {}; goal kill -> hook started <= {:.1}s (scrape interval + for + group_wait + 2s)",
@@ -134,7 +149,8 @@ pub async fn drill(info: &LabInfo, system: System, timeout: Duration) -> Result<
     let client = client()?;
     let (primary, candidate) = system.members(info);
     let metrics = scrape(&client, info).await?;
-    if !system.is_primary(&metrics, &primary.target) || system.is_primary(&metrics, &candidate.target)
+    if !system.is_primary(&metrics, &primary.target)
+        || system.is_primary(&metrics, &candidate.target)
     {
         bail!(
             "{} is not the only primary of {} any more (the lab already failed over?); \
@@ -221,7 +237,10 @@ async fn scrape(client: &reqwest::Client, info: &LabInfo) -> Result<Exposition> 
 /// Hook runs started so far, from clusterwatch's own metrics.
 fn hook_runs(metrics: &Exposition, system: System) -> u64 {
     metrics
-        .find("clusterwatch_hook_runs_started_total", &[("hook", system.hook())])
+        .find(
+            "clusterwatch_hook_runs_started_total",
+            &[("hook", system.hook())],
+        )
         .iter()
         .map(|sample| sample.value as u64)
         .sum()
@@ -251,7 +270,11 @@ async fn alert_firing(info: &LabInfo, client: &reqwest::Client, system: System) 
 
 /// The failover alert's `for`, as Prometheus loaded it.
 async fn alert_for(info: &LabInfo, client: &reqwest::Client, system: System) -> Result<Duration> {
-    let rules = get_json(client, &format!("{}/api/v1/rules?type=alert", info.prometheus)).await?;
+    let rules = get_json(
+        client,
+        &format!("{}/api/v1/rules?type=alert", info.prometheus),
+    )
+    .await?;
     let seconds = rules["data"]["groups"]
         .as_array()
         .into_iter()

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::harness::{
-    free_port, temp_dir, Alertmanager, Clusterwatch, PgCluster, Prometheus, PrometheusConfig,
-    RedisPair, ScrapeJob,
+    free_port, repo_root, temp_dir, Alertmanager, Clusterwatch, PgCluster, Prometheus,
+    PrometheusConfig, RedisPair, ScrapeJob,
 };
 
 /// The `cluster` label of the PostgreSQL pair.
@@ -95,10 +95,13 @@ impl Lab {
             .await
             .context("starting clusterwatch with the lab configuration")?;
 
-        let alertmanager =
-            Alertmanager::start(Some(&alertmanager_config(&settings, hooks_port, &token_file)))
-                .await
-                .context("starting Alertmanager")?;
+        let alertmanager = Alertmanager::start(Some(&alertmanager_config(
+            &settings,
+            hooks_port,
+            &token_file,
+        )))
+        .await
+        .context("starting Alertmanager")?;
 
         let prometheus = Prometheus::start(&PrometheusConfig {
             jobs: vec![ScrapeJob {
@@ -193,7 +196,9 @@ impl Member {
                 .and_then(|port| u16::try_from(port).ok())
                 .context("a member without a port")?,
             pid_file: value["pid_file"].as_str().map(PathBuf::from),
-            pid: value["pid"].as_i64().and_then(|pid| i32::try_from(pid).ok()),
+            pid: value["pid"]
+                .as_i64()
+                .and_then(|pid| i32::try_from(pid).ok()),
         })
     }
 }
@@ -250,7 +255,9 @@ impl LabInfo {
     pub fn from_json(value: &Value) -> Result<LabInfo> {
         let millis = |key: &str| -> Result<Duration> {
             Ok(Duration::from_millis(
-                value[key].as_u64().with_context(|| format!("lab.json has no {key}"))?,
+                value[key]
+                    .as_u64()
+                    .with_context(|| format!("lab.json has no {key}"))?,
             ))
         };
         Ok(LabInfo {
@@ -302,14 +309,6 @@ fn str_field<'a>(value: &'a Value, key: &str) -> Result<&'a str> {
     value[key]
         .as_str()
         .with_context(|| format!("lab.json has no {key}"))
-}
-
-/// The repository root (the lab loads `rules/` and the example hooks from it).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives inside the repository")
-        .to_owned()
 }
 
 /// Every rule file of the pack, as Prometheus would be given them.
