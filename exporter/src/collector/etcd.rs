@@ -123,7 +123,9 @@ fn build_client(
     at: &Located,
     problems: &mut Vec<Problem>,
 ) -> Option<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    // Cluster members are reached directly; an `http_proxy` meant for the internet must not
+    // reroute them.
+    let mut builder = reqwest::Client::builder().use_rustls_tls().no_proxy();
     let read = |field: &str, path: &PathBuf, problems: &mut Vec<Problem>| {
         std::fs::read(path)
             .map_err(|e| {
