@@ -3,8 +3,11 @@
 //! concurrency, deadlines, up/duration/error metrics and merging are owned here.
 
 pub mod dir;
+pub mod etcd;
 pub mod exporter;
 pub mod fs;
+pub mod haproxy;
+pub mod pacemaker;
 pub mod pg;
 pub mod system;
 
@@ -20,7 +23,16 @@ use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::{Kind, Label, SampleBuffer};
 
 /// Every collector kind, in exposition order. Adding a collector = one file + one line here.
-pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND, dir::KIND, pg::KIND];
+pub const KINDS: &[CollectorKind] = &[
+    exporter::KIND,
+    system::KIND,
+    fs::KIND,
+    dir::KIND,
+    pg::KIND,
+    etcd::KIND,
+    haproxy::KIND,
+    pacemaker::KIND,
+];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
 /// section it reads, and how it builds targets from that section.

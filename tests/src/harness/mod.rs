@@ -12,6 +12,8 @@
 pub mod alertmanager;
 pub mod blackhole;
 pub mod clusterwatch;
+pub mod etcd;
+pub mod haproxy;
 pub mod http;
 pub mod ports;
 pub mod postgres;
@@ -28,6 +30,8 @@ use tempfile::TempDir;
 pub use alertmanager::Alertmanager;
 pub use blackhole::Blackhole;
 pub use clusterwatch::Clusterwatch;
+pub use etcd::EtcdCluster;
+pub use haproxy::Haproxy;
 pub use ports::free_port;
 pub use postgres::{PgCluster, PgNode};
 pub use process::{wait_until, ChildGuard};
