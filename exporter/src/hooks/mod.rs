@@ -1,0 +1,527 @@
+//! The webhook receiver and hook runner: one [`Hooks`] value holds the configuration, the
+//! journal, the decision state and the counters; `receiver` serves HTTP, `policy` decides,
+//! `runner` runs processes, `journal` stores records. Nothing here runs inside a request.
+
+pub mod config;
+pub mod journal;
+pub mod payload;
+pub mod policy;
+pub mod receiver;
+pub mod runner;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+use crate::snapshot::SampleBuffer;
+use config::{HookRule, HooksConfig};
+use journal::{Event, Journal, JournalError, Record};
+use payload::{Notification, PayloadError};
+use policy::{Context, State};
+use runner::{Exit, Spec};
+
+/// Notification outcomes, the `status` label of `clusterwatch_hook_notifications_total`.
+pub const NOTIFICATION_STATUSES: &[&str] =
+    &["accepted", "unauthorized", "bad_request", "too_large", "error"];
+
+/// Run results, the `result` label of `clusterwatch_hook_runs_total`.
+pub const RUN_RESULTS: &[&str] = &["ok", "failed", "timeout", "error"];
+
+/// Skip reasons, the `reason` label of `clusterwatch_hook_skips_total`.
+pub const SKIP_REASONS: &[&str] = &[
+    "deduped",
+    "cooldown",
+    "budget",
+    "kill_switch",
+    "dry_run",
+    "validate_failed",
+    "abandoned",
+];
+
+/// Longest wait between retries of a hook that exits 1.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Why a notification was not accepted. Each maps to one HTTP status in `receiver`.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// Missing or wrong credentials.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// Body over `max_body_bytes`.
+    #[error("request body too large")]
+    TooLarge,
+    /// Not a webhook v4 notification.
+    #[error(transparent)]
+    BadRequest(#[from] PayloadError),
+    /// The journal could not record it; Alertmanager should retry.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+impl HookError {
+    /// The `status` label value.
+    pub fn status(&self) -> &'static str {
+        match self {
+            HookError::Unauthorized => "unauthorized",
+            HookError::TooLarge => "too_large",
+            HookError::BadRequest(_) => "bad_request",
+            HookError::Journal(_) => "error",
+        }
+    }
+}
+
+/// Asked before a disruptive run starts: the seam for a cluster-wide lock (an etcd lease),
+/// so that with several receivers one of them acts. The default allows every run.
+#[async_trait]
+pub trait RunGate: Send + Sync + 'static {
+    /// `Ok(guard)` to go ahead (the guard is held until the run ends), `Err(reason)` to
+    /// abandon the run.
+    async fn acquire(&self, hook: &str, run: u64) -> Result<Box<dyn Send>, String>;
+}
+
+/// The gate of a single receiver: always open.
+pub struct LocalGate;
+
+#[async_trait]
+impl RunGate for LocalGate {
+    async fn acquire(&self, _hook: &str, _run: u64) -> Result<Box<dyn Send>, String> {
+        Ok(Box::new(()))
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    notifications: HashMap<&'static str, u64>,
+    runs: HashMap<(String, &'static str), u64>,
+    skips: HashMap<(String, &'static str), u64>,
+    in_flight: HashMap<String, i64>,
+    last_duration: HashMap<String, f64>,
+}
+
+/// What the handler answers for an accepted notification.
+#[derive(Debug, serde::Serialize)]
+pub struct Receipt {
+    /// Alerts in the notification.
+    pub alerts: usize,
+    /// Hook runs started for it.
+    pub runs: usize,
+}
+
+/// The receiver and runner: configuration, journal, decision state and counters.
+pub struct Hooks {
+    cfg: HooksConfig,
+    journal: Journal,
+    state: Mutex<State>,
+    counters: Mutex<Counters>,
+    slots: Semaphore,
+    gate: Box<dyn RunGate>,
+}
+
+/// Unix time now, in seconds.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Hooks {
+    /// Opens the journal, replays it, records runs a previous process left open (`unknown`
+    /// or `abandoned`), and re-queues interrupted non-disruptive runs that opted in.
+    pub async fn start(cfg: HooksConfig, gate: Box<dyn RunGate>) -> anyhow::Result<Arc<Hooks>> {
+        let (journal, records) = Journal::open(&cfg.state_dir)?;
+        let mut state = State::replay(&records);
+        let interrupted = state.interrupted(now());
+        let found: Vec<Record> = interrupted.iter().map(|(r, _)| r.clone()).collect();
+        for r in &found {
+            state.apply(r);
+            if let Event::Unknown { run, hook } = &r.event {
+                tracing::warn!(run, hook = %hook, "a hook run was interrupted by a stop or crash; its effect is unknown and it will not be re-run");
+            }
+        }
+        journal.append(&found).await?;
+        let hooks = Arc::new(Hooks {
+            slots: Semaphore::new(cfg.max_concurrent_runs),
+            cfg,
+            journal,
+            state: Mutex::new(state),
+            counters: Mutex::new(Counters::default()),
+            gate,
+        });
+        for (r, open) in interrupted {
+            let Event::Unknown { .. } = r.event else { continue };
+            let Some(ri) = hooks.cfg.rules.iter().position(|x| x.name == open.hook) else {
+                continue;
+            };
+            if open.disruptive || !hooks.cfg.rules[ri].rerun_after_crash {
+                continue;
+            }
+            hooks.rerun(ri, open).await;
+        }
+        Ok(hooks)
+    }
+
+    /// The checked configuration.
+    pub fn config(&self) -> &HooksConfig {
+        &self.cfg
+    }
+
+    fn context(&self) -> Context {
+        context(&self.cfg)
+    }
+
+    fn payload_path(&self, notification: u64) -> PathBuf {
+        self.cfg.state_dir.join("payloads").join(format!("{notification}.json"))
+    }
+
+    /// Counts a refused notification.
+    pub fn count_rejected(&self, e: &HookError) {
+        *self.counters.lock().unwrap().notifications.entry(e.status()).or_default() += 1;
+    }
+
+    /// Decides a notification, journals every decision durably, then starts the accepted
+    /// runs in the background. Returns once the journal is on disk.
+    pub async fn receive(self: &Arc<Self>, body: bytes::Bytes) -> Result<Receipt, HookError> {
+        let n = payload::decode(&body)?;
+        let ctx = self.context();
+        let (records, planned) = {
+            let mut state = self.state.lock().unwrap();
+            policy::plan(&mut state, &self.cfg.rules, &n, &ctx)
+        };
+        let Some(Record { event: Event::Received { notification, .. }, .. }) = records.first() else {
+            unreachable!("plan always starts with `received`");
+        };
+        let notification = *notification;
+        if !planned.is_empty() {
+            // The payload is kept for the hook's CW_PAYLOAD_FILE and for a re-run after a crash.
+            let path = self.payload_path(notification);
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || write_durably(&path, &body))
+                .await
+                .map_err(|e| JournalError::Io { path: String::new(), source: std::io::Error::other(e) })?
+                .map_err(|source| JournalError::Io { path: "payloads".into(), source })?;
+        }
+        self.journal.append(&records).await?;
+        {
+            let mut c = self.counters.lock().unwrap();
+            *c.notifications.entry("accepted").or_default() += 1;
+            for r in &records {
+                if let Some((hook, reason)) = skip_of(&r.event) {
+                    *c.skips.entry((hook.to_owned(), reason)).or_default() += 1;
+                }
+            }
+        }
+        let receipt = Receipt { alerts: n.alerts.len(), runs: planned.len() };
+        let body = Arc::new(body.to_vec());
+        for p in planned {
+            let hooks = self.clone();
+            let alert = n.alerts[p.alert].clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                hooks.execute(p.rule, p.run, notification, &alert, body).await;
+            });
+        }
+        Ok(receipt)
+    }
+
+    async fn rerun(self: &Arc<Self>, rule: usize, open: policy::OpenRun) {
+        let Ok(body) = std::fs::read(self.payload_path(open.notification)) else {
+            tracing::warn!(hook = %open.hook, "cannot re-run: its payload file is gone");
+            return;
+        };
+        let Ok(n) = serde_json::from_slice::<Notification>(&body) else { return };
+        let Some(alert) = n.alerts.iter().find(|a| policy::alert_ref(a) == open.alert).cloned() else {
+            return;
+        };
+        let run = self.state.lock().unwrap().next_run();
+        let matched = Record {
+            ts: now(),
+            event: Event::Matched {
+                run,
+                hook: open.hook.clone(),
+                alert: open.alert,
+                disruptive: false,
+                notification: open.notification,
+            },
+        };
+        if self.commit(vec![matched]).await.is_err() {
+            return;
+        }
+        tracing::info!(hook = %open.hook, run, "re-running an interrupted non-disruptive hook");
+        let hooks = self.clone();
+        let notification = open.notification;
+        tokio::spawn(async move {
+            hooks.execute(rule, run, notification, &alert, Arc::new(body)).await;
+        });
+    }
+
+    /// Applies records to the state and journals them.
+    async fn commit(&self, records: Vec<Record>) -> Result<(), JournalError> {
+        {
+            let mut state = self.state.lock().unwrap();
+            for r in &records {
+                state.apply(r);
+            }
+        }
+        let result = self.journal.append(&records).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "cannot journal a hook decision");
+        }
+        result
+    }
+
+    fn env(&self, rule: &HookRule, run: u64, attempt: u32, notification: u64, alert: &payload::Alert) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PATH".to_owned(), runner::HOOK_PATH.to_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("CW_HOOK".to_owned(), rule.name.clone()),
+            ("CW_RUN".to_owned(), run.to_string()),
+            ("CW_ATTEMPT".to_owned(), attempt.to_string()),
+            ("CW_ALERT_STATUS".to_owned(), alert.status.as_str().to_owned()),
+            ("CW_ALERT_FINGERPRINT".to_owned(), alert.fingerprint.clone()),
+            ("CW_ALERT_STARTS_AT".to_owned(), alert.starts_at.clone()),
+            ("CW_PAYLOAD_FILE".to_owned(), self.payload_path(notification).display().to_string()),
+        ];
+        env.extend(rule.env.iter().cloned());
+        env.extend(runner::label_env(&alert.labels));
+        env
+    }
+
+    /// One accepted run: validation, the gate for disruptive runs, attempts with backoff.
+    async fn execute(self: Arc<Self>, ri: usize, run: u64, notification: u64, alert: &payload::Alert, body: Arc<Vec<u8>>) {
+        let rule = &self.cfg.rules[ri];
+        let hook = rule.name.clone();
+        let Ok(_slot) = self.slots.acquire().await else { return };
+
+        if let Some(validate) = &rule.validate {
+            let o = runner::run(Spec {
+                argv: validate,
+                env: self.env(rule, run, 0, notification, alert),
+                stdin: body.clone(),
+                timeout: rule.timeout,
+                grace: self.cfg.kill_grace,
+            })
+            .await;
+            if o.exit != Exit::Code(0) {
+                tracing::warn!(hook = %hook, run, outcome = %o.exit, "hook validation failed; not running it");
+                self.skip(&hook, "validate_failed");
+                let _ = self
+                    .commit(vec![Record {
+                        ts: now(),
+                        event: Event::ValidateFailed { run, hook: hook.clone(), outcome: o.exit.to_string(), stderr_tail: o.stderr_tail },
+                    }])
+                    .await;
+                return;
+            }
+        }
+        let _lease = if rule.disruptive {
+            match self.gate.acquire(&hook, run).await {
+                Ok(g) => Some(g),
+                Err(reason) => {
+                    self.abandon(&hook, run, reason).await;
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+
+        let mut attempt = 1;
+        loop {
+            if self.context().kill_switch {
+                self.abandon(&hook, run, "kill switch".into()).await;
+                return;
+            }
+            let started = Record { ts: now(), event: Event::Started { run, hook: hook.clone(), attempt } };
+            // Journal first: if the record cannot be written, the hook must not act.
+            if self.commit(vec![started]).await.is_err() {
+                return;
+            }
+            tracing::info!(hook = %hook, run, attempt, "hook started");
+            *self.counters.lock().unwrap().in_flight.entry(hook.clone()).or_default() += 1;
+            let o = runner::run(Spec {
+                argv: &rule.command,
+                env: self.env(rule, run, attempt, notification, alert),
+                stdin: body.clone(),
+                timeout: rule.timeout,
+                grace: self.cfg.kill_grace,
+            })
+            .await;
+            let retry = o.exit == Exit::Code(1) && attempt <= rule.retries;
+            let result = match &o.exit {
+                Exit::Code(0) => "ok",
+                _ if retry => "retry",
+                Exit::Code(_) | Exit::Signal(_) => "failed",
+                Exit::Timeout => "timeout",
+                Exit::SpawnFailed(_) => "error",
+            };
+            {
+                let mut c = self.counters.lock().unwrap();
+                *c.in_flight.entry(hook.clone()).or_default() -= 1;
+                c.last_duration.insert(hook.clone(), o.duration.as_secs_f64());
+                if !retry {
+                    *c.runs.entry((hook.clone(), result)).or_default() += 1;
+                }
+            }
+            tracing::info!(hook = %hook, run, attempt, result, outcome = %o.exit, seconds = o.duration.as_secs_f64(), "hook finished");
+            let exit_code = match o.exit {
+                Exit::Code(c) => Some(c),
+                _ => None,
+            };
+            let finished = Record {
+                ts: now(),
+                event: Event::Finished {
+                    run,
+                    hook: hook.clone(),
+                    attempt,
+                    result: result.to_owned(),
+                    exit_code,
+                    duration_seconds: o.duration.as_secs_f64(),
+                    stdout_tail: o.stdout_tail,
+                    stderr_tail: o.stderr_tail,
+                },
+            };
+            let _ = self.commit(vec![finished]).await;
+            if !retry {
+                return;
+            }
+            let backoff = rule.retry_backoff.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF);
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+
+    async fn abandon(&self, hook: &str, run: u64, reason: String) {
+        tracing::warn!(hook, run, reason = %reason, "hook run abandoned before it started");
+        self.skip(hook, "abandoned");
+        let _ = self
+            .commit(vec![Record { ts: now(), event: Event::Abandoned { run, hook: hook.to_owned(), reason } }])
+            .await;
+    }
+
+    fn skip(&self, hook: &str, reason: &'static str) {
+        *self.counters.lock().unwrap().skips.entry((hook.to_owned(), reason)).or_default() += 1;
+    }
+
+    /// Writes the `clusterwatch_hook_*` families: every hook × result/reason series exists from
+    /// the start, at 0, so `increase()` sees the first failure.
+    pub fn write_metrics(&self, out: &mut SampleBuffer) {
+        let t = now();
+        let c = self.counters.lock().unwrap();
+        let state = self.state.lock().unwrap();
+        for status in NOTIFICATION_STATUSES {
+            out.counter(
+                "clusterwatch_hook_notifications_total",
+                "Webhook notifications by outcome (accepted, unauthorized, bad_request, too_large, error).",
+                &[("status", status)],
+                c.notifications.get(status).copied().unwrap_or(0) as f64,
+            );
+        }
+        let kill = context(&self.cfg).kill_switch;
+        out.gauge("clusterwatch_hook_kill_switch_active", "1 while the kill-switch file exists: no hook runs.", &[], if kill { 1.0 } else { 0.0 });
+        out.gauge("clusterwatch_hook_dry_run", "1 when global dry run is on.", &[], if self.cfg.dry_run { 1.0 } else { 0.0 });
+        out.gauge(
+            "clusterwatch_hook_disruptive_runs_last_hour",
+            "Disruptive runs accepted in the last hour, over all hooks.",
+            &[],
+            state.disruptive_last_hour(t) as f64,
+        );
+        out.gauge(
+            "clusterwatch_hook_max_disruptive_per_hour",
+            "The configured hourly budget of disruptive runs.",
+            &[],
+            self.cfg.max_disruptive_per_hour as f64,
+        );
+        for rule in &self.cfg.rules {
+            let hook = rule.name.as_str();
+            for result in RUN_RESULTS {
+                out.counter(
+                    "clusterwatch_hook_runs_total",
+                    "Finished hook runs by result (ok, failed, timeout, error); retries count once.",
+                    &[("hook", hook), ("result", result)],
+                    c.runs.get(&(hook.to_owned(), *result)).copied().unwrap_or(0) as f64,
+                );
+            }
+            for reason in SKIP_REASONS {
+                out.counter(
+                    "clusterwatch_hook_skips_total",
+                    "Matching alerts that did not run the hook, by reason.",
+                    &[("hook", hook), ("reason", reason)],
+                    c.skips.get(&(hook.to_owned(), *reason)).copied().unwrap_or(0) as f64,
+                );
+            }
+            out.gauge(
+                "clusterwatch_hook_runs_in_flight",
+                "Hook processes running now.",
+                &[("hook", hook)],
+                c.in_flight.get(hook).copied().unwrap_or(0) as f64,
+            );
+            if let Some(d) = c.last_duration.get(hook) {
+                out.gauge("clusterwatch_hook_last_run_duration_seconds", "Duration of the hook's last attempt.", &[("hook", hook)], *d);
+            }
+            if let Some(ts) = state.last_success(hook) {
+                out.gauge(
+                    "clusterwatch_hook_last_success_timestamp_seconds",
+                    "Unix time of the hook's last successful attempt (from the journal).",
+                    &[("hook", hook)],
+                    ts,
+                );
+            }
+            out.gauge(
+                "clusterwatch_hook_journal_unknown_runs",
+                "Runs of this hook interrupted by a stop or crash in the last 24 hours: their effect is unknown.",
+                &[("hook", hook), ("disruptive", if rule.disruptive { "true" } else { "false" })],
+                state.unknown_runs(hook, t) as f64,
+            );
+        }
+    }
+}
+
+/// The outside facts for a decision now: the clock and the kill-switch file.
+fn context(cfg: &HooksConfig) -> Context {
+    Context {
+        now: now(),
+        kill_switch: cfg.kill_switch_file.as_ref().is_some_and(|p| p.exists()),
+        dry_run: cfg.dry_run,
+        max_disruptive_per_hour: cfg.max_disruptive_per_hour,
+    }
+}
+
+fn skip_of(e: &Event) -> Option<(&str, &'static str)> {
+    match e {
+        Event::Deduped { hook, .. } => Some((hook, "deduped")),
+        Event::CooldownSkipped { hook, .. } => Some((hook, "cooldown")),
+        Event::BudgetSkipped { hook, .. } => Some((hook, "budget")),
+        Event::KillSwitch { hook, .. } => Some((hook, "kill_switch")),
+        Event::DryRun { hook, .. } => Some((hook, "dry_run")),
+        _ => None,
+    }
+}
+
+fn write_durably(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(body)?;
+    f.sync_data()
+}
+
+/// `clusterwatch hooks replay`: the decisions for `body` against the current journal, as
+/// lines, without journaling or running anything.
+pub fn replay(cfg: &HooksConfig, body: &[u8]) -> Result<Vec<String>, String> {
+    let n = payload::decode(body).map_err(|e| e.to_string())?;
+    let records = journal::read(&cfg.state_dir).map_err(|e| format!("cannot read the journal: {e}"))?;
+    let mut state = State::replay(&records);
+    let (decided, _) = policy::plan(&mut state, &cfg.rules, &n, &context(cfg));
+    let mut lines: Vec<String> = decided.iter().skip(1).map(journal::render).collect();
+    if lines.is_empty() {
+        lines.push("no hook matches any alert of this notification".into());
+    }
+    Ok(lines)
+}
