@@ -176,6 +176,8 @@ struct RawRule {
     #[serde(rename = "match")]
     match_eq: Option<BTreeMap<String, String>>,
     match_re: Option<BTreeMap<String, String>>,
+    // YAML 1.1 reads a bare `on` key as the boolean true; accept it as written.
+    #[serde(alias = "true")]
     on: Option<On>,
     command: Vec<String>,
     validate: Option<Vec<String>>,

@@ -19,6 +19,7 @@ pub mod process;
 pub mod prometheus;
 pub mod redis;
 pub mod served;
+pub mod webhook;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;

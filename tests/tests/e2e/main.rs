@@ -4,5 +4,6 @@
 mod dashboards;
 mod foundation;
 mod harness_selftest;
+mod hooks;
 mod postgres;
 mod rules_pack;
