@@ -48,7 +48,12 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 fn check_config(file: &Path) -> ExitCode {
     match config::load_file(file) {
         Ok(cfg) => {
-            println!("{}: ok ({} targets)", file.display(), cfg.targets.len());
+            let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
+            println!(
+                "{}: ok ({} targets, {hooks} hooks)",
+                file.display(),
+                cfg.targets.len()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

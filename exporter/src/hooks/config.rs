@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::source::{Node, Value};
 use crate::config::{read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext};
 
 /// The configuration section this module reads.
@@ -176,8 +177,6 @@ struct RawRule {
     #[serde(rename = "match")]
     match_eq: Option<BTreeMap<String, String>>,
     match_re: Option<BTreeMap<String, String>>,
-    // YAML 1.1 reads a bare `on` key as the boolean true; accept it as written.
-    #[serde(alias = "true")]
     on: Option<On>,
     command: Vec<String>,
     validate: Option<Vec<String>>,
@@ -251,6 +250,8 @@ pub fn parse(
     let mut rules: Vec<HookRule> = Vec::new();
     match at.field("rules") {
         Some(list) => {
+            let list_node = with_on_keys(list.node);
+            let list = Located::new(&list_node, list.path.clone());
             for (r, item) in list.parse_list::<RawRule>(problems) {
                 if let Some(rule) = check_rule(r, &item, ctx, problems) {
                     if rules.iter().any(|x| x.name == rule.name) {
@@ -278,6 +279,22 @@ pub fn parse(
         kill_grace: raw.kill_grace.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
         rules,
     })
+}
+
+/// YAML 1.1 reads a bare `on` key as the boolean `true`; give the hooks' `on:` its name back
+/// so it parses and problems name it as written.
+fn with_on_keys(list: &Node) -> Node {
+    let mut list = list.clone();
+    if let Value::Seq(items) = &mut list.value {
+        for item in items {
+            if let Value::Map(entries) = &mut item.value {
+                for (key, _) in entries.iter_mut().filter(|(k, _)| k.name == "true") {
+                    key.name = "on".to_owned();
+                }
+            }
+        }
+    }
+    list
 }
 
 fn check_rule(
@@ -390,4 +407,46 @@ fn resolve_argv(
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse as parse_config;
+
+    fn write_token(dir: &Path) {
+        std::fs::write(dir.join("t"), "tok\n").unwrap();
+    }
+
+    #[test]
+    fn a_full_section_parses_with_bare_on_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let yaml = "hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - name: r\n      on: resolved\n      match_re: { cluster: 'db-.*' }\n      command: [/bin/true]\n";
+        let cfg = parse_config(yaml, "c.yml", dir.path()).unwrap();
+        let h = cfg.hooks.unwrap();
+        assert_eq!(h.listen, Listen::Own(DEFAULT_LISTEN.parse().unwrap()));
+        assert_eq!(h.state_dir, dir.path().join("st"));
+        let r = &h.rules[0];
+        assert_eq!(r.on, On::Resolved);
+        let labels = |v: &str| BTreeMap::from([("cluster".to_owned(), v.to_owned())]);
+        assert!(r.applies(&labels("db-1"), false));
+        assert!(!r.applies(&labels("db-1"), true));
+        // Anchored: a partial match is no match.
+        assert!(!r.applies(&labels("x-db-1"), false));
+        assert!(!format!("{:?}", h.auth).contains("tok"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "hooks:\n  state_dir: st\n  rules:\n    - name: a\n      on: resolvd\n      command: [/bin/true]\n    - name: b\n      command: [./missing]\n      disruptive: true\n      rerun_after_crash: true\n";
+        let err = parse_config(yaml, "c.yml", dir.path()).unwrap_err();
+        let text = err.render();
+        assert!(text.contains("c.yml:2:3: hooks.bearer_token_file: the webhook needs credentials"), "{text}");
+        assert!(text.contains("c.yml:5:7: hooks.rules[0].on: unknown variant `resolvd`"), "{text}");
+        assert!(text.contains("rules[1].command"), "{text}");
+        assert!(text.contains("rules[1].match: a hook needs at least one label condition"), "{text}");
+        assert!(text.contains("rules[1].rerun_after_crash"), "{text}");
+    }
 }
