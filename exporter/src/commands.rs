@@ -110,9 +110,9 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let mut webhook_server = None;
     if let Some(h) = &hooks {
         if let Listen::Own(addr) = h.config().listen {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for the webhook (hooks.listen)"))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for the webhook (hooks.listen)")
+            })?;
             tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), "webhook listening");
             let router = crate::hooks::receiver::routes(h.clone());
             webhook_server = Some(tokio::spawn(async move {
@@ -163,7 +163,12 @@ fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
             .and_then(|body| crate::hooks::replay(&hooks, &body)),
         HooksCommand::Journal => crate::hooks::journal::read(&hooks.state_dir)
             .map(|records| records.iter().map(crate::hooks::journal::render).collect())
-            .map_err(|e| format!("cannot read the journal in {}: {e}", hooks.state_dir.display())),
+            .map_err(|e| {
+                format!(
+                    "cannot read the journal in {}: {e}",
+                    hooks.state_dir.display()
+                )
+            }),
     };
     match lines {
         Ok(lines) => {

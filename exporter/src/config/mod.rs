@@ -179,7 +179,11 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
         // Not a collector: the webhook receiver and hook runner.
         if key.name == crate::hooks::config::SECTION {
-            hooks = crate::hooks::config::parse(Located::new(node, key.name.clone()), &ctx, &mut problems);
+            hooks = crate::hooks::config::parse(
+                Located::new(node, key.name.clone()),
+                &ctx,
+                &mut problems,
+            );
             continue;
         }
         match KINDS.iter().find(|k| k.section == key.name) {

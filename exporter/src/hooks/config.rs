@@ -226,9 +226,10 @@ pub fn parse(
             .map_err(|e| problems.push(at.problem("basic_auth.password_file", e)))
             .ok(),
         (Some(_), Some(_)) => {
-            problems.push(
-                at.problem("basic_auth", "set either bearer_token_file or basic_auth, not both"),
-            );
+            problems.push(at.problem(
+                "basic_auth",
+                "set either bearer_token_file or basic_auth, not both",
+            ));
             None
         }
         (None, None) => {
@@ -255,7 +256,9 @@ pub fn parse(
             for (r, item) in list.parse_list::<RawRule>(problems) {
                 if let Some(rule) = check_rule(r, &item, ctx, problems) {
                     if rules.iter().any(|x| x.name == rule.name) {
-                        problems.push(item.problem("name", format!("duplicate hook name `{}`", rule.name)));
+                        problems.push(
+                            item.problem("name", format!("duplicate hook name `{}`", rule.name)),
+                        );
                     }
                     rules.push(rule);
                 }
@@ -276,7 +279,10 @@ pub fn parse(
         kill_switch_file: raw.kill_switch_file.map(|p| ctx.resolve(&p)),
         dry_run: raw.dry_run.unwrap_or(false),
         max_concurrent_runs: raw.max_concurrent_runs.unwrap_or(4),
-        kill_grace: raw.kill_grace.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+        kill_grace: raw
+            .kill_grace
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5)),
         rules,
     })
 }
@@ -304,7 +310,12 @@ fn check_rule(
     problems: &mut Vec<Problem>,
 ) -> Option<HookRule> {
     let before = problems.len();
-    if r.name.trim().is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if r.name.trim().is_empty()
+        || !r
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         problems.push(
             at.problem("name", "hook names are letters, digits, `-`, `_` and `.`")
                 .hint("the name becomes the `hook` label"),
@@ -316,7 +327,9 @@ fn check_rule(
     }
     for (k, v) in r.match_re.unwrap_or_default() {
         // Anchored like Alertmanager's own matchers: the whole value must match.
-        if let Some(re) = crate::config::compile_regex(&format!("^(?:{v})$"), at, "match_re", problems) {
+        if let Some(re) =
+            crate::config::compile_regex(&format!("^(?:{v})$"), at, "match_re", problems)
+        {
             matchers.push(Matcher::Re(k, re));
         }
     }
@@ -334,8 +347,11 @@ fn check_rule(
     let rerun_after_crash = r.rerun_after_crash.unwrap_or(false);
     if disruptive && rerun_after_crash {
         problems.push(
-            at.problem("rerun_after_crash", "a disruptive hook is never re-run after a crash")
-                .hint("remove rerun_after_crash or make the hook non-disruptive"),
+            at.problem(
+                "rerun_after_crash",
+                "a disruptive hook is never re-run after a crash",
+            )
+            .hint("remove rerun_after_crash or make the hook non-disruptive"),
         );
     }
     let timeout = r.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60));
@@ -346,7 +362,8 @@ fn check_rule(
     for (k, v) in r.env.unwrap_or_default() {
         let ok = !k.is_empty()
             && !k.starts_with(char::is_numeric)
-            && k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            && k.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
         if !ok || k.starts_with("CW_") {
             problems.push(
                 at.problem("env", format!("bad environment variable name `{k}`"))
@@ -369,7 +386,10 @@ fn check_rule(
         disruptive,
         dry_run: r.dry_run.unwrap_or(false),
         retries: r.retries.unwrap_or(0).min(10),
-        retry_backoff: r.retry_backoff.map(|d| d.0).unwrap_or(Duration::from_secs(10)),
+        retry_backoff: r
+            .retry_backoff
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(10)),
         rerun_after_crash,
         env,
     })
@@ -395,8 +415,11 @@ fn resolve_argv(
         let path = ctx.resolve(Path::new(program.as_str()));
         if !is_executable(&path) {
             problems.push(
-                at.problem(field, format!("{} is not an executable file", path.display()))
-                    .hint("check the path and `chmod +x` the script"),
+                at.problem(
+                    field,
+                    format!("{} is not an executable file", path.display()),
+                )
+                .hint("check the path and `chmod +x` the script"),
             );
         }
         *program = path.display().to_string();
@@ -443,10 +466,19 @@ mod tests {
         let yaml = "hooks:\n  state_dir: st\n  rules:\n    - name: a\n      on: resolvd\n      command: [/bin/true]\n    - name: b\n      command: [./missing]\n      disruptive: true\n      rerun_after_crash: true\n";
         let err = parse_config(yaml, "c.yml", dir.path()).unwrap_err();
         let text = err.render();
-        assert!(text.contains("c.yml:2:3: hooks.bearer_token_file: the webhook needs credentials"), "{text}");
-        assert!(text.contains("c.yml:5:7: hooks.rules[0].on: unknown variant `resolvd`"), "{text}");
+        assert!(
+            text.contains("c.yml:2:3: hooks.bearer_token_file: the webhook needs credentials"),
+            "{text}"
+        );
+        assert!(
+            text.contains("c.yml:5:7: hooks.rules[0].on: unknown variant `resolvd`"),
+            "{text}"
+        );
         assert!(text.contains("rules[1].command"), "{text}");
-        assert!(text.contains("rules[1].match: a hook needs at least one label condition"), "{text}");
+        assert!(
+            text.contains("rules[1].match: a hook needs at least one label condition"),
+            "{text}"
+        );
         assert!(text.contains("rules[1].rerun_after_crash"), "{text}");
     }
 }

@@ -280,7 +280,9 @@ fn read_from(file: &mut File, path: &Path) -> std::io::Result<(Vec<Record>, u64)
         match serde_json::from_slice::<Record>(&line) {
             Ok(r) => records.push(r),
             // A record from a newer version or hand-edited: keep going, say where.
-            Err(e) => tracing::warn!(journal = %path.display(), line = lineno, error = %e, "skipping an unreadable journal line"),
+            Err(e) => {
+                tracing::warn!(journal = %path.display(), line = lineno, error = %e, "skipping an unreadable journal line")
+            }
         }
         good += n as u64;
     }

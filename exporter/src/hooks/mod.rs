@@ -25,8 +25,13 @@ use policy::{Context, State};
 use runner::{Exit, Spec};
 
 /// Notification outcomes, the `status` label of `clusterwatch_hook_notifications_total`.
-pub const NOTIFICATION_STATUSES: &[&str] =
-    &["accepted", "unauthorized", "bad_request", "too_large", "error"];
+pub const NOTIFICATION_STATUSES: &[&str] = &[
+    "accepted",
+    "unauthorized",
+    "bad_request",
+    "too_large",
+    "error",
+];
 
 /// Run results, the `result` label of `clusterwatch_hook_runs_total`.
 pub const RUN_RESULTS: &[&str] = &["ok", "failed", "timeout", "error"];
@@ -153,7 +158,9 @@ impl Hooks {
             gate,
         });
         for (r, open) in interrupted {
-            let Event::Unknown { .. } = r.event else { continue };
+            let Event::Unknown { .. } = r.event else {
+                continue;
+            };
             let Some(ri) = hooks.cfg.rules.iter().position(|x| x.name == open.hook) else {
                 continue;
             };
@@ -175,12 +182,21 @@ impl Hooks {
     }
 
     fn payload_path(&self, notification: u64) -> PathBuf {
-        self.cfg.state_dir.join("payloads").join(format!("{notification}.json"))
+        self.cfg
+            .state_dir
+            .join("payloads")
+            .join(format!("{notification}.json"))
     }
 
     /// Counts a refused notification.
     pub fn count_rejected(&self, e: &HookError) {
-        *self.counters.lock().unwrap().notifications.entry(e.status()).or_default() += 1;
+        *self
+            .counters
+            .lock()
+            .unwrap()
+            .notifications
+            .entry(e.status())
+            .or_default() += 1;
     }
 
     /// Decides a notification, journals every decision durably, then starts the accepted
@@ -192,7 +208,11 @@ impl Hooks {
             let mut state = self.state.lock().unwrap();
             policy::plan(&mut state, &self.cfg.rules, &n, &ctx)
         };
-        let Some(Record { event: Event::Received { notification, .. }, .. }) = records.first() else {
+        let Some(Record {
+            event: Event::Received { notification, .. },
+            ..
+        }) = records.first()
+        else {
             unreachable!("plan always starts with `received`");
         };
         let notification = *notification;
@@ -202,8 +222,14 @@ impl Hooks {
             let body = body.clone();
             tokio::task::spawn_blocking(move || write_durably(&path, &body))
                 .await
-                .map_err(|e| JournalError::Io { path: String::new(), source: std::io::Error::other(e) })?
-                .map_err(|source| JournalError::Io { path: "payloads".into(), source })?;
+                .map_err(|e| JournalError::Io {
+                    path: String::new(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| JournalError::Io {
+                    path: "payloads".into(),
+                    source,
+                })?;
         }
         self.journal.append(&records).await?;
         {
@@ -215,14 +241,19 @@ impl Hooks {
                 }
             }
         }
-        let receipt = Receipt { alerts: n.alerts.len(), runs: planned.len() };
+        let receipt = Receipt {
+            alerts: n.alerts.len(),
+            runs: planned.len(),
+        };
         let body = Arc::new(body.to_vec());
         for p in planned {
             let hooks = self.clone();
             let alert = n.alerts[p.alert].clone();
             let body = body.clone();
             tokio::spawn(async move {
-                hooks.execute(p.rule, p.run, notification, &alert, body).await;
+                hooks
+                    .execute(p.rule, p.run, notification, &alert, body)
+                    .await;
             });
         }
         Ok(receipt)
@@ -233,8 +264,15 @@ impl Hooks {
             tracing::warn!(hook = %open.hook, "cannot re-run: its payload file is gone");
             return;
         };
-        let Ok(n) = serde_json::from_slice::<Notification>(&body) else { return };
-        let Some(alert) = n.alerts.iter().find(|a| policy::alert_ref(a) == open.alert).cloned() else {
+        let Ok(n) = serde_json::from_slice::<Notification>(&body) else {
+            return;
+        };
+        let Some(alert) = n
+            .alerts
+            .iter()
+            .find(|a| policy::alert_ref(a) == open.alert)
+            .cloned()
+        else {
             return;
         };
         let run = self.state.lock().unwrap().next_run();
@@ -255,7 +293,9 @@ impl Hooks {
         let hooks = self.clone();
         let notification = open.notification;
         tokio::spawn(async move {
-            hooks.execute(rule, run, notification, &alert, Arc::new(body)).await;
+            hooks
+                .execute(rule, run, notification, &alert, Arc::new(body))
+                .await;
         });
     }
 
@@ -274,17 +314,30 @@ impl Hooks {
         result
     }
 
-    fn env(&self, rule: &HookRule, run: u64, attempt: u32, notification: u64, alert: &payload::Alert) -> Vec<(String, String)> {
+    fn env(
+        &self,
+        rule: &HookRule,
+        run: u64,
+        attempt: u32,
+        notification: u64,
+        alert: &payload::Alert,
+    ) -> Vec<(String, String)> {
         let mut env = vec![
             ("PATH".to_owned(), runner::HOOK_PATH.to_owned()),
             ("LANG".to_owned(), "C.UTF-8".to_owned()),
             ("CW_HOOK".to_owned(), rule.name.clone()),
             ("CW_RUN".to_owned(), run.to_string()),
             ("CW_ATTEMPT".to_owned(), attempt.to_string()),
-            ("CW_ALERT_STATUS".to_owned(), alert.status.as_str().to_owned()),
+            (
+                "CW_ALERT_STATUS".to_owned(),
+                alert.status.as_str().to_owned(),
+            ),
             ("CW_ALERT_FINGERPRINT".to_owned(), alert.fingerprint.clone()),
             ("CW_ALERT_STARTS_AT".to_owned(), alert.starts_at.clone()),
-            ("CW_PAYLOAD_FILE".to_owned(), self.payload_path(notification).display().to_string()),
+            (
+                "CW_PAYLOAD_FILE".to_owned(),
+                self.payload_path(notification).display().to_string(),
+            ),
         ];
         env.extend(rule.env.iter().cloned());
         env.extend(runner::label_env(&alert.labels));
@@ -292,10 +345,19 @@ impl Hooks {
     }
 
     /// One accepted run: validation, the gate for disruptive runs, attempts with backoff.
-    async fn execute(self: Arc<Self>, ri: usize, run: u64, notification: u64, alert: &payload::Alert, body: Arc<Vec<u8>>) {
+    async fn execute(
+        self: Arc<Self>,
+        ri: usize,
+        run: u64,
+        notification: u64,
+        alert: &payload::Alert,
+        body: Arc<Vec<u8>>,
+    ) {
         let rule = &self.cfg.rules[ri];
         let hook = rule.name.clone();
-        let Ok(_slot) = self.slots.acquire().await else { return };
+        let Ok(_slot) = self.slots.acquire().await else {
+            return;
+        };
 
         if let Some(validate) = &rule.validate {
             let o = runner::run(Spec {
@@ -312,7 +374,12 @@ impl Hooks {
                 let _ = self
                     .commit(vec![Record {
                         ts: now(),
-                        event: Event::ValidateFailed { run, hook: hook.clone(), outcome: o.exit.to_string(), stderr_tail: o.stderr_tail },
+                        event: Event::ValidateFailed {
+                            run,
+                            hook: hook.clone(),
+                            outcome: o.exit.to_string(),
+                            stderr_tail: o.stderr_tail,
+                        },
                     }])
                     .await;
                 return;
@@ -336,13 +403,26 @@ impl Hooks {
                 self.abandon(&hook, run, "kill switch".into()).await;
                 return;
             }
-            let started = Record { ts: now(), event: Event::Started { run, hook: hook.clone(), attempt } };
+            let started = Record {
+                ts: now(),
+                event: Event::Started {
+                    run,
+                    hook: hook.clone(),
+                    attempt,
+                },
+            };
             // Journal first: if the record cannot be written, the hook must not act.
             if self.commit(vec![started]).await.is_err() {
                 return;
             }
             tracing::info!(hook = %hook, run, attempt, "hook started");
-            *self.counters.lock().unwrap().in_flight.entry(hook.clone()).or_default() += 1;
+            *self
+                .counters
+                .lock()
+                .unwrap()
+                .in_flight
+                .entry(hook.clone())
+                .or_default() += 1;
             let o = runner::run(Spec {
                 argv: &rule.command,
                 env: self.env(rule, run, attempt, notification, alert),
@@ -362,7 +442,8 @@ impl Hooks {
             {
                 let mut c = self.counters.lock().unwrap();
                 *c.in_flight.entry(hook.clone()).or_default() -= 1;
-                c.last_duration.insert(hook.clone(), o.duration.as_secs_f64());
+                c.last_duration
+                    .insert(hook.clone(), o.duration.as_secs_f64());
                 if !retry {
                     *c.runs.entry((hook.clone(), result)).or_default() += 1;
                 }
@@ -389,7 +470,10 @@ impl Hooks {
             if !retry {
                 return;
             }
-            let backoff = rule.retry_backoff.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF);
+            let backoff = rule
+                .retry_backoff
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(MAX_BACKOFF);
             tokio::time::sleep(backoff).await;
             attempt += 1;
         }
@@ -399,12 +483,25 @@ impl Hooks {
         tracing::warn!(hook, run, reason = %reason, "hook run abandoned before it started");
         self.skip(hook, "abandoned");
         let _ = self
-            .commit(vec![Record { ts: now(), event: Event::Abandoned { run, hook: hook.to_owned(), reason } }])
+            .commit(vec![Record {
+                ts: now(),
+                event: Event::Abandoned {
+                    run,
+                    hook: hook.to_owned(),
+                    reason,
+                },
+            }])
             .await;
     }
 
     fn skip(&self, hook: &str, reason: &'static str) {
-        *self.counters.lock().unwrap().skips.entry((hook.to_owned(), reason)).or_default() += 1;
+        *self
+            .counters
+            .lock()
+            .unwrap()
+            .skips
+            .entry((hook.to_owned(), reason))
+            .or_default() += 1;
     }
 
     /// Writes the `clusterwatch_hook_*` families: every hook × result/reason series exists from
@@ -422,8 +519,18 @@ impl Hooks {
             );
         }
         let kill = context(&self.cfg).kill_switch;
-        out.gauge("clusterwatch_hook_kill_switch_active", "1 while the kill-switch file exists: no hook runs.", &[], if kill { 1.0 } else { 0.0 });
-        out.gauge("clusterwatch_hook_dry_run", "1 when global dry run is on.", &[], if self.cfg.dry_run { 1.0 } else { 0.0 });
+        out.gauge(
+            "clusterwatch_hook_kill_switch_active",
+            "1 while the kill-switch file exists: no hook runs.",
+            &[],
+            if kill { 1.0 } else { 0.0 },
+        );
+        out.gauge(
+            "clusterwatch_hook_dry_run",
+            "1 when global dry run is on.",
+            &[],
+            if self.cfg.dry_run { 1.0 } else { 0.0 },
+        );
         out.gauge(
             "clusterwatch_hook_disruptive_runs_last_hour",
             "Disruptive runs accepted in the last hour, over all hooks.",
@@ -451,7 +558,10 @@ impl Hooks {
                     "clusterwatch_hook_skips_total",
                     "Matching alerts that did not run the hook, by reason.",
                     &[("hook", hook), ("reason", reason)],
-                    c.skips.get(&(hook.to_owned(), *reason)).copied().unwrap_or(0) as f64,
+                    c.skips
+                        .get(&(hook.to_owned(), *reason))
+                        .copied()
+                        .unwrap_or(0) as f64,
                 );
             }
             out.gauge(
@@ -461,7 +571,12 @@ impl Hooks {
                 c.in_flight.get(hook).copied().unwrap_or(0) as f64,
             );
             if let Some(d) = c.last_duration.get(hook) {
-                out.gauge("clusterwatch_hook_last_run_duration_seconds", "Duration of the hook's last attempt.", &[("hook", hook)], *d);
+                out.gauge(
+                    "clusterwatch_hook_last_run_duration_seconds",
+                    "Duration of the hook's last attempt.",
+                    &[("hook", hook)],
+                    *d,
+                );
             }
             if let Some(ts) = state.last_success(hook) {
                 out.gauge(
@@ -516,7 +631,8 @@ fn write_durably(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
 /// lines, without journaling or running anything.
 pub fn replay(cfg: &HooksConfig, body: &[u8]) -> Result<Vec<String>, String> {
     let n = payload::decode(body).map_err(|e| e.to_string())?;
-    let records = journal::read(&cfg.state_dir).map_err(|e| format!("cannot read the journal: {e}"))?;
+    let records =
+        journal::read(&cfg.state_dir).map_err(|e| format!("cannot read the journal: {e}"))?;
     let mut state = State::replay(&records);
     let (decided, _) = policy::plan(&mut state, &cfg.rules, &n, &context(cfg));
     let mut lines: Vec<String> = decided.iter().skip(1).map(journal::render).collect();

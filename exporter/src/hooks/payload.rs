@@ -58,7 +58,10 @@ impl Status {
 impl Alert {
     /// The `alertname` label, or empty.
     pub fn alertname(&self) -> &str {
-        self.labels.get("alertname").map(String::as_str).unwrap_or("")
+        self.labels
+            .get("alertname")
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -100,7 +103,9 @@ pub fn decode(body: &[u8]) -> Result<Notification, PayloadError> {
     }
     for (i, a) in n.alerts.iter().enumerate() {
         if a.fingerprint.is_empty() || a.fingerprint.len() > 64 {
-            return Err(PayloadError::Invalid(format!("alerts[{i}]: bad fingerprint")));
+            return Err(PayloadError::Invalid(format!(
+                "alerts[{i}]: bad fingerprint"
+            )));
         }
         if a.starts_at.is_empty() || a.starts_at.len() > 64 {
             return Err(PayloadError::Invalid(format!("alerts[{i}]: bad startsAt")));
@@ -125,7 +130,12 @@ pub(crate) mod tests {
 
     #[test]
     fn decodes_a_real_shaped_payload_and_ignores_unknown_fields() {
-        let b = body("firing", r#"{"alertname":"X","cluster":"c"}"#, "abc", "2026-01-01T00:00:00Z");
+        let b = body(
+            "firing",
+            r#"{"alertname":"X","cluster":"c"}"#,
+            "abc",
+            "2026-01-01T00:00:00Z",
+        );
         let b = b.replacen("\"version\"", "\"someNewField\":[1,2],\"version\"", 1);
         let n = decode(b.as_bytes()).unwrap();
         assert_eq!(n.alerts[0].alertname(), "X");
@@ -136,12 +146,24 @@ pub(crate) mod tests {
     fn rejects_bad_payloads() {
         assert!(matches!(decode(b"{nope"), Err(PayloadError::Malformed(_))));
         let b = body("firing", "{}", "abc", "t").replace("\"4\"", "\"3\"");
-        assert!(matches!(decode(b.as_bytes()), Err(PayloadError::Version(_))));
+        assert!(matches!(
+            decode(b.as_bytes()),
+            Err(PayloadError::Version(_))
+        ));
         let b = body("firing", "{}", "abc", "t").replace("\"fingerprint\":\"abc\"", "\"x\":1");
-        assert!(matches!(decode(b.as_bytes()), Err(PayloadError::Malformed(_))));
+        assert!(matches!(
+            decode(b.as_bytes()),
+            Err(PayloadError::Malformed(_))
+        ));
         let b = body("firing", "{}", "", "t");
-        assert!(matches!(decode(b.as_bytes()), Err(PayloadError::Invalid(_))));
+        assert!(matches!(
+            decode(b.as_bytes()),
+            Err(PayloadError::Invalid(_))
+        ));
         let b = body("burning", "{}", "a", "t");
-        assert!(matches!(decode(b.as_bytes()), Err(PayloadError::Malformed(_))));
+        assert!(matches!(
+            decode(b.as_bytes()),
+            Err(PayloadError::Malformed(_))
+        ));
     }
 }

@@ -110,7 +110,9 @@ pub fn decide(state: &State, rule: &HookRule, alert: &AlertRef, ctx: &Context) -
             return Decision::Cooldown;
         }
     }
-    if rule.disruptive && state.disruptive_last_hour(ctx.now) >= ctx.max_disruptive_per_hour as usize {
+    if rule.disruptive
+        && state.disruptive_last_hour(ctx.now) >= ctx.max_disruptive_per_hour as usize
+    {
         return Decision::Budget;
     }
     if ctx.dry_run || rule.dry_run {
@@ -158,8 +160,18 @@ pub fn plan(
             let event = match decide(state, rule, &alert, ctx) {
                 Decision::Run => {
                     let run = state.next_run;
-                    runs.push(Planned { run, rule: ri, alert: ai });
-                    Event::Matched { run, hook, alert, disruptive: rule.disruptive, notification }
+                    runs.push(Planned {
+                        run,
+                        rule: ri,
+                        alert: ai,
+                    });
+                    Event::Matched {
+                        run,
+                        hook,
+                        alert,
+                        disruptive: rule.disruptive,
+                        notification,
+                    }
                 }
                 Decision::Deduped => Event::Deduped { hook, alert },
                 Decision::KillSwitch => Event::KillSwitch { hook, alert },
@@ -190,7 +202,13 @@ impl State {
             Event::Received { notification, .. } => {
                 self.next_notification = self.next_notification.max(notification + 1);
             }
-            Event::Matched { run, hook, alert, disruptive, notification } => {
+            Event::Matched {
+                run,
+                hook,
+                alert,
+                disruptive,
+                notification,
+            } => {
                 self.next_run = self.next_run.max(run + 1);
                 self.taken.insert((hook.clone(), alert.clone()));
                 let prev_accepted = self.accepted.insert(hook.clone(), r.ts);
@@ -235,7 +253,9 @@ impl State {
                     open.started = true;
                 }
             }
-            Event::Finished { run, hook, result, .. } => {
+            Event::Finished {
+                run, hook, result, ..
+            } => {
                 if result != "retry" {
                     self.open.remove(run);
                 }
@@ -260,7 +280,11 @@ impl State {
                 let event = if open.started {
                     Event::Unknown { run, hook }
                 } else {
-                    Event::Abandoned { run, hook, reason: "stopped before start".into() }
+                    Event::Abandoned {
+                        run,
+                        hook,
+                        reason: "stopped before start".into(),
+                    }
                 };
                 (Record { ts: now, event }, open.clone())
             })
@@ -279,7 +303,10 @@ impl State {
 
     /// Disruptive runs accepted in the hour before `now`.
     pub fn disruptive_last_hour(&self, now: f64) -> usize {
-        self.disruptive.iter().filter(|(_, t)| now - t < HOUR).count()
+        self.disruptive
+            .iter()
+            .filter(|(_, t)| now - t < HOUR)
+            .count()
     }
 
     /// Runs of `hook` found interrupted within [`UNKNOWN_WINDOW_SECONDS`] before `now`.
@@ -324,7 +351,12 @@ mod tests {
     }
 
     fn ctx(now: f64) -> Context {
-        Context { now, kill_switch: false, dry_run: false, max_disruptive_per_hour: 1 }
+        Context {
+            now,
+            kill_switch: false,
+            dry_run: false,
+            max_disruptive_per_hour: 1,
+        }
     }
 
     fn note(status: &str, fp: &str, starts: &str) -> Notification {
@@ -361,10 +393,20 @@ mod tests {
         let mut all = r1.clone();
         all.extend(r2);
         let mut replayed = State::replay(&all);
-        let (r3, _) = plan(&mut replayed, &rules, &note("firing", "f1", "t0"), &ctx(5000.0));
+        let (r3, _) = plan(
+            &mut replayed,
+            &rules,
+            &note("firing", "f1", "t0"),
+            &ctx(5000.0),
+        );
         assert_eq!(kinds(&r3), ["received", "deduped"]);
         // Resolved alerts do not start a firing-only hook.
-        let (r4, _) = plan(&mut replayed, &rules, &note("resolved", "f1", "t0"), &ctx(5001.0));
+        let (r4, _) = plan(
+            &mut replayed,
+            &rules,
+            &note("resolved", "f1", "t0"),
+            &ctx(5001.0),
+        );
         assert_eq!(kinds(&r4), ["received"]);
     }
 
@@ -397,7 +439,14 @@ mod tests {
         let mut s = State::default();
         let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
         let run = runs[0].run;
-        journal.push(Record { ts: 1.0, event: Event::Started { run, hook: "promote".into(), attempt: 1 } });
+        journal.push(Record {
+            ts: 1.0,
+            event: Event::Started {
+                run,
+                hook: "promote".into(),
+                attempt: 1,
+            },
+        });
         let restarted = State::replay(&journal);
         let found = restarted.interrupted(2.0);
         assert_eq!(found.len(), 1);
@@ -405,7 +454,12 @@ mod tests {
         journal.push(found[0].0.clone());
         let mut after = State::replay(&journal);
         assert_eq!(after.unknown_runs("promote", 3.0), 1);
-        let (r, runs) = plan(&mut after, &rules, &note("firing", "f1", "t0"), &ctx(7200.0));
+        let (r, runs) = plan(
+            &mut after,
+            &rules,
+            &note("firing", "f1", "t0"),
+            &ctx(7200.0),
+        );
         assert_eq!(kinds(&r), ["received", "deduped"]);
         assert!(runs.is_empty());
     }
@@ -417,7 +471,12 @@ mod tests {
         let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
         journal.push(Record {
             ts: 1.0,
-            event: Event::ValidateFailed { run: runs[0].run, hook: "promote".into(), outcome: "exit 2".into(), stderr_tail: String::new() },
+            event: Event::ValidateFailed {
+                run: runs[0].run,
+                hook: "promote".into(),
+                outcome: "exit 2".into(),
+                stderr_tail: String::new(),
+            },
         });
         let mut s = State::replay(&journal);
         let (r, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(2.0));

@@ -70,10 +70,15 @@ async fn alertmanager(State(hooks): State<Arc<Hooks>>, request: Request) -> Resp
             };
             // The full reason goes to the log; the client gets its kind only.
             match &e {
-                HookError::Journal(_) => tracing::error!(error = %e, "webhook notification not stored"),
-                _ => tracing::warn!(reason = e.status(), error = %e, "webhook notification refused"),
+                HookError::Journal(_) => {
+                    tracing::error!(error = %e, "webhook notification not stored")
+                }
+                _ => {
+                    tracing::warn!(reason = e.status(), error = %e, "webhook notification refused")
+                }
             }
-            let mut response = Response::new(Body::from(format!("{}\n", e.status().replace('_', " "))));
+            let mut response =
+                Response::new(Body::from(format!("{}\n", e.status().replace('_', " "))));
             *response.status_mut() = status;
             if status == StatusCode::UNAUTHORIZED {
                 response.headers_mut().insert(
@@ -100,7 +105,10 @@ mod tests {
         assert!(authorized(&bearer, &h));
         h.insert(header::AUTHORIZATION, "Bearer s3cre".parse().unwrap());
         assert!(!authorized(&bearer, &h));
-        let basic = Auth::Basic { username: "am".into(), password: Secret::new("pw") };
+        let basic = Auth::Basic {
+            username: "am".into(),
+            password: Secret::new("pw"),
+        };
         h.insert(header::AUTHORIZATION, "Basic YW06cHc=".parse().unwrap());
         assert!(authorized(&basic, &h));
         assert!(!authorized(&bearer, &h));

@@ -264,10 +264,19 @@ mod tests {
         let argv = sh(&format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
         let o = run(spec(&argv, 500)).await;
         assert_eq!(o.exit, Exit::Timeout);
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // Reaped by init or a zombie at worst: never a running `sleep`.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(')').map(|(_, s)| s.trim_start().chars().next());
-        assert!(stat.is_empty() || state == Some(Some('Z')), "child {pid} survived: {stat}");
+        let state = stat
+            .rsplit_once(')')
+            .map(|(_, s)| s.trim_start().chars().next());
+        assert!(
+            stat.is_empty() || state == Some(Some('Z')),
+            "child {pid} survived: {stat}"
+        );
     }
 }

@@ -282,7 +282,12 @@ async fn hook_load(
                 let body = notification(
                     "firing",
                     &key,
-                    vec![alert("firing", serde_json::json!({"alertname": "Bench", "n": key}), &key, "2026-01-01T00:00:00Z")],
+                    vec![alert(
+                        "firing",
+                        serde_json::json!({"alertname": "Bench", "n": key}),
+                        &key,
+                        "2026-01-01T00:00:00Z",
+                    )],
                 )
                 .to_string();
                 let t = Instant::now();
@@ -305,7 +310,8 @@ async fn hook_load(
 async fn bench_hooks(seconds: usize) -> Result<()> {
     const CONCURRENCY: usize = 32;
     let lab = Arc::new(HookLab::new()?);
-    let rules = "    - { name: bench, match: { alertname: Bench }, command: [/bin/true], dry_run: true }\n";
+    let rules =
+        "    - { name: bench, match: { alertname: Bench }, command: [/bin/true], dry_run: true }\n";
     let mut cw = Clusterwatch::start(Some(&lab.config("", rules)), &[]).await?;
 
     // The floor for any acknowledgement that waits for fsync: the disk's own latency.

@@ -116,7 +116,11 @@ impl HookLab {
         if let Some(a) = authorization {
             request = request.header("authorization", a);
         }
-        Ok(request.send().await.context("POST to the webhook")?.status())
+        Ok(request
+            .send()
+            .await
+            .context("POST to the webhook")?
+            .status())
     }
 
     /// Every journal record, parsed.

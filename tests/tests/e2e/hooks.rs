@@ -61,8 +61,10 @@ async fn flaky_proxy(target: String, failures: usize) -> Result<FlakyProxy> {
                 };
                 let _ = sock
                     .write_all(
-                        format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                            .as_bytes(),
+                        format!(
+                            "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
                     )
                     .await;
             });
@@ -140,8 +142,14 @@ async fn alertmanager_notification_runs_its_hook_once_despite_resends_and_a_5xx(
     am.post_alerts(&firing).await?;
 
     // The 500, Alertmanager's retry, then repeats every repeat_interval: all one incident.
-    wait_for("five deliveries through the proxy", || proxy.seen.load(Ordering::SeqCst) >= 5).await?;
-    wait_for("the promote hook to finish", || !lab.events("finished").is_empty()).await?;
+    wait_for("five deliveries through the proxy", || {
+        proxy.seen.load(Ordering::SeqCst) >= 5
+    })
+    .await?;
+    wait_for("the promote hook to finish", || {
+        !lab.events("finished").is_empty()
+    })
+    .await?;
     assert_eq!(lab.invocations("promote").len(), 1, "{:?}", lab.journal());
     assert!(lab.events("deduped").len() >= 3, "{:?}", lab.journal());
     assert!(lab.invocations("resolved").is_empty());
@@ -150,9 +158,14 @@ async fn alertmanager_notification_runs_its_hook_once_despite_resends_and_a_5xx(
     let resolve = json!([{ "labels": { "alertname": "TestNoPrimary", "cluster": "db" }, "startsAt": starts,
                             "endsAt": "2026-01-01T00:00:01Z" }]);
     am.post_alerts(&resolve).await?;
-    wait_for("the resolved hook", || lab.invocations("resolved").len() == 1).await?;
+    wait_for("the resolved hook", || {
+        lab.invocations("resolved").len() == 1
+    })
+    .await?;
     wait_for("the resolved hook to finish", || {
-        lab.events("finished").iter().any(|r| r["hook"] == "tell-resolved")
+        lab.events("finished")
+            .iter()
+            .any(|r| r["hook"] == "tell-resolved")
     })
     .await?;
     assert_eq!(lab.invocations("promote").len(), 1);
@@ -161,9 +174,27 @@ async fn alertmanager_notification_runs_its_hook_once_despite_resends_and_a_5xx(
     assert!(lab.invocations("other").is_empty());
 
     let m = scrape(&cw).await?;
-    assert_eq!(m.value("clusterwatch_hook_runs_total", &[("hook", "promote"), ("result", "ok")]), Some(1.0));
-    assert!(m.value("clusterwatch_hook_skips_total", &[("hook", "promote"), ("reason", "deduped")]).unwrap_or(0.0) >= 3.0);
-    assert!(m.value("clusterwatch_hook_last_success_timestamp_seconds", &[("hook", "promote")]).is_some());
+    assert_eq!(
+        m.value(
+            "clusterwatch_hook_runs_total",
+            &[("hook", "promote"), ("result", "ok")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        m.value(
+            "clusterwatch_hook_skips_total",
+            &[("hook", "promote"), ("reason", "deduped")]
+        )
+        .unwrap_or(0.0)
+            >= 3.0
+    );
+    assert!(m
+        .value(
+            "clusterwatch_hook_last_success_timestamp_seconds",
+            &[("hook", "promote")]
+        )
+        .is_some());
     Ok(())
 }
 
@@ -176,24 +207,47 @@ async fn kill_9_during_a_disruptive_hook_leaves_it_unknown_and_never_rerun() -> 
         "    - {{ name: promote, match: {{ alertname: NoPrimary }}, command: [{}], disruptive: true, timeout: 60s }}\n",
         hook.display()
     );
-    let mut cw = Clusterwatch::start(Some(&lab.config("  max_disruptive_per_hour: 100\n", &rules)), &[]).await?;
+    let mut cw = Clusterwatch::start(
+        Some(&lab.config("  max_disruptive_per_hour: 100\n", &rules)),
+        &[],
+    )
+    .await?;
     let client = clusterwatch_tests::harness::http::client()?;
     for trial in 0..TRIALS {
         let fp = format!("fp{trial:02}");
-        let body = notification("firing", &fp, vec![alert("firing", json!({"alertname": "NoPrimary"}), &fp, "2026-01-01T00:00:00Z")])
-            .to_string();
+        let body = notification(
+            "firing",
+            &fp,
+            vec![alert(
+                "firing",
+                json!({"alertname": "NoPrimary"}),
+                &fp,
+                "2026-01-01T00:00:00Z",
+            )],
+        )
+        .to_string();
         assert_eq!(lab.post(body.clone()).await?, 200);
-        wait_for("the hook to start", || lab.invocations("promote").len() == trial + 1).await?;
-        let hook_pid: i32 = String::from_utf8(lab.read("promote.pid")?)?.trim().parse()?;
+        wait_for("the hook to start", || {
+            lab.invocations("promote").len() == trial + 1
+        })
+        .await?;
+        let hook_pid: i32 = String::from_utf8(lab.read("promote.pid")?)?
+            .trim()
+            .parse()?;
 
         cw.process().kill9()?;
         cw.process().start()?;
         let ready = cw.url("/-/ready");
         cw.process()
-            .wait_ready(WAIT, "clusterwatch after kill -9", async || is_ready(&client, &ready).await)
+            .wait_ready(WAIT, "clusterwatch after kill -9", async || {
+                is_ready(&client, &ready).await
+            })
             .await?;
         // The hook outlives the crash (it has its own process group); end it for the next trial.
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(hook_pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(hook_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
 
         let run = lab
             .events("matched")
@@ -202,25 +256,41 @@ async fn kill_9_during_a_disruptive_hook_leaves_it_unknown_and_never_rerun() -> 
             .context("matched record")?["run"]
             .clone();
         let unknown = lab.events("unknown");
-        assert!(unknown.iter().any(|r| r["run"] == run), "trial {trial}: no unknown record for run {run}");
+        assert!(
+            unknown.iter().any(|r| r["run"] == run),
+            "trial {trial}: no unknown record for run {run}"
+        );
         assert!(lab.events("finished").iter().all(|r| r["run"] != run));
 
         // Alertmanager re-sends after the restart: the incident is already handled.
         assert_eq!(lab.post(body).await?, 200);
         let deduped = lab.events("deduped");
-        assert!(deduped.iter().any(|r| r["alert"]["fingerprint"] == fp.as_str()), "trial {trial}");
-        assert_eq!(lab.invocations("promote").len(), trial + 1, "trial {trial}: hook re-run");
+        assert!(
+            deduped
+                .iter()
+                .any(|r| r["alert"]["fingerprint"] == fp.as_str()),
+            "trial {trial}"
+        );
+        assert_eq!(
+            lab.invocations("promote").len(),
+            trial + 1,
+            "trial {trial}: hook re-run"
+        );
     }
     let m = scrape(&cw).await?;
     assert_eq!(
-        m.value("clusterwatch_hook_journal_unknown_runs", &[("hook", "promote")]),
+        m.value(
+            "clusterwatch_hook_journal_unknown_runs",
+            &[("hook", "promote")]
+        ),
         Some(TRIALS as f64)
     );
     Ok(())
 }
 
 #[tokio::test]
-async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environment() -> Result<()> {
+async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environment() -> Result<()>
+{
     let lab = HookLab::new()?;
     let hook = lab.recorder("evil", "exit 0")?;
     let bulk = lab.recorder("bulk", "exit 0")?;
@@ -232,32 +302,59 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
     );
     let mut cw = Clusterwatch::start(Some(&lab.config("", &rules)), &[]).await?;
     let valid = |fp: &str| {
-        notification("firing", "g", vec![alert("firing", json!({"alertname": "Valid"}), fp, "2026-01-01T00:00:00Z")]).to_string()
+        notification(
+            "firing",
+            "g",
+            vec![alert(
+                "firing",
+                json!({"alertname": "Valid"}),
+                fp,
+                "2026-01-01T00:00:00Z",
+            )],
+        )
+        .to_string()
     };
 
     // Authentication: nothing is read or run without the token.
     assert_eq!(lab.post_with(None, valid("a1")).await?, 401);
     assert_eq!(lab.post_with(Some("Bearer wrong"), valid("a2")).await?, 401);
-    assert_eq!(lab.post_with(Some(&format!("Bearer {TOKEN}x")), valid("a3")).await?, 401);
-    assert_eq!(lab.post_with(Some("Basic dXNlcjpwYXNz"), valid("a4")).await?, 401);
+    assert_eq!(
+        lab.post_with(Some(&format!("Bearer {TOKEN}x")), valid("a3"))
+            .await?,
+        401
+    );
+    assert_eq!(
+        lab.post_with(Some("Basic dXNlcjpwYXNz"), valid("a4"))
+            .await?,
+        401
+    );
 
     // Shapes that are not webhook v4 notifications.
     let mut wrong_version: Value = serde_json::from_str(&valid("b1"))?;
     wrong_version["version"] = json!("3");
     let mut no_fingerprint: Value = serde_json::from_str(&valid("b2"))?;
-    no_fingerprint["alerts"][0].as_object_mut().unwrap().remove("fingerprint");
+    no_fingerprint["alerts"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("fingerprint");
     let mut no_alerts: Value = serde_json::from_str(&valid("b3"))?;
     no_alerts.as_object_mut().unwrap().remove("alerts");
     let mut labels_not_strings: Value = serde_json::from_str(&valid("b4"))?;
     labels_not_strings["alerts"][0]["labels"] = json!({"alertname": ["Valid"]});
     for (what, body) in [
-        ("malformed JSON", "{\"version\": \"4\", \"alerts\": [".to_owned()),
+        (
+            "malformed JSON",
+            "{\"version\": \"4\", \"alerts\": [".to_owned(),
+        ),
         ("empty body", String::new()),
         ("a JSON array", "[]".to_owned()),
         ("wrong version", wrong_version.to_string()),
         ("missing fingerprint", no_fingerprint.to_string()),
         ("missing alerts", no_alerts.to_string()),
-        ("labels that are not strings", labels_not_strings.to_string()),
+        (
+            "labels that are not strings",
+            labels_not_strings.to_string(),
+        ),
     ] {
         assert_eq!(lab.post(body).await?, 400, "{what}");
     }
@@ -271,9 +368,20 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
 
     // 10,000 alerts in one notification, all matching a dry-run hook: accepted, nothing runs.
     let alerts: Vec<Value> = (0..10_000)
-        .map(|i| alert("firing", json!({"alertname": "Bulk", "i": i.to_string()}), &format!("bulk{i}"), "2026-01-01T00:00:00Z"))
+        .map(|i| {
+            alert(
+                "firing",
+                json!({"alertname": "Bulk", "i": i.to_string()}),
+                &format!("bulk{i}"),
+                "2026-01-01T00:00:00Z",
+            )
+        })
         .collect();
-    assert_eq!(lab.post(notification("firing", "bulk", alerts).to_string()).await?, 200);
+    assert_eq!(
+        lab.post(notification("firing", "bulk", alerts).to_string())
+            .await?,
+        200
+    );
     assert_eq!(lab.events("dry_run").len(), 10_000);
 
     // Label values and names built to break a shell or the environment.
@@ -289,18 +397,39 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
         "IFS": "x",
         "we-ird.name": "ok",
     });
-    let evil = notification("firing", "evil", vec![alert("firing", evil_labels, "evil1", "2026-01-01T00:00:00Z")]).to_string();
+    let evil = notification(
+        "firing",
+        "evil",
+        vec![alert(
+            "firing",
+            evil_labels,
+            "evil1",
+            "2026-01-01T00:00:00Z",
+        )],
+    )
+    .to_string();
     assert_eq!(lab.post(evil.clone()).await?, 200);
-    wait_for("the evil hook to finish", || lab.events("finished").iter().any(|r| r["hook"] == "evil")).await?;
+    wait_for("the evil hook to finish", || {
+        lab.events("finished").iter().any(|r| r["hook"] == "evil")
+    })
+    .await?;
     assert_eq!(lab.invocations("evil").len(), 1);
     assert!(lab.invocations("bulk").is_empty());
     assert!(!lab.dir().join("pwned").exists() && !lab.dir().join("pwned2").exists());
 
-    let run = lab.events("started").iter().find(|r| r["hook"] == "evil").context("started")?["run"].clone();
+    let run = lab
+        .events("started")
+        .iter()
+        .find(|r| r["hook"] == "evil")
+        .context("started")?["run"]
+        .clone();
     let env_raw = lab.read(&format!("evil.env.{run}"))?;
     let env: Vec<(String, String)> = String::from_utf8_lossy(&env_raw)
         .split('\0')
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
         .collect();
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     assert_eq!(get("PATH"), Some(HOOK_PATH));
@@ -312,19 +441,51 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
     assert_eq!(get("CW_LABEL_NUL"), Some("beforeafter"));
     assert_eq!(get("CW_LABEL_WE_IRD_NAME"), Some("ok"));
     assert!(get("CW_LABEL_BIG").is_some_and(|v| !v.is_empty() && v.len() <= 8192));
-    assert!(env.iter().all(|(k, _)| k.starts_with("CW_") || ["PATH", "LANG", "PWD", "SHLVL", "_"].contains(&k.as_str())), "{:?}", env.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    assert!(
+        env.iter().all(|(k, _)| k.starts_with("CW_")
+            || ["PATH", "LANG", "PWD", "SHLVL", "_"].contains(&k.as_str())),
+        "{:?}",
+        env.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
     // The whole payload arrives on stdin, byte for byte.
     assert_eq!(lab.read(&format!("evil.stdin.{run}"))?, evil.as_bytes());
 
     // Still alive and counting.
     assert!(cw.process().is_running());
     let m = scrape(&cw).await?;
-    assert_eq!(m.value("clusterwatch_hook_notifications_total", &[("status", "unauthorized")]), Some(4.0));
-    assert_eq!(m.value("clusterwatch_hook_notifications_total", &[("status", "bad_request")]), Some(7.0));
-    assert_eq!(m.value("clusterwatch_hook_notifications_total", &[("status", "too_large")]), Some(1.0));
-    assert_eq!(m.value("clusterwatch_hook_notifications_total", &[("status", "accepted")]), Some(2.0));
+    assert_eq!(
+        m.value(
+            "clusterwatch_hook_notifications_total",
+            &[("status", "unauthorized")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        m.value(
+            "clusterwatch_hook_notifications_total",
+            &[("status", "bad_request")]
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        m.value(
+            "clusterwatch_hook_notifications_total",
+            &[("status", "too_large")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value(
+            "clusterwatch_hook_notifications_total",
+            &[("status", "accepted")]
+        ),
+        Some(2.0)
+    );
     assert!(!m.mentions(TOKEN));
-    assert!(!String::from_utf8_lossy(&std::fs::read(lab.state_dir().join("journal.jsonl"))?).contains(TOKEN));
+    assert!(
+        !String::from_utf8_lossy(&std::fs::read(lab.state_dir().join("journal.jsonl"))?)
+            .contains(TOKEN)
+    );
     assert!(!cw.logs().contains(TOKEN));
     Ok(())
 }
@@ -342,17 +503,124 @@ async fn timeout_kills_the_hooks_whole_process_group() -> Result<()> {
         slow.display()
     );
     let cw = Clusterwatch::start(Some(&lab.config("  kill_grace: 500ms\n", &rules)), &[]).await?;
-    let body = notification("firing", "g", vec![alert("firing", json!({"alertname": "Slow"}), "s1", "2026-01-01T00:00:00Z")]);
+    let body = notification(
+        "firing",
+        "g",
+        vec![alert(
+            "firing",
+            json!({"alertname": "Slow"}),
+            "s1",
+            "2026-01-01T00:00:00Z",
+        )],
+    );
     assert_eq!(lab.post(body.to_string()).await?, 200);
     wait_for("the timed-out run", || !lab.events("finished").is_empty()).await?;
     let finished = &lab.events("finished")[0];
     assert_eq!(finished["result"], "timeout", "{finished}");
     for file in ["leader.pid", "child.pid"] {
         let pid: i32 = String::from_utf8(lab.read(file)?)?.trim().parse()?;
-        wait_until(Duration::from_secs(10), &format!("{file} {pid} to be gone"), async || Ok(!pid_alive(pid))).await?;
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{file} {pid} to be gone"),
+            async || Ok(!pid_alive(pid)),
+        )
+        .await?;
     }
     let m = scrape(&cw).await?;
-    assert_eq!(m.value("clusterwatch_hook_runs_total", &[("hook", "slow"), ("result", "timeout")]), Some(1.0));
-    assert_eq!(m.value("clusterwatch_hook_runs_in_flight", &[("hook", "slow")]), Some(0.0));
+    assert_eq!(
+        m.value(
+            "clusterwatch_hook_runs_total",
+            &[("hook", "slow"), ("result", "timeout")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.value("clusterwatch_hook_runs_in_flight", &[("hook", "slow")]),
+        Some(0.0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_promote_example_acts_only_once_the_master_is_gone() -> Result<()> {
+    let mut pair = clusterwatch_tests::harness::RedisPair::start().await?;
+    let lab = HookLab::new()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?
+        .join("alertmanager/hooks/redis-promote");
+    let rules = format!(
+        "    - name: redis-promote\n      match: {{ alertname: RedisNoMaster }}\n      validate: [{s}, --check]\n      command: [{s}]\n      disruptive: true\n      env: {{ REDIS_HOST: 127.0.0.1, REDIS_PORT: \"{port}\", MAX_DOWN_SECONDS_MIN: \"0\" }}\n",
+        s = script.display(),
+        port = pair.replica.port()
+    );
+    let _cw = Clusterwatch::start(
+        Some(&lab.config("  max_disruptive_per_hour: 10\n", &rules)),
+        &[],
+    )
+    .await?;
+    let post = |fp: &str| {
+        notification(
+            "firing",
+            fp,
+            vec![alert(
+                "firing",
+                json!({"alertname": "RedisNoMaster"}),
+                fp,
+                "2026-01-01T00:00:00Z",
+            )],
+        )
+        .to_string()
+    };
+
+    // The master is fine: the check refuses, nothing is changed, the incident stays open.
+    assert_eq!(lab.post(post("r1")).await?, 200);
+    wait_for("the refused validation", || {
+        !lab.events("validate_failed").is_empty()
+    })
+    .await?;
+    let refused = &lab.events("validate_failed")[0];
+    assert_eq!(refused["outcome"], "exit 3", "{refused}");
+    assert!(refused["stderr_tail"]
+        .as_str()
+        .unwrap_or("")
+        .contains("link to the master is up"));
+    assert_eq!(
+        pair.replica
+            .info("replication")
+            .await?
+            .get("role")
+            .map(String::as_str),
+        Some("slave")
+    );
+    assert!(lab.events("started").is_empty());
+
+    // The master goes away: the same script promotes the replica.
+    pair.master.stop()?;
+    wait_until(WAIT, "the replica to see its master gone", async || {
+        Ok(pair
+            .replica
+            .info("replication")
+            .await?
+            .get("master_link_status")
+            .map(String::as_str)
+            == Some("down"))
+    })
+    .await?;
+    assert_eq!(lab.post(post("r2")).await?, 200);
+    wait_for("the promotion to finish", || {
+        !lab.events("finished").is_empty()
+    })
+    .await?;
+    let finished = &lab.events("finished")[0];
+    assert_eq!(finished["result"], "ok", "{finished}");
+    assert_eq!(
+        pair.replica
+            .info("replication")
+            .await?
+            .get("role")
+            .map(String::as_str),
+        Some("master")
+    );
     Ok(())
 }
