@@ -641,3 +641,159 @@ pub fn replay(cfg: &HooksConfig, body: &[u8]) -> Result<Vec<String>, String> {
     }
     Ok(lines)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::hooks::payload::tests::body;
+    use crate::hooks::policy::tests::rule;
+
+    fn config(dir: &std::path::Path, rules: Vec<HookRule>) -> HooksConfig {
+        HooksConfig {
+            listen: config::Listen::Main,
+            auth: config::Auth::Bearer(Secret::new("t")),
+            state_dir: dir.to_path_buf(),
+            max_body_bytes: 1 << 20,
+            max_disruptive_per_hour: 5,
+            kill_switch_file: Some(dir.join("stop")),
+            dry_run: false,
+            max_concurrent_runs: 2,
+            kill_grace: Duration::from_millis(100),
+            rules,
+        }
+    }
+
+    fn alert_body(fp: &str) -> bytes::Bytes {
+        body("firing", r#"{"alertname":"NoPrimary"}"#, fp, "t0").into()
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn events(dir: &std::path::Path) -> Vec<Event> {
+        journal::read(dir)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn exit_1_is_retried_then_succeeds_and_exit_2_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        // Fails with 1 on the first attempt, succeeds on the second.
+        let flaky = dir.path().join("flaky");
+        let mut r = rule("flaky", false, 0);
+        r.command = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "[ -e {m} ] && exit 0; touch {m}; exit 1",
+                m = flaky.display()
+            ),
+        ];
+        r.retries = 3;
+        r.retry_backoff = Duration::from_millis(10);
+        let mut hard = rule("hard", false, 0);
+        hard.command = vec!["/bin/sh".into(), "-c".into(), "exit 2".into()];
+        hard.retries = 3;
+        let hooks = Hooks::start(config(dir.path(), vec![r, hard]), Box::new(LocalGate))
+            .await
+            .unwrap();
+        let receipt = hooks.receive(alert_body("f1")).await.unwrap();
+        assert_eq!(receipt.runs, 2);
+        let finished = |d: &std::path::Path| {
+            events(d)
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Finished {
+                        hook,
+                        attempt,
+                        result,
+                        ..
+                    } => Some((hook, attempt, result)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        until("both runs to end", || {
+            finished(dir.path())
+                .iter()
+                .filter(|f| f.2 != "retry")
+                .count()
+                == 2
+        })
+        .await;
+        let mut f = finished(dir.path());
+        f.sort();
+        assert_eq!(
+            f,
+            vec![
+                ("flaky".into(), 1, "retry".into()),
+                ("flaky".into(), 2, "ok".into()),
+                ("hard".into(), 1, "failed".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn cooldown_and_kill_switch_survive_a_restart_and_replay_shows_the_decision() {
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = Hooks::start(
+            config(dir.path(), vec![rule("promote", true, 3600)]),
+            Box::new(LocalGate),
+        )
+        .await
+        .unwrap();
+        assert_eq!(hooks.receive(alert_body("f1")).await.unwrap().runs, 1);
+        until("the run to finish", || {
+            events(dir.path())
+                .iter()
+                .any(|e| matches!(e, Event::Finished { .. }))
+        })
+        .await;
+        drop(hooks);
+
+        let cfg = config(dir.path(), vec![rule("promote", true, 3600)]);
+        let before = events(dir.path()).len();
+        let lines = replay(&cfg, &alert_body("f2")).unwrap();
+        assert!(lines[0].contains("cooldown_skipped"), "{lines:?}");
+        let lines = replay(&cfg, &alert_body("f1")).unwrap();
+        assert!(lines[0].contains("deduped"), "{lines:?}");
+        // Replay journals nothing.
+        assert_eq!(events(dir.path()).len(), before);
+
+        let hooks = Hooks::start(cfg, Box::new(LocalGate)).await.unwrap();
+        assert_eq!(hooks.receive(alert_body("f2")).await.unwrap().runs, 0);
+        assert!(matches!(
+            events(dir.path()).last(),
+            Some(Event::CooldownSkipped { .. })
+        ));
+        std::fs::write(dir.path().join("stop"), "").unwrap();
+        assert_eq!(hooks.receive(alert_body("f3")).await.unwrap().runs, 0);
+        assert!(matches!(
+            events(dir.path()).last(),
+            Some(Event::KillSwitch { .. })
+        ));
+        let mut out = SampleBuffer::new();
+        hooks.write_metrics(&mut out);
+        let text = out.into_snapshot().encode_text();
+        assert!(
+            text.contains("clusterwatch_hook_kill_switch_active 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("clusterwatch_hook_skips_total{hook=\"promote\",reason=\"cooldown\"} 1"),
+            "{text}"
+        );
+    }
+}

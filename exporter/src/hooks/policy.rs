@@ -324,7 +324,7 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
@@ -332,7 +332,8 @@ mod tests {
     use crate::hooks::payload::decode;
     use crate::hooks::payload::tests::body;
 
-    fn rule(name: &str, disruptive: bool, cooldown: u64) -> HookRule {
+    /// A hook on `alertname="NoPrimary"` running /bin/true.
+    pub(crate) fn rule(name: &str, disruptive: bool, cooldown: u64) -> HookRule {
         HookRule {
             name: name.into(),
             matchers: vec![Matcher::Eq("alertname".into(), "NoPrimary".into())],
@@ -359,7 +360,8 @@ mod tests {
         }
     }
 
-    fn note(status: &str, fp: &str, starts: &str) -> Notification {
+    /// A one-alert `NoPrimary` notification.
+    pub(crate) fn note(status: &str, fp: &str, starts: &str) -> Notification {
         decode(body(status, r#"{"alertname":"NoPrimary"}"#, fp, starts).as_bytes()).unwrap()
     }
 
