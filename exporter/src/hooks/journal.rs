@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 /// The journal's file name inside `state_dir`.
@@ -195,12 +196,20 @@ impl Journal {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&path)
             .map_err(io)?;
+        // One writer per journal: a second clusterwatch on the same state_dir would decide
+        // without seeing the first one's runs, and could run a disruptive hook twice.
+        let mut file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!("locked by another process ({errno}); is another clusterwatch using this state_dir?"),
+            ))
+        })?;
         let (records, good_len) = read_from(&mut file, &path).map_err(io)?;
         if good_len < file.metadata().map_err(io)?.len() {
             tracing::warn!(journal = %path.display(), "cutting off a torn last journal line");
@@ -239,7 +248,7 @@ impl Journal {
 }
 
 /// Drains everything queued, writes it, one fsync for all of it, then acknowledges each.
-fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
+fn writer(mut file: Flock<File>, rx: mpsc::Receiver<Pending>, path: &Path) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -361,6 +370,13 @@ mod tests {
         drop(f);
         let (j, old) = Journal::open(dir.path()).unwrap();
         assert_eq!(old, vec![rec(1), rec(2)]);
+        let second = Journal::open(dir.path())
+            .err()
+            .expect("a second writer is refused");
+        assert!(
+            second.to_string().contains("another clusterwatch"),
+            "{second}"
+        );
         j.append(&[rec(3)]).await.unwrap();
         assert_eq!(read(dir.path()).unwrap(), vec![rec(1), rec(2), rec(3)]);
         assert!(render(&rec(3)).contains("unknown"));
