@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
+use futures::StreamExt;
 use subtle::ConstantTimeEq;
 
 use super::config::{Auth, WEBHOOK_PATH};
@@ -48,10 +49,21 @@ fn authorized(auth: &Auth, headers: &HeaderMap) -> bool {
 
 async fn alertmanager(State(hooks): State<Arc<Hooks>>, request: Request) -> Response {
     let result = async {
+        let limit = hooks.config().max_body_bytes;
         if !authorized(&hooks.config().auth, request.headers()) {
+            // Read the body (up to the cap, without keeping it) before answering: a reply sent
+            // while the client is still writing closes the connection under it, and the
+            // client sees a broken pipe instead of a clear 401.
+            let mut body = request.into_body().into_data_stream();
+            let mut read = 0;
+            while let Some(Ok(chunk)) = body.next().await {
+                read += chunk.len();
+                if read > limit {
+                    break;
+                }
+            }
             return Err(HookError::Unauthorized);
         }
-        let limit = hooks.config().max_body_bytes;
         let body = axum::body::to_bytes(request.into_body(), limit)
             .await
             .map_err(|_| HookError::TooLarge)?;

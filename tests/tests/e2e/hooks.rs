@@ -316,7 +316,10 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
     };
 
     // Authentication: nothing is read or run without the token.
-    assert_eq!(lab.post_with(None, valid("a1")).await?, 401);
+    assert_eq!(
+        lab.post_with(None, valid("a1")).await.context("no auth")?,
+        401
+    );
     assert_eq!(lab.post_with(Some("Bearer wrong"), valid("a2")).await?, 401);
     assert_eq!(
         lab.post_with(Some(&format!("Bearer {TOKEN}x")), valid("a3"))
@@ -356,12 +359,20 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
             labels_not_strings.to_string(),
         ),
     ] {
-        assert_eq!(lab.post(body).await?, 400, "{what}");
+        assert_eq!(lab.post(body).await.context(what)?, 400, "{what}");
     }
 
     // 10 MB: refused without being read whole (the client may see the connection close).
+    // Its own client: the receiver closes that connection, and a pooled one could be reused
+    // by the next request just as it closes.
     let huge = format!("{{\"version\":\"4\",\"pad\":\"{}\"}}", "x".repeat(10 << 20));
-    match lab.post(huge).await {
+    let once = clusterwatch_tests::harness::http::client()?
+        .post(lab.url())
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(huge)
+        .send()
+        .await;
+    match once.map(|r| r.status()) {
         Ok(status) => assert_eq!(status, 413),
         Err(e) => eprintln!("10 MB body: connection closed by the receiver ({e:#})"),
     }
@@ -408,7 +419,7 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
         )],
     )
     .to_string();
-    assert_eq!(lab.post(evil.clone()).await?, 200);
+    assert_eq!(lab.post(evil.clone()).await.context("evil labels")?, 200);
     wait_for("the evil hook to finish", || {
         lab.events("finished").iter().any(|r| r["hook"] == "evil")
     })
