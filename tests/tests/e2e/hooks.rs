@@ -552,58 +552,103 @@ async fn timeout_kills_the_hooks_whole_process_group() -> Result<()> {
     Ok(())
 }
 
+/// Starts clusterwatch with one example script from `alertmanager/hooks/` as a disruptive
+/// hook on `alertname` (`--check` as its validation, `env` as YAML flow mapping).
+async fn example_hook(
+    lab: &HookLab,
+    script: &str,
+    alertname: &str,
+    env: &str,
+) -> Result<Clusterwatch> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?
+        .join("alertmanager/hooks")
+        .join(script);
+    let rules = format!(
+        "    - name: promote\n      match: {{ alertname: {alertname} }}\n      validate: [{s}, --check]\n      command: [{s}]\n      disruptive: true\n      env: {env}\n",
+        s = script.display(),
+    );
+    Clusterwatch::start(
+        Some(&lab.config("  max_disruptive_per_hour: 10\n", &rules)),
+        &[],
+    )
+    .await
+}
+
+/// Posts a firing `alertname` alert with fingerprint `fp`; returns the run's last record
+/// (`validate_failed` or `finished`).
+async fn fire_and_wait(lab: &HookLab, alertname: &str, fp: &str) -> Result<Value> {
+    let body = notification(
+        "firing",
+        fp,
+        vec![alert(
+            "firing",
+            json!({"alertname": alertname}),
+            fp,
+            "2026-01-01T00:00:00Z",
+        )],
+    );
+    assert_eq!(lab.post(body.to_string()).await?, 200);
+    let run = lab
+        .events("matched")
+        .into_iter()
+        .find(|r| r["alert"]["fingerprint"] == fp)
+        .context("no matched record")?["run"]
+        .clone();
+    let end = || {
+        lab.journal().into_iter().find(|r| {
+            r["run"] == run && (r["event"] == "validate_failed" || r["event"] == "finished")
+        })
+    };
+    wait_for("the run to end", || end().is_some()).await?;
+    end().context("vanished")
+}
+
+#[tokio::test]
+async fn pg_promote_example_refuses_while_the_primary_answers_then_promotes() -> Result<()> {
+    let pair = clusterwatch_tests::harness::PgCluster::start_pair().await?;
+    let lab = HookLab::new()?;
+    let env = format!(
+        "{{ PGHOST: 127.0.0.1, PGPORT: \"{}\", PGUSER: postgres, OLD_PRIMARY_HOST: 127.0.0.1, OLD_PRIMARY_PORT: \"{}\" }}",
+        pair.standby.port(),
+        pair.primary.port()
+    );
+    let _cw = example_hook(&lab, "pg-promote", "PostgresNoPrimary", &env).await?;
+
+    let refused = fire_and_wait(&lab, "PostgresNoPrimary", "p1").await?;
+    assert_eq!(refused["event"], "validate_failed", "{refused}");
+    assert_eq!(refused["outcome"], "exit 4", "{refused}");
+    assert_eq!(pair.standby.psql("SELECT pg_is_in_recovery()").await?, "t");
+
+    pair.primary.stop().await?;
+    let done = fire_and_wait(&lab, "PostgresNoPrimary", "p2").await?;
+    assert_eq!(done["result"], "ok", "{done}");
+    assert_eq!(pair.standby.psql("SELECT pg_is_in_recovery()").await?, "f");
+    Ok(())
+}
+
 #[tokio::test]
 async fn redis_promote_example_acts_only_once_the_master_is_gone() -> Result<()> {
     let mut pair = clusterwatch_tests::harness::RedisPair::start().await?;
     let lab = HookLab::new()?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace")?
-        .join("alertmanager/hooks/redis-promote");
-    let rules = format!(
-        "    - name: redis-promote\n      match: {{ alertname: RedisNoMaster }}\n      validate: [{s}, --check]\n      command: [{s}]\n      disruptive: true\n      env: {{ REDIS_HOST: 127.0.0.1, REDIS_PORT: \"{port}\", MAX_DOWN_SECONDS_MIN: \"0\" }}\n",
-        s = script.display(),
-        port = pair.replica.port()
+    let env = format!(
+        "{{ REDIS_HOST: 127.0.0.1, REDIS_PORT: \"{}\", MAX_DOWN_SECONDS_MIN: \"0\" }}",
+        pair.replica.port()
     );
-    let _cw = Clusterwatch::start(
-        Some(&lab.config("  max_disruptive_per_hour: 10\n", &rules)),
-        &[],
-    )
-    .await?;
-    let post = |fp: &str| {
-        notification(
-            "firing",
-            fp,
-            vec![alert(
-                "firing",
-                json!({"alertname": "RedisNoMaster"}),
-                fp,
-                "2026-01-01T00:00:00Z",
-            )],
-        )
-        .to_string()
+    let _cw = example_hook(&lab, "redis-promote", "RedisNoMaster", &env).await?;
+    let role = async |node: &clusterwatch_tests::harness::RedisNode| -> Result<Option<String>> {
+        Ok(node.info("replication").await?.get("role").cloned())
     };
 
     // The master is fine: the check refuses, nothing is changed, the incident stays open.
-    assert_eq!(lab.post(post("r1")).await?, 200);
-    wait_for("the refused validation", || {
-        !lab.events("validate_failed").is_empty()
-    })
-    .await?;
-    let refused = &lab.events("validate_failed")[0];
+    let refused = fire_and_wait(&lab, "RedisNoMaster", "r1").await?;
     assert_eq!(refused["outcome"], "exit 3", "{refused}");
     assert!(refused["stderr_tail"]
         .as_str()
         .unwrap_or("")
         .contains("link to the master is up"));
-    assert_eq!(
-        pair.replica
-            .info("replication")
-            .await?
-            .get("role")
-            .map(String::as_str),
-        Some("slave")
-    );
+    assert_eq!(role(&pair.replica).await?.as_deref(), Some("slave"));
     assert!(lab.events("started").is_empty());
 
     // The master goes away: the same script promotes the replica.
@@ -618,20 +663,8 @@ async fn redis_promote_example_acts_only_once_the_master_is_gone() -> Result<()>
             == Some("down"))
     })
     .await?;
-    assert_eq!(lab.post(post("r2")).await?, 200);
-    wait_for("the promotion to finish", || {
-        !lab.events("finished").is_empty()
-    })
-    .await?;
-    let finished = &lab.events("finished")[0];
-    assert_eq!(finished["result"], "ok", "{finished}");
-    assert_eq!(
-        pair.replica
-            .info("replication")
-            .await?
-            .get("role")
-            .map(String::as_str),
-        Some("master")
-    );
+    let done = fire_and_wait(&lab, "RedisNoMaster", "r2").await?;
+    assert_eq!(done["result"], "ok", "{done}");
+    assert_eq!(role(&pair.replica).await?.as_deref(), Some("master"));
     Ok(())
 }
