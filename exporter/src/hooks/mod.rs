@@ -4,12 +4,12 @@
 
 pub mod config;
 pub mod journal;
+mod metrics;
 pub mod payload;
 pub mod policy;
 pub mod receiver;
 pub mod runner;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use crate::snapshot::SampleBuffer;
 use config::{HookRule, HooksConfig};
 use journal::{Event, Journal, JournalError, Record};
+use metrics::Counters;
 use payload::{Notification, PayloadError};
 use policy::{Context, State};
 use runner::{Exit, Spec};
@@ -96,15 +97,6 @@ impl RunGate for LocalGate {
     async fn acquire(&self, _hook: &str, _run: u64) -> Result<Box<dyn Send>, String> {
         Ok(Box::new(()))
     }
-}
-
-#[derive(Default)]
-struct Counters {
-    notifications: HashMap<&'static str, u64>,
-    runs: HashMap<(String, &'static str), u64>,
-    skips: HashMap<(String, &'static str), u64>,
-    in_flight: HashMap<String, i64>,
-    last_duration: HashMap<String, f64>,
 }
 
 /// What the handler answers for an accepted notification.
@@ -219,15 +211,12 @@ impl Hooks {
         if !planned.is_empty() {
             // The payload is kept for the hook's CW_PAYLOAD_FILE and for a re-run after a crash.
             let path = self.payload_path(notification);
-            let body = body.clone();
-            tokio::task::spawn_blocking(move || write_durably(&path, &body))
+            let (at, body) = (path.clone(), body.clone());
+            tokio::task::spawn_blocking(move || write_durably(&at, &body))
                 .await
-                .map_err(|e| JournalError::Io {
-                    path: String::new(),
-                    source: std::io::Error::other(e),
-                })?
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
                 .map_err(|source| JournalError::Io {
-                    path: "payloads".into(),
+                    path: path.display().to_string(),
                     source,
                 })?;
         }
@@ -504,95 +493,11 @@ impl Hooks {
             .or_default() += 1;
     }
 
-    /// Writes the `clusterwatch_hook_*` families: every hook × result/reason series exists from
-    /// the start, at 0, so `increase()` sees the first failure.
+    /// Writes the `clusterwatch_hook_*` families.
     pub fn write_metrics(&self, out: &mut SampleBuffer) {
-        let t = now();
         let c = self.counters.lock().unwrap();
         let state = self.state.lock().unwrap();
-        for status in NOTIFICATION_STATUSES {
-            out.counter(
-                "clusterwatch_hook_notifications_total",
-                "Webhook notifications by outcome (accepted, unauthorized, bad_request, too_large, error).",
-                &[("status", status)],
-                c.notifications.get(status).copied().unwrap_or(0) as f64,
-            );
-        }
-        let kill = context(&self.cfg).kill_switch;
-        out.gauge(
-            "clusterwatch_hook_kill_switch_active",
-            "1 while the kill-switch file exists: no hook runs.",
-            &[],
-            if kill { 1.0 } else { 0.0 },
-        );
-        out.gauge(
-            "clusterwatch_hook_dry_run",
-            "1 when global dry run is on.",
-            &[],
-            if self.cfg.dry_run { 1.0 } else { 0.0 },
-        );
-        out.gauge(
-            "clusterwatch_hook_disruptive_runs_last_hour",
-            "Disruptive runs accepted in the last hour, over all hooks.",
-            &[],
-            state.disruptive_last_hour(t) as f64,
-        );
-        out.gauge(
-            "clusterwatch_hook_max_disruptive_per_hour",
-            "The configured hourly budget of disruptive runs.",
-            &[],
-            self.cfg.max_disruptive_per_hour as f64,
-        );
-        for rule in &self.cfg.rules {
-            let hook = rule.name.as_str();
-            for result in RUN_RESULTS {
-                out.counter(
-                    "clusterwatch_hook_runs_total",
-                    "Finished hook runs by result (ok, failed, timeout, error); retries count once.",
-                    &[("hook", hook), ("result", result)],
-                    c.runs.get(&(hook.to_owned(), *result)).copied().unwrap_or(0) as f64,
-                );
-            }
-            for reason in SKIP_REASONS {
-                out.counter(
-                    "clusterwatch_hook_skips_total",
-                    "Matching alerts that did not run the hook, by reason.",
-                    &[("hook", hook), ("reason", reason)],
-                    c.skips
-                        .get(&(hook.to_owned(), *reason))
-                        .copied()
-                        .unwrap_or(0) as f64,
-                );
-            }
-            out.gauge(
-                "clusterwatch_hook_runs_in_flight",
-                "Hook processes running now.",
-                &[("hook", hook)],
-                c.in_flight.get(hook).copied().unwrap_or(0) as f64,
-            );
-            if let Some(d) = c.last_duration.get(hook) {
-                out.gauge(
-                    "clusterwatch_hook_last_run_duration_seconds",
-                    "Duration of the hook's last attempt.",
-                    &[("hook", hook)],
-                    *d,
-                );
-            }
-            if let Some(ts) = state.last_success(hook) {
-                out.gauge(
-                    "clusterwatch_hook_last_success_timestamp_seconds",
-                    "Unix time of the hook's last successful attempt (from the journal).",
-                    &[("hook", hook)],
-                    ts,
-                );
-            }
-            out.gauge(
-                "clusterwatch_hook_journal_unknown_runs",
-                "Runs of this hook interrupted by a stop or crash in the last 24 hours: their effect is unknown.",
-                &[("hook", hook), ("disruptive", if rule.disruptive { "true" } else { "false" })],
-                state.unknown_runs(hook, t) as f64,
-            );
-        }
+        metrics::write(&self.cfg, &c, &state, context(&self.cfg), out);
     }
 }
 
