@@ -63,27 +63,27 @@ pub(super) fn write(
     );
     for rule in &cfg.rules {
         let hook = rule.name.as_str();
-        for result in RUN_RESULTS {
-            out.counter(
+        let per_hook = [
+            (
                 "clusterwatch_hook_runs_total",
                 "Finished hook runs by result (ok, failed, timeout, error); retries count once.",
-                &[("hook", hook), ("result", result)],
-                c.runs
-                    .get(&(hook.to_owned(), *result))
-                    .copied()
-                    .unwrap_or(0) as f64,
-            );
-        }
-        for reason in SKIP_REASONS {
-            out.counter(
+                "result",
+                RUN_RESULTS,
+                &c.runs,
+            ),
+            (
                 "clusterwatch_hook_skips_total",
                 "Matching alerts that did not run the hook, by reason.",
-                &[("hook", hook), ("reason", reason)],
-                c.skips
-                    .get(&(hook.to_owned(), *reason))
-                    .copied()
-                    .unwrap_or(0) as f64,
-            );
+                "reason",
+                SKIP_REASONS,
+                &c.skips,
+            ),
+        ];
+        for (name, help, label, values, counts) in per_hook {
+            for v in values {
+                let n = counts.get(&(hook.to_owned(), *v)).copied().unwrap_or(0);
+                out.counter(name, help, &[("hook", hook), (label, v)], n as f64);
+            }
         }
         out.gauge(
             "clusterwatch_hook_runs_in_flight",
