@@ -285,6 +285,45 @@ async fn kill_9_during_a_disruptive_hook_leaves_it_unknown_and_never_rerun() -> 
         ),
         Some(TRIALS as f64)
     );
+
+    // The offline tools read the same journal: `replay` shows the incident as handled and
+    // journals nothing; `journal` lists the unknown runs.
+    let payload = lab.dir().join("payload.json");
+    let fp = "fp00";
+    let alerts = vec![alert(
+        "firing",
+        json!({"alertname": "NoPrimary"}),
+        fp,
+        "2026-01-01T00:00:00Z",
+    )];
+    std::fs::write(&payload, notification("firing", fp, alerts).to_string())?;
+    let config = cw.config_path().context("config path")?.to_owned();
+    let records = lab.journal().len();
+    let cli = |args: &[&std::ffi::OsStr]| -> Result<String> {
+        let out = std::process::Command::new(clusterwatch_tests::harness::clusterwatch::binary()?)
+            .arg("--config.file")
+            .arg(&config)
+            .args(args)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let replayed = cli(&["hooks".as_ref(), "replay".as_ref(), payload.as_os_str()])?;
+    assert!(
+        replayed.contains("deduped") && replayed.contains("fingerprint=fp00"),
+        "{replayed}"
+    );
+    assert_eq!(lab.journal().len(), records, "replay wrote to the journal");
+    let journal = cli(&["hooks".as_ref(), "journal".as_ref()])?;
+    assert_eq!(
+        journal.lines().filter(|l| l.contains(" unknown ")).count(),
+        TRIALS,
+        "{journal}"
+    );
     Ok(())
 }
 
