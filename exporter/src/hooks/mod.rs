@@ -208,19 +208,25 @@ impl Hooks {
             unreachable!("plan always starts with `received`");
         };
         let notification = *notification;
-        if !planned.is_empty() {
-            // The payload is kept for the hook's CW_PAYLOAD_FILE and for a re-run after a crash.
-            let path = self.payload_path(notification);
-            let (at, body) = (path.clone(), body.clone());
-            tokio::task::spawn_blocking(move || write_durably(&at, &body))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                .map_err(|source| JournalError::Io {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+        if let Err(e) = self
+            .store(notification, &body, &records, !planned.is_empty())
+            .await
+        {
+            // Alertmanager will retry after the 500: give the accepted runs back, so the retry
+            // is decided afresh instead of being taken for a repeat of a run that never came.
+            let mut state = self.state.lock().unwrap();
+            for p in &planned {
+                state.apply(&Record {
+                    ts: ctx.now,
+                    event: Event::Abandoned {
+                        run: p.run,
+                        hook: self.cfg.rules[p.rule].name.clone(),
+                        reason: "not stored".into(),
+                    },
+                });
+            }
+            return Err(e.into());
         }
-        self.journal.append(&records).await?;
         {
             let mut c = self.counters.lock().unwrap();
             *c.notifications.entry("accepted").or_default() += 1;
@@ -246,6 +252,29 @@ impl Hooks {
             });
         }
         Ok(receipt)
+    }
+
+    /// Makes a notification's decisions durable: the payload file first when runs will need
+    /// it (CW_PAYLOAD_FILE, a re-run after a crash), then the journal records.
+    async fn store(
+        &self,
+        notification: u64,
+        body: &bytes::Bytes,
+        records: &[Record],
+        with_payload: bool,
+    ) -> Result<(), JournalError> {
+        if with_payload {
+            let path = self.payload_path(notification);
+            let (at, body) = (path.clone(), body.clone());
+            tokio::task::spawn_blocking(move || write_durably(&at, &body))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|source| JournalError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+        }
+        self.journal.append(records).await
     }
 
     async fn rerun(self: &Arc<Self>, rule: usize, open: policy::OpenRun) {
@@ -648,6 +677,24 @@ mod tests {
                 ("hard".into(), 1, "failed".into()),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_notification_that_could_not_be_stored_is_decided_afresh_on_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the payload directory should be: storing the payload fails.
+        std::fs::write(dir.path().join("payloads"), "").unwrap();
+        let hooks = Hooks::start(
+            config(dir.path(), vec![rule("promote", true, 3600)]),
+            Box::new(LocalGate),
+        )
+        .await
+        .unwrap();
+        let err = hooks.receive(alert_body("f1")).await.unwrap_err();
+        assert_eq!(err.status(), "error");
+        std::fs::remove_file(dir.path().join("payloads")).unwrap();
+        // Alertmanager's retry: not a repeat, not in cooldown, not over budget.
+        assert_eq!(hooks.receive(alert_body("f1")).await.unwrap().runs, 1);
     }
 
     #[tokio::test]
