@@ -541,7 +541,7 @@ async fn hostile_requests_get_4xx_or_no_run_and_labels_cannot_reach_the_environm
 }
 
 #[tokio::test]
-async fn timeout_kills_the_hooks_whole_process_group() -> Result<()> {
+async fn timeout_kills_the_hooks_whole_process_group_on_the_main_listener() -> Result<()> {
     let lab = HookLab::new()?;
     let d = lab.dir().display().to_string();
     let slow = lab.script(
@@ -552,7 +552,11 @@ async fn timeout_kills_the_hooks_whole_process_group() -> Result<()> {
         "    - {{ name: slow, match: {{ alertname: Slow }}, command: [{}], timeout: 1s }}\n",
         slow.display()
     );
-    let cw = Clusterwatch::start(Some(&lab.config("  kill_grace: 500ms\n", &rules)), &[]).await?;
+    // This one serves the webhook on the main listener, next to /metrics.
+    let config = lab
+        .config("  kill_grace: 500ms\n", &rules)
+        .replace(&format!("listen: 127.0.0.1:{}", lab.port), "listen: main");
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
     let body = notification(
         "firing",
         "g",
@@ -563,7 +567,15 @@ async fn timeout_kills_the_hooks_whole_process_group() -> Result<()> {
             "2026-01-01T00:00:00Z",
         )],
     );
-    assert_eq!(lab.post(body.to_string()).await?, 200);
+    let status = cw
+        .client()
+        .post(cw.url("/hooks/alertmanager"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(body.to_string())
+        .send()
+        .await?
+        .status();
+    assert_eq!(status, 200);
     wait_for("the timed-out run", || !lab.events("finished").is_empty()).await?;
     let finished = &lab.events("finished")[0];
     assert_eq!(finished["result"], "timeout", "{finished}");
