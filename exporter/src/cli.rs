@@ -63,4 +63,22 @@ pub enum Command {
     },
     /// Run every collector once, print the exposition and exit.
     Once,
+    /// The hook runner's offline tools (need --config.file with a `hooks:` section).
+    Hooks {
+        /// What to do.
+        #[command(subcommand)]
+        command: HooksCommand,
+    },
+}
+
+/// `clusterwatch hooks …`.
+#[derive(Debug, Subcommand)]
+pub enum HooksCommand {
+    /// Print what the runner would decide for a webhook payload; runs and records nothing.
+    Replay {
+        /// A webhook v4 JSON body, as Alertmanager sends it.
+        payload: PathBuf,
+    },
+    /// Print the journal, one decision per line.
+    Journal,
 }

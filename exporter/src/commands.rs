@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, HooksCommand};
 use crate::collector::Engine;
 use crate::config::{self, Config};
+use crate::hooks::config::{Listen, WEBHOOK_PATH};
+use crate::hooks::{Hooks, LocalGate};
 use crate::http::{app, AppState};
 
 /// Runs the command the user asked for and returns the process exit code.
@@ -17,6 +19,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match &cli.command {
         Some(Command::CheckConfig { file }) => check_config(file),
         Some(Command::Once) => run_async(once(&cli)),
+        Some(Command::Hooks { command }) => hooks_command(&cli, command),
         Some(Command::Serve) | None => run_async(serve(&cli)),
     }
 }
@@ -45,7 +48,12 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 fn check_config(file: &Path) -> ExitCode {
     match config::load_file(file) {
         Ok(cfg) => {
-            println!("{}: ok ({} targets)", file.display(), cfg.targets.len());
+            let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
+            println!(
+                "{}: ok ({} targets, {hooks} hooks)",
+                file.display(),
+                cfg.targets.len()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -89,10 +97,36 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         targets = cfg.targets.len(),
         "starting clusterwatch"
     );
+    let hooks = match cfg.hooks {
+        Some(h) => Some(
+            Hooks::start(h, Box::new(LocalGate))
+                .await
+                .context("cannot start the hook runner")?,
+        ),
+        None => None,
+    };
+    // The webhook's own listener is bound before the main one, so a ready main listener
+    // means the webhook is reachable too.
+    let mut webhook_server = None;
+    if let Some(h) = &hooks {
+        if let Listen::Own(addr) = h.config().listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for the webhook (hooks.listen)")
+            })?;
+            tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), "webhook listening");
+            let router = crate::hooks::receiver::routes(h.clone());
+            webhook_server = Some(tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown_signal())
+                    .await
+            }));
+        }
+    }
     let state = AppState {
         engine: Arc::new(Engine::new(cfg.targets, cfg.global.timeout)),
         telemetry_path: cli.telemetry_path.clone(),
         config_origin: cfg.origin,
+        hooks,
     };
     let listener = tokio::net::TcpListener::bind(cli.listen_address)
         .await
@@ -102,8 +136,52 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("http server failed")?;
+    if let Some(server) = webhook_server {
+        if let Ok(Err(e)) = server.await {
+            tracing::warn!(error = %e, "webhook server failed");
+        }
+    }
     tracing::info!("clusterwatch stopped");
     Ok(())
+}
+
+fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
+    let cfg = match load(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clusterwatch: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(hooks) = cfg.hooks else {
+        eprintln!("clusterwatch: {} has no `hooks:` section", cfg.origin);
+        return ExitCode::FAILURE;
+    };
+    let lines = match command {
+        HooksCommand::Replay { payload } => std::fs::read(payload)
+            .map_err(|e| format!("cannot read {}: {e}", payload.display()))
+            .and_then(|body| crate::hooks::replay(&hooks, &body)),
+        HooksCommand::Journal => crate::hooks::journal::read(&hooks.state_dir)
+            .map(|records| records.iter().map(crate::hooks::journal::render).collect())
+            .map_err(|e| {
+                format!(
+                    "cannot read the journal in {}: {e}",
+                    hooks.state_dir.display()
+                )
+            }),
+    };
+    match lines {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("clusterwatch: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT so in-flight scrapes finish before exit.

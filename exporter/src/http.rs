@@ -12,6 +12,8 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::collector::Engine;
+use crate::hooks::config::Listen;
+use crate::hooks::Hooks;
 use crate::snapshot::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
 /// Everything the handlers need.
@@ -23,17 +25,27 @@ pub struct AppState {
     pub telemetry_path: String,
     /// Where the configuration came from, for the landing page.
     pub config_origin: String,
+    /// The webhook receiver and hook runner, when configured; its metrics join `/metrics`.
+    pub hooks: Option<Arc<Hooks>>,
 }
 
 /// The router with every route.
 pub fn app(state: AppState) -> Router {
     let telemetry_path = state.telemetry_path.clone();
-    Router::new()
+    let webhook = state
+        .hooks
+        .clone()
+        .filter(|h| h.config().listen == Listen::Main);
+    let router = Router::new()
         .route(&telemetry_path, get(metrics))
         .route("/-/healthy", get(healthy))
         .route("/-/ready", get(ready))
         .route("/", get(landing))
-        .with_state(state)
+        .with_state(state);
+    match webhook {
+        Some(hooks) => router.merge(crate::hooks::receiver::routes(hooks)),
+        None => router,
+    }
 }
 
 /// Prometheus' own scrape timeout, sent with every scrape.
@@ -56,7 +68,10 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
 }
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let buffer = state.engine.scrape(scrape_timeout(&headers)).await;
+    let mut buffer = state.engine.scrape(scrape_timeout(&headers)).await;
+    if let Some(hooks) = &state.hooks {
+        hooks.write_metrics(&mut buffer);
+    }
     let snapshot = buffer.into_snapshot();
     if wants_openmetrics(&headers) {
         (

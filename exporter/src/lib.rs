@@ -6,6 +6,7 @@ pub mod cli;
 pub mod collector;
 pub mod commands;
 pub mod config;
+pub mod hooks;
 pub mod http;
 pub mod logging;
 pub mod snapshot;

@@ -32,6 +32,8 @@ pub struct Config {
     pub global: Global,
     /// Every configured target, in file order.
     pub targets: Vec<Arc<dyn Collector>>,
+    /// The webhook receiver and hook runner, when a `hooks:` section is present.
+    pub hooks: Option<crate::hooks::config::HooksConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -40,6 +42,7 @@ impl std::fmt::Debug for Config {
             .field("origin", &self.origin)
             .field("global", &self.global)
             .field("targets", &self.targets.len())
+            .field("hooks", &self.hooks.as_ref().map(|h| h.rules.len()))
             .finish()
     }
 }
@@ -156,7 +159,9 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
     };
 
     let mut targets: Vec<Arc<dyn Collector>> = Vec::new();
-    let known: Vec<&str> = std::iter::once("global")
+    let mut hooks = None;
+    let known: Vec<&str> = ["global", crate::hooks::config::SECTION]
+        .into_iter()
         .chain(KINDS.iter().map(|k| k.section))
         .collect();
     let mut seen_sections = Vec::new();
@@ -170,6 +175,15 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
         seen_sections.push(key.name.as_str());
         if key.name == "global" {
+            continue;
+        }
+        // Not a collector: the webhook receiver and hook runner.
+        if key.name == crate::hooks::config::SECTION {
+            hooks = crate::hooks::config::parse(
+                Located::new(node, key.name.clone()),
+                &ctx,
+                &mut problems,
+            );
             continue;
         }
         match KINDS.iter().find(|k| k.section == key.name) {
@@ -212,6 +226,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
             origin: file.to_owned(),
             global,
             targets,
+            hooks,
         })
     } else {
         problems.sort_by_key(|p| (p.pos.line, p.pos.column));

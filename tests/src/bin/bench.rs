@@ -1,12 +1,18 @@
 //! Benchmarks run by hand (`cargo run --release -p clusterwatch-tests --bin bench -- all`):
 //! scrape latency, CPU per scrape and RSS of clusterwatch on its embedded default, and against
-//! Debian's prometheus-postgres-exporter on the same real primary, reported as ratios.
+//! Debian's prometheus-postgres-exporter on the same real primary, reported as ratios; and
+//! the webhook receiver's sustained notifications per second, acknowledgement latency with
+//! the journal fsync'd, and journal records lost to a kill -9 under load.
 
+use std::collections::HashSet;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clusterwatch_tests::harness::process::ChildGuard;
+use clusterwatch_tests::harness::webhook::{alert, notification, HookLab};
 use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode};
 
 /// Latency distribution and resource use of one exporter over a run.
@@ -251,6 +257,135 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
     Ok(())
 }
 
+/// Posts distinct notifications from `concurrency` tasks until `stop` is set, each task as
+/// fast as it can or, with `every`, one request per interval; returns each acknowledged (200)
+/// request's group key and latency.
+async fn hook_load(
+    lab: Arc<HookLab>,
+    concurrency: usize,
+    every: Option<Duration>,
+    stop: Arc<AtomicBool>,
+) -> Vec<(String, Duration)> {
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (lab, stop) = (lab.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            let mut tick = every.map(tokio::time::interval);
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let key = format!("w{worker}-{i}");
+                i += 1;
+                let body = notification(
+                    "firing",
+                    &key,
+                    vec![alert(
+                        "firing",
+                        serde_json::json!({"alertname": "Bench", "n": key}),
+                        &key,
+                        "2026-01-01T00:00:00Z",
+                    )],
+                )
+                .to_string();
+                let t = Instant::now();
+                match lab.post(body).await {
+                    Ok(s) if s == 200 => acked.push((key, t.elapsed())),
+                    // The server was killed: stop this worker.
+                    _ => break,
+                }
+            }
+            acked
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
+}
+
+async fn bench_hooks(seconds: usize) -> Result<()> {
+    const CONCURRENCY: usize = 32;
+    let lab = Arc::new(HookLab::new()?);
+    let rules =
+        "    - { name: bench, match: { alertname: Bench }, command: [/bin/true], dry_run: true }\n";
+    let mut cw = Clusterwatch::start(Some(&lab.config("", rules)), &[]).await?;
+
+    // The floor for any acknowledgement that waits for fsync: the disk's own latency.
+    let mut syncs = Vec::new();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(lab.dir().join("fsync-probe"))?;
+        for _ in 0..200 {
+            let t = Instant::now();
+            f.write_all(&[b'x'; 200])?;
+            f.sync_data()?;
+            syncs.push(t.elapsed());
+        }
+    }
+    syncs.sort();
+    println!(
+        "hooks: this disk's fdatasync alone: median {:.2} ms, p99 {:.2} ms",
+        syncs[100].as_secs_f64() * 1e3,
+        syncs[197].as_secs_f64() * 1e3
+    );
+
+    // Saturation: as many as 32 clients get through; then 1,000/s paced (10 clients, one
+    // request every 10 ms each) for the acknowledgement latency at the goal rate.
+    for (what, clients, every) in [
+        ("saturated", CONCURRENCY, None),
+        ("paced 1000/s", 10, Some(Duration::from_millis(10))),
+    ] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let load = tokio::spawn(hook_load(lab.clone(), clients, every, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(seconds as u64)).await;
+        stop.store(true, Ordering::Relaxed);
+        let acked = load.await?;
+        let elapsed = started.elapsed();
+        let mut latencies: Vec<Duration> = acked.iter().map(|(_, d)| *d).collect();
+        latencies.sort();
+        let pct = |p: f64| {
+            let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
+            latencies.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
+        };
+        println!(
+            "hooks {what}: {} notifications in {:.1} s from {clients} clients = {:.0}/s; ack median {:.2} ms, p99 {:.2} ms (journal fsync'd)",
+            acked.len(),
+            elapsed.as_secs_f64(),
+            acked.len() as f64 / elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.99),
+        );
+    }
+
+    // kill -9 in the middle of the same load: every acknowledged notification must be in the
+    // journal afterwards.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(hook_load(lab.clone(), CONCURRENCY, None, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cw.process().kill9()?;
+    stop.store(true, Ordering::Relaxed);
+    let acked = load.await?;
+    let journaled: HashSet<String> = lab
+        .events("received")
+        .iter()
+        .filter_map(|r| r["group_key"].as_str().map(str::to_owned))
+        .collect();
+    let lost = acked.iter().filter(|(k, _)| !journaled.contains(k)).count();
+    println!(
+        "hooks: kill -9 under load: {} acknowledged, {lost} missing from the journal",
+        acked.len()
+    );
+    if lost > 0 {
+        bail!("{lost} acknowledged notifications were lost");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -268,10 +403,12 @@ async fn main() -> Result<()> {
     match what {
         "default" => bench_default(scrapes(1000)).await,
         "postgres" => bench_postgres(scrapes(500)).await,
+        "hooks" => bench_hooks(10).await,
         "all" => {
             bench_default(scrapes(1000)).await?;
-            bench_postgres(scrapes(500)).await
+            bench_postgres(scrapes(500)).await?;
+            bench_hooks(10).await
         }
-        other => bail!("unknown benchmark `{other}`: use default, postgres or all"),
+        other => bail!("unknown benchmark `{other}`: use default, postgres, hooks or all"),
     }
 }

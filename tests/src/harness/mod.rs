@@ -21,6 +21,7 @@ pub mod process;
 pub mod prometheus;
 pub mod redis;
 pub mod served;
+pub mod webhook;
 
 use std::path::{Path, PathBuf};
 

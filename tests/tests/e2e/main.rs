@@ -5,6 +5,7 @@ mod cluster_managers;
 mod dashboards;
 mod foundation;
 mod harness_selftest;
+mod hooks;
 mod packaging;
 mod postgres;
 mod rules_pack;

@@ -1,0 +1,484 @@
+//! The `hooks:` configuration section: raw serde structs checked into a [`HooksConfig`]
+//! (secret files read, regexes compiled, commands resolved). It runs and creates nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::source::{Node, Value};
+use crate::config::{read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext};
+
+/// The configuration section this module reads.
+pub const SECTION: &str = "hooks";
+
+/// Where the receiver listens when `listen` is not set: loopback, the port the Alertmanager
+/// example points at.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
+
+/// The webhook path, on whichever listener serves it.
+pub const WEBHOOK_PATH: &str = "/hooks/alertmanager";
+
+const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+
+/// The checked `hooks:` section.
+#[derive(Debug)]
+pub struct HooksConfig {
+    /// Where the webhook is served.
+    pub listen: Listen,
+    /// How Alertmanager must authenticate.
+    pub auth: Auth,
+    /// Directory holding the journal and the payload files.
+    pub state_dir: PathBuf,
+    /// Larger request bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Disruptive runs allowed in any sliding hour, over all hooks.
+    pub max_disruptive_per_hour: u32,
+    /// While this file exists, nothing runs.
+    pub kill_switch_file: Option<PathBuf>,
+    /// Record decisions but run nothing, for every hook.
+    pub dry_run: bool,
+    /// Hook processes running at the same time, over all hooks.
+    pub max_concurrent_runs: usize,
+    /// Between SIGTERM and SIGKILL when a hook times out.
+    pub kill_grace: Duration,
+    /// The hooks, in file order.
+    pub rules: Vec<HookRule>,
+}
+
+/// Where the webhook listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// On the main listener, next to `/metrics`.
+    Main,
+    /// On its own address, so metrics can be open while the webhook is locked down.
+    Own(SocketAddr),
+}
+
+/// The credentials Alertmanager must present.
+#[derive(Debug)]
+pub enum Auth {
+    /// `Authorization: Bearer <token>`.
+    Bearer(Secret),
+    /// `Authorization: Basic …` with this user and password.
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password.
+        password: Secret,
+    },
+}
+
+/// Which alert status starts a hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum On {
+    /// Only firing alerts (the default).
+    Firing,
+    /// Only resolved alerts.
+    Resolved,
+    /// Both.
+    Both,
+}
+
+/// One label condition.
+#[derive(Debug)]
+pub enum Matcher {
+    /// The label equals the value (a missing label is the empty string, as in Alertmanager).
+    Eq(String, String),
+    /// The whole label value matches the regular expression.
+    Re(String, regex::Regex),
+}
+
+impl Matcher {
+    /// Whether `labels` satisfy this condition.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Matcher::Eq(k, v) => labels.get(k).map(String::as_str).unwrap_or("") == v,
+            Matcher::Re(k, re) => re.is_match(labels.get(k).map(String::as_str).unwrap_or("")),
+        }
+    }
+}
+
+/// One configured hook.
+#[derive(Debug)]
+pub struct HookRule {
+    /// Its name: the `hook` label and the journal's key.
+    pub name: String,
+    /// Every condition must hold.
+    pub matchers: Vec<Matcher>,
+    /// Which alert status starts it.
+    pub on: On,
+    /// The program and its arguments, executed without a shell.
+    pub command: Vec<String>,
+    /// Runs first; the hook runs only if it exits 0.
+    pub validate: Option<Vec<String>>,
+    /// Deadline for one attempt (and for the validation).
+    pub timeout: Duration,
+    /// No new run of this hook sooner than this after the previous one was accepted.
+    pub cooldown: Duration,
+    /// Counts against the hourly budget and is never re-run after a crash.
+    pub disruptive: bool,
+    /// Record decisions but do not run.
+    pub dry_run: bool,
+    /// Extra attempts after exit code 1.
+    pub retries: u32,
+    /// Wait before the first retry; doubles each time, at most 5 minutes.
+    pub retry_backoff: Duration,
+    /// Non-disruptive hooks only: run again after a crash interrupted a run.
+    pub rerun_after_crash: bool,
+    /// Extra fixed environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl HookRule {
+    /// Whether this hook applies to an alert with `labels` and `firing` status.
+    pub fn applies(&self, labels: &BTreeMap<String, String>, firing: bool) -> bool {
+        let status_ok = match self.on {
+            On::Firing => firing,
+            On::Resolved => !firing,
+            On::Both => true,
+        };
+        status_ok && self.matchers.iter().all(|m| m.matches(labels))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    listen: Option<String>,
+    bearer_token_file: Option<PathBuf>,
+    basic_auth: Option<RawBasicAuth>,
+    state_dir: PathBuf,
+    max_body_bytes: Option<usize>,
+    max_disruptive_per_hour: Option<u32>,
+    kill_switch_file: Option<PathBuf>,
+    dry_run: Option<bool>,
+    max_concurrent_runs: Option<usize>,
+    kill_grace: Option<HumanDuration>,
+    // Parsed item by item below, so every bad hook is reported.
+    #[allow(dead_code)]
+    rules: serde::de::IgnoredAny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBasicAuth {
+    username: String,
+    password_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(rename = "match")]
+    match_eq: Option<BTreeMap<String, String>>,
+    match_re: Option<BTreeMap<String, String>>,
+    on: Option<On>,
+    command: Vec<String>,
+    validate: Option<Vec<String>>,
+    timeout: Option<HumanDuration>,
+    cooldown: Option<HumanDuration>,
+    disruptive: Option<bool>,
+    dry_run: Option<bool>,
+    retries: Option<u32>,
+    retry_backoff: Option<HumanDuration>,
+    rerun_after_crash: Option<bool>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+/// Parses and checks the `hooks:` section, recording problems with their lines.
+pub fn parse(
+    at: Located,
+    ctx: &SectionContext,
+    problems: &mut Vec<Problem>,
+) -> Option<HooksConfig> {
+    let raw = at.parse::<RawHooks>(problems)?;
+    let before = problems.len();
+
+    let listen = match raw.listen.as_deref() {
+        Some("main") => Listen::Main,
+        other => match other.unwrap_or(DEFAULT_LISTEN).parse::<SocketAddr>() {
+            Ok(addr) => Listen::Own(addr),
+            Err(_) => {
+                problems.push(
+                    at.problem("listen", "expected `HOST:PORT` or `main`")
+                        .hint("e.g. `127.0.0.1:9470`; `main` serves the webhook next to /metrics"),
+                );
+                Listen::Main
+            }
+        },
+    };
+
+    let auth = match (&raw.bearer_token_file, &raw.basic_auth) {
+        (Some(file), None) => read_secret_file(&ctx.resolve(file))
+            .map(Auth::Bearer)
+            .map_err(|e| problems.push(at.problem("bearer_token_file", e)))
+            .ok(),
+        (None, Some(basic)) => read_secret_file(&ctx.resolve(&basic.password_file))
+            .map(|password| Auth::Basic {
+                username: basic.username.clone(),
+                password,
+            })
+            .map_err(|e| problems.push(at.problem("basic_auth.password_file", e)))
+            .ok(),
+        (Some(_), Some(_)) => {
+            problems.push(at.problem(
+                "basic_auth",
+                "set either bearer_token_file or basic_auth, not both",
+            ));
+            None
+        }
+        (None, None) => {
+            problems.push(
+                at.problem("bearer_token_file", "the webhook needs credentials")
+                    .hint("set bearer_token_file (the same secret as Alertmanager's credentials_file) or basic_auth"),
+            );
+            None
+        }
+    };
+
+    if raw.max_body_bytes == Some(0) {
+        problems.push(at.problem("max_body_bytes", "must be greater than zero"));
+    }
+    if raw.max_concurrent_runs == Some(0) {
+        problems.push(at.problem("max_concurrent_runs", "must be greater than zero"));
+    }
+
+    let mut rules: Vec<HookRule> = Vec::new();
+    match at.field("rules") {
+        Some(list) => {
+            let list_node = with_on_keys(list.node);
+            let list = Located::new(&list_node, list.path.clone());
+            for (r, item) in list.parse_list::<RawRule>(problems) {
+                if let Some(rule) = check_rule(r, &item, ctx, problems) {
+                    if rules.iter().any(|x| x.name == rule.name) {
+                        problems.push(
+                            item.problem("name", format!("duplicate hook name `{}`", rule.name)),
+                        );
+                    }
+                    rules.push(rule);
+                }
+            }
+        }
+        None => problems.push(at.problem("rules", "missing field `rules`")),
+    }
+
+    if problems.len() > before {
+        return None;
+    }
+    Some(HooksConfig {
+        listen,
+        auth: auth?,
+        state_dir: ctx.resolve(&raw.state_dir),
+        max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        max_disruptive_per_hour: raw.max_disruptive_per_hour.unwrap_or(1),
+        kill_switch_file: raw.kill_switch_file.map(|p| ctx.resolve(&p)),
+        dry_run: raw.dry_run.unwrap_or(false),
+        max_concurrent_runs: raw.max_concurrent_runs.unwrap_or(4),
+        kill_grace: raw
+            .kill_grace
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5)),
+        rules,
+    })
+}
+
+/// YAML 1.1 reads a bare `on` key as the boolean `true`; give the hooks' `on:` its name back
+/// so it parses and problems name it as written.
+fn with_on_keys(list: &Node) -> Node {
+    let mut list = list.clone();
+    if let Value::Seq(items) = &mut list.value {
+        for item in items {
+            if let Value::Map(entries) = &mut item.value {
+                for (key, _) in entries.iter_mut().filter(|(k, _)| k.name == "true") {
+                    key.name = "on".to_owned();
+                }
+            }
+        }
+    }
+    list
+}
+
+fn check_rule(
+    r: RawRule,
+    at: &Located,
+    ctx: &SectionContext,
+    problems: &mut Vec<Problem>,
+) -> Option<HookRule> {
+    let before = problems.len();
+    if r.name.trim().is_empty()
+        || !r
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        problems.push(
+            at.problem("name", "hook names are letters, digits, `-`, `_` and `.`")
+                .hint("the name becomes the `hook` label"),
+        );
+    }
+    let mut matchers = Vec::new();
+    for (k, v) in r.match_eq.unwrap_or_default() {
+        matchers.push(Matcher::Eq(k, v));
+    }
+    for (k, v) in r.match_re.unwrap_or_default() {
+        // Anchored like Alertmanager's own matchers: the whole value must match.
+        if let Some(re) =
+            crate::config::compile_regex(&format!("^(?:{v})$"), at, "match_re", problems)
+        {
+            matchers.push(Matcher::Re(k, re));
+        }
+    }
+    if matchers.is_empty() && problems.len() == before {
+        problems.push(
+            at.problem("match", "a hook needs at least one label condition")
+                .hint("a hook without `match` or `match_re` would run for every alert"),
+        );
+    }
+    let command = resolve_argv(r.command, at, "command", ctx, problems);
+    let validate = r
+        .validate
+        .map(|v| resolve_argv(v, at, "validate", ctx, problems));
+    let disruptive = r.disruptive.unwrap_or(false);
+    let rerun_after_crash = r.rerun_after_crash.unwrap_or(false);
+    if disruptive && rerun_after_crash {
+        problems.push(
+            at.problem(
+                "rerun_after_crash",
+                "a disruptive hook is never re-run after a crash",
+            )
+            .hint("remove rerun_after_crash or make the hook non-disruptive"),
+        );
+    }
+    let timeout = r.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60));
+    if timeout.is_zero() {
+        problems.push(at.problem("timeout", "timeout must be greater than zero"));
+    }
+    let mut env = Vec::new();
+    for (k, v) in r.env.unwrap_or_default() {
+        let ok = !k.is_empty()
+            && !k.starts_with(char::is_numeric)
+            && k.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !ok || k.starts_with("CW_") {
+            problems.push(
+                at.problem("env", format!("bad environment variable name `{k}`"))
+                    .hint("use [A-Z0-9_] names; the CW_ prefix is reserved for what clusterwatch sets"),
+            );
+        }
+        env.push((k, v));
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(HookRule {
+        name: r.name,
+        matchers,
+        on: r.on.unwrap_or(On::Firing),
+        command,
+        validate,
+        timeout,
+        cooldown: r.cooldown.map(|d| d.0).unwrap_or(Duration::ZERO),
+        disruptive,
+        dry_run: r.dry_run.unwrap_or(false),
+        retries: r.retries.unwrap_or(0).min(10),
+        retry_backoff: r
+            .retry_backoff
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(10)),
+        rerun_after_crash,
+        env,
+    })
+}
+
+/// A program path with a `/` is resolved against the configuration's directory and must be an
+/// executable file now; a bare name is looked up on the fixed PATH hooks run with.
+fn resolve_argv(
+    mut argv: Vec<String>,
+    at: &Located,
+    field: &str,
+    ctx: &SectionContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<String> {
+    let Some(program) = argv.first_mut() else {
+        problems.push(
+            at.problem(field, "the command is empty")
+                .hint("write the program and its arguments as a list: [/path/to/script, arg]"),
+        );
+        return argv;
+    };
+    if program.contains('/') {
+        let path = ctx.resolve(Path::new(program.as_str()));
+        if !is_executable(&path) {
+            problems.push(
+                at.problem(
+                    field,
+                    format!("{} is not an executable file", path.display()),
+                )
+                .hint("check the path and `chmod +x` the script"),
+            );
+        }
+        *program = path.display().to_string();
+    }
+    argv
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse as parse_config;
+
+    fn write_token(dir: &Path) {
+        std::fs::write(dir.join("t"), "tok\n").unwrap();
+    }
+
+    #[test]
+    fn a_full_section_parses_with_bare_on_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let yaml = "hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - name: r\n      on: resolved\n      match_re: { cluster: 'db-.*' }\n      command: [/bin/true]\n";
+        let cfg = parse_config(yaml, "c.yml", dir.path()).unwrap();
+        let h = cfg.hooks.unwrap();
+        assert_eq!(h.listen, Listen::Own(DEFAULT_LISTEN.parse().unwrap()));
+        assert_eq!(h.state_dir, dir.path().join("st"));
+        let r = &h.rules[0];
+        assert_eq!(r.on, On::Resolved);
+        let labels = |v: &str| BTreeMap::from([("cluster".to_owned(), v.to_owned())]);
+        assert!(r.applies(&labels("db-1"), false));
+        assert!(!r.applies(&labels("db-1"), true));
+        // Anchored: a partial match is no match.
+        assert!(!r.applies(&labels("x-db-1"), false));
+        assert!(!format!("{:?}", h.auth).contains("tok"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = "hooks:\n  state_dir: st\n  rules:\n    - name: a\n      on: resolvd\n      command: [/bin/true]\n    - name: b\n      command: [./missing]\n      disruptive: true\n      rerun_after_crash: true\n";
+        let err = parse_config(yaml, "c.yml", dir.path()).unwrap_err();
+        let text = err.render();
+        assert!(
+            text.contains("c.yml:2:3: hooks.bearer_token_file: the webhook needs credentials"),
+            "{text}"
+        );
+        assert!(
+            text.contains("c.yml:5:7: hooks.rules[0].on: unknown variant `resolvd`"),
+            "{text}"
+        );
+        assert!(text.contains("rules[1].command"), "{text}");
+        assert!(
+            text.contains("rules[1].match: a hook needs at least one label condition"),
+            "{text}"
+        );
+        assert!(text.contains("rules[1].rerun_after_crash"), "{text}");
+    }
+}

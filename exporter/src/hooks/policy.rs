@@ -1,0 +1,488 @@
+//! The runner's decisions as pure functions over the journal's state: match, dedupe, kill
+//! switch, cooldown, budget, dry run. No I/O and no clock here: the caller passes `now` and
+//! whether the kill-switch file exists, so every rule is unit-tested and `hooks replay` can
+//! show a decision without acting.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::config::HookRule;
+use super::journal::{AlertRef, Event, Record};
+use super::payload::{Alert, Notification};
+
+/// How far back unknown runs are reported (the `HookRunUnknown` alert fires this long).
+pub const UNKNOWN_WINDOW_SECONDS: f64 = 24.0 * 3600.0;
+
+const HOUR: f64 = 3600.0;
+
+/// A run that was accepted and has not ended.
+#[derive(Clone, Debug)]
+pub struct OpenRun {
+    /// The hook.
+    pub hook: String,
+    /// The alert it is for.
+    pub alert: AlertRef,
+    /// Disruptive runs are never re-run after a crash.
+    pub disruptive: bool,
+    /// Whether an attempt has started (a process may have acted).
+    pub started: bool,
+    /// Whose payload it gets.
+    pub notification: u64,
+    /// The hook's previous acceptance time, restored if this run is abandoned.
+    prev_accepted: Option<f64>,
+}
+
+/// Everything the journal says that matters for the next decision.
+#[derive(Debug, Default)]
+pub struct State {
+    taken: HashSet<(String, AlertRef)>,
+    open: BTreeMap<u64, OpenRun>,
+    accepted: HashMap<String, f64>,
+    disruptive: Vec<(u64, f64)>,
+    last_success: HashMap<String, f64>,
+    unknown: Vec<(String, f64)>,
+    next_run: u64,
+    next_notification: u64,
+}
+
+/// The outside facts a decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    /// Unix time now.
+    pub now: f64,
+    /// Whether the kill-switch file exists.
+    pub kill_switch: bool,
+    /// Global dry run.
+    pub dry_run: bool,
+    /// The hourly budget of disruptive runs.
+    pub max_disruptive_per_hour: u32,
+}
+
+/// What to do about one (hook, alert) pair that matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Run it.
+    Run,
+    /// Already handled this incident.
+    Deduped,
+    /// The kill-switch file exists.
+    KillSwitch,
+    /// The hook was accepted too recently.
+    Cooldown,
+    /// The hourly budget of disruptive runs is spent.
+    Budget,
+    /// Would run, but dry run is on.
+    DryRun,
+}
+
+/// A run accepted by [`plan`]: which hook and which alert of the notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// The run number.
+    pub run: u64,
+    /// Index into the configured hooks.
+    pub rule: usize,
+    /// Index into the notification's alerts.
+    pub alert: usize,
+}
+
+/// The dedupe key's alert part.
+pub fn alert_ref(a: &Alert) -> AlertRef {
+    AlertRef {
+        fingerprint: a.fingerprint.clone(),
+        starts_at: a.starts_at.clone(),
+        status: a.status.as_str().to_owned(),
+        alertname: a.alertname().to_owned(),
+    }
+}
+
+/// Decides for one hook and one alert that the hook applies to. The order matters: a repeat
+/// is a repeat whatever else holds, the kill switch beats everything that could run, and dry
+/// run reports the decision a real run would have got.
+pub fn decide(state: &State, rule: &HookRule, alert: &AlertRef, ctx: &Context) -> Decision {
+    if state.taken.contains(&(rule.name.clone(), alert.clone())) {
+        return Decision::Deduped;
+    }
+    if ctx.kill_switch {
+        return Decision::KillSwitch;
+    }
+    if let Some(last) = state.accepted.get(&rule.name) {
+        if ctx.now - last < rule.cooldown.as_secs_f64() {
+            return Decision::Cooldown;
+        }
+    }
+    if rule.disruptive
+        && state.disruptive_last_hour(ctx.now) >= ctx.max_disruptive_per_hour as usize
+    {
+        return Decision::Budget;
+    }
+    if ctx.dry_run || rule.dry_run {
+        return Decision::DryRun;
+    }
+    Decision::Run
+}
+
+/// Decides every (hook, alert) pair of a notification, applying each record to `state` as it
+/// goes so alerts of one notification see each other (one run per cooldown, one budget).
+/// Returns the records to journal, the first being `received`, and the runs to start.
+pub fn plan(
+    state: &mut State,
+    rules: &[HookRule],
+    n: &Notification,
+    ctx: &Context,
+) -> (Vec<Record>, Vec<Planned>) {
+    let notification = state.next_notification;
+    let mut records = Vec::new();
+    let mut runs = Vec::new();
+    let push = |state: &mut State, records: &mut Vec<Record>, event| {
+        let r = Record { ts: ctx.now, event };
+        state.apply(&r);
+        records.push(r);
+    };
+    push(
+        state,
+        &mut records,
+        Event::Received {
+            notification,
+            receiver: n.receiver.clone(),
+            status: n.status.as_str().to_owned(),
+            group_key: n.group_key.clone(),
+            alerts: n.alerts.len(),
+        },
+    );
+    for (ai, a) in n.alerts.iter().enumerate() {
+        let firing = a.status == super::payload::Status::Firing;
+        for (ri, rule) in rules.iter().enumerate() {
+            if !rule.applies(&a.labels, firing) {
+                continue;
+            }
+            let alert = alert_ref(a);
+            let hook = rule.name.clone();
+            let event = match decide(state, rule, &alert, ctx) {
+                Decision::Run => {
+                    let run = state.next_run;
+                    runs.push(Planned {
+                        run,
+                        rule: ri,
+                        alert: ai,
+                    });
+                    Event::Matched {
+                        run,
+                        hook,
+                        alert,
+                        disruptive: rule.disruptive,
+                        notification,
+                    }
+                }
+                Decision::Deduped => Event::Deduped { hook, alert },
+                Decision::KillSwitch => Event::KillSwitch { hook, alert },
+                Decision::Cooldown => Event::CooldownSkipped { hook, alert },
+                Decision::Budget => Event::BudgetSkipped { hook, alert },
+                Decision::DryRun => Event::DryRun { hook, alert },
+            };
+            push(state, &mut records, event);
+        }
+    }
+    (records, runs)
+}
+
+impl State {
+    /// The state after every record, in order.
+    pub fn replay<'a>(records: impl IntoIterator<Item = &'a Record>) -> State {
+        let mut s = State::default();
+        for r in records {
+            s.apply(r);
+        }
+        s
+    }
+
+    /// Applies one record. Live decisions and replay at start go through this one function,
+    /// so a restarted runner decides exactly as the one that wrote the journal would have.
+    pub fn apply(&mut self, r: &Record) {
+        match &r.event {
+            Event::Received { notification, .. } => {
+                self.next_notification = self.next_notification.max(notification + 1);
+            }
+            Event::Matched {
+                run,
+                hook,
+                alert,
+                disruptive,
+                notification,
+            } => {
+                self.next_run = self.next_run.max(run + 1);
+                self.taken.insert((hook.clone(), alert.clone()));
+                let prev_accepted = self.accepted.insert(hook.clone(), r.ts);
+                if *disruptive {
+                    let cutoff = r.ts - HOUR;
+                    self.disruptive.retain(|(_, t)| *t > cutoff);
+                    self.disruptive.push((*run, r.ts));
+                }
+                self.open.insert(
+                    *run,
+                    OpenRun {
+                        hook: hook.clone(),
+                        alert: alert.clone(),
+                        disruptive: *disruptive,
+                        started: false,
+                        notification: *notification,
+                        prev_accepted,
+                    },
+                );
+            }
+            Event::DryRun { hook, alert } => {
+                self.taken.insert((hook.clone(), alert.clone()));
+            }
+            Event::Deduped { .. }
+            | Event::CooldownSkipped { .. }
+            | Event::BudgetSkipped { .. }
+            | Event::KillSwitch { .. } => {}
+            // A run that never acted gives its incident, cooldown and budget back, so a
+            // later re-send of the same alert is decided afresh.
+            Event::ValidateFailed { run, .. } | Event::Abandoned { run, .. } => {
+                if let Some(open) = self.open.remove(run) {
+                    self.taken.remove(&(open.hook.clone(), open.alert));
+                    match open.prev_accepted {
+                        Some(t) => self.accepted.insert(open.hook, t),
+                        None => self.accepted.remove(&open.hook),
+                    };
+                    self.disruptive.retain(|(r, _)| r != run);
+                }
+            }
+            Event::Started { run, .. } => {
+                if let Some(open) = self.open.get_mut(run) {
+                    open.started = true;
+                }
+            }
+            Event::Finished {
+                run, hook, result, ..
+            } => {
+                if result != "retry" {
+                    self.open.remove(run);
+                }
+                if result == "ok" {
+                    self.last_success.insert(hook.clone(), r.ts);
+                }
+            }
+            Event::Unknown { run, hook } => {
+                self.open.remove(run);
+                self.unknown.push((hook.clone(), r.ts));
+            }
+        }
+    }
+
+    /// For runs left open by a previous process: `unknown` if an attempt had started (it may
+    /// have acted), `abandoned` if not. Journal them before deciding anything new.
+    pub fn interrupted(&self, now: f64) -> Vec<(Record, OpenRun)> {
+        self.open
+            .iter()
+            .map(|(run, open)| {
+                let (run, hook) = (*run, open.hook.clone());
+                let event = if open.started {
+                    Event::Unknown { run, hook }
+                } else {
+                    Event::Abandoned {
+                        run,
+                        hook,
+                        reason: "stopped before start".into(),
+                    }
+                };
+                (Record { ts: now, event }, open.clone())
+            })
+            .collect()
+    }
+
+    /// A run that is still open.
+    pub fn open_run(&self, run: u64) -> Option<&OpenRun> {
+        self.open.get(&run)
+    }
+
+    /// The next run number.
+    pub fn next_run(&self) -> u64 {
+        self.next_run
+    }
+
+    /// Disruptive runs accepted in the hour before `now`.
+    pub fn disruptive_last_hour(&self, now: f64) -> usize {
+        self.disruptive
+            .iter()
+            .filter(|(_, t)| now - t < HOUR)
+            .count()
+    }
+
+    /// Runs of `hook` found interrupted within [`UNKNOWN_WINDOW_SECONDS`] before `now`.
+    pub fn unknown_runs(&self, hook: &str, now: f64) -> usize {
+        self.unknown
+            .iter()
+            .filter(|(h, t)| h == hook && now - t < UNKNOWN_WINDOW_SECONDS)
+            .count()
+    }
+
+    /// Unix time of the hook's last successful attempt.
+    pub fn last_success(&self, hook: &str) -> Option<f64> {
+        self.last_success.get(hook).copied()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::hooks::config::{Matcher, On};
+    use crate::hooks::payload::decode;
+    use crate::hooks::payload::tests::body;
+
+    /// A hook on `alertname="NoPrimary"` running /bin/true.
+    pub(crate) fn rule(name: &str, disruptive: bool, cooldown: u64) -> HookRule {
+        HookRule {
+            name: name.into(),
+            matchers: vec![Matcher::Eq("alertname".into(), "NoPrimary".into())],
+            on: On::Firing,
+            command: vec!["/bin/true".into()],
+            validate: None,
+            timeout: Duration::from_secs(5),
+            cooldown: Duration::from_secs(cooldown),
+            disruptive,
+            dry_run: false,
+            retries: 0,
+            retry_backoff: Duration::from_secs(1),
+            rerun_after_crash: false,
+            env: Vec::new(),
+        }
+    }
+
+    fn ctx(now: f64) -> Context {
+        Context {
+            now,
+            kill_switch: false,
+            dry_run: false,
+            max_disruptive_per_hour: 1,
+        }
+    }
+
+    /// A one-alert `NoPrimary` notification.
+    pub(crate) fn note(status: &str, fp: &str, starts: &str) -> Notification {
+        decode(body(status, r#"{"alertname":"NoPrimary"}"#, fp, starts).as_bytes()).unwrap()
+    }
+
+    fn kinds(records: &[Record]) -> Vec<&'static str> {
+        records
+            .iter()
+            .map(|r| match r.event {
+                Event::Received { .. } => "received",
+                Event::Matched { .. } => "matched",
+                Event::Deduped { .. } => "deduped",
+                Event::CooldownSkipped { .. } => "cooldown",
+                Event::BudgetSkipped { .. } => "budget",
+                Event::KillSwitch { .. } => "kill_switch",
+                Event::DryRun { .. } => "dry_run",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_incident_is_one_run_across_resends_and_restarts() {
+        let rules = [rule("promote", true, 0)];
+        let mut s = State::default();
+        let (r1, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(100.0));
+        assert_eq!(kinds(&r1), ["received", "matched"]);
+        assert_eq!(runs.len(), 1);
+        let (r2, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(101.0));
+        assert_eq!(kinds(&r2), ["received", "deduped"]);
+        assert!(runs.is_empty());
+        // A restarted runner replays the journal and still knows.
+        let mut all = r1.clone();
+        all.extend(r2);
+        let mut replayed = State::replay(&all);
+        let (r3, _) = plan(
+            &mut replayed,
+            &rules,
+            &note("firing", "f1", "t0"),
+            &ctx(5000.0),
+        );
+        assert_eq!(kinds(&r3), ["received", "deduped"]);
+        // Resolved alerts do not start a firing-only hook.
+        let (r4, _) = plan(
+            &mut replayed,
+            &rules,
+            &note("resolved", "f1", "t0"),
+            &ctx(5001.0),
+        );
+        assert_eq!(kinds(&r4), ["received"]);
+    }
+
+    #[test]
+    fn cooldown_budget_kill_switch_and_dry_run() {
+        let rules = [rule("a", true, 600), rule("b", true, 0)];
+        let mut s = State::default();
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
+        // `a` takes the one disruptive run of the hour; `b` is over budget.
+        assert_eq!(kinds(&r), ["received", "matched", "budget"]);
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f2", "t0"), &ctx(300.0));
+        assert_eq!(kinds(&r), ["received", "cooldown", "budget"]);
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f3", "t0"), &ctx(3601.0));
+        assert_eq!(kinds(&r), ["received", "matched", "budget"]);
+        let mut c = ctx(99999.0);
+        c.kill_switch = true;
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f4", "t0"), &c);
+        assert_eq!(kinds(&r), ["received", "kill_switch", "kill_switch"]);
+        let mut c = ctx(99999.0);
+        c.dry_run = true;
+        let (r, runs) = plan(&mut s, &rules, &note("firing", "f4", "t0"), &c);
+        // Dry run reports what would happen and spends no budget.
+        assert_eq!(kinds(&r), ["received", "dry_run", "dry_run"]);
+        assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn interrupted_started_run_is_unknown_and_keeps_its_incident() {
+        let rules = [rule("promote", true, 0)];
+        let mut s = State::default();
+        let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
+        let run = runs[0].run;
+        journal.push(Record {
+            ts: 1.0,
+            event: Event::Started {
+                run,
+                hook: "promote".into(),
+                attempt: 1,
+            },
+        });
+        let restarted = State::replay(&journal);
+        let found = restarted.interrupted(2.0);
+        assert_eq!(found.len(), 1);
+        assert!(matches!(found[0].0.event, Event::Unknown { .. }));
+        journal.push(found[0].0.clone());
+        let mut after = State::replay(&journal);
+        assert_eq!(after.unknown_runs("promote", 3.0), 1);
+        let (r, runs) = plan(
+            &mut after,
+            &rules,
+            &note("firing", "f1", "t0"),
+            &ctx(7200.0),
+        );
+        assert_eq!(kinds(&r), ["received", "deduped"]);
+        assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn a_run_that_never_started_gives_its_incident_back() {
+        let rules = [rule("promote", true, 600)];
+        let mut s = State::default();
+        let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
+        journal.push(Record {
+            ts: 1.0,
+            event: Event::ValidateFailed {
+                run: runs[0].run,
+                hook: "promote".into(),
+                outcome: "exit 2".into(),
+                stderr_tail: String::new(),
+            },
+        });
+        let mut s = State::replay(&journal);
+        let (r, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(2.0));
+        assert_eq!(kinds(&r), ["received", "matched"]);
+        assert_eq!(runs[0].run, 1);
+    }
+}
