@@ -160,10 +160,11 @@ pub async fn drill(info: &LabInfo, system: System, timeout: Duration) -> Result<
         );
     }
     let alert_for = alert_for(info, &client, system).await?;
-    let runs_before = hook_runs(&metrics, system);
+    let runs_before = journal_events(info, system.hook())?.started.len();
 
     let pid = primary_pid(primary)?;
     let killed_at = Instant::now();
+    let killed_unix = unix_now();
     signal_tree(pid, Signal::SIGKILL)
         .with_context(|| format!("could not kill {} (pid {pid})", primary.target))?;
 
@@ -184,16 +185,22 @@ pub async fn drill(info: &LabInfo, system: System, timeout: Duration) -> Result<
         if timeline.alert_firing.is_none() && alert_firing(info, &client, system).await? {
             timeline.alert_firing = Some(elapsed);
         }
-        if let Ok(metrics) = scrape(&client, info).await {
-            timeline.hook_runs = hook_runs(&metrics, system).saturating_sub(runs_before);
-            if timeline.hook_started.is_none() && timeline.hook_runs > 0 {
-                timeline.hook_started = Some(elapsed);
-            }
-            if timeline.hook_finished.is_none() && hook_finished(&metrics, system) > 0 {
-                timeline.hook_finished = Some(elapsed);
-            }
-            if timeline.new_primary.is_none() && system.is_primary(&metrics, &candidate.target) {
-                timeline.new_primary = Some(elapsed);
+        // The journal has the runner's own timestamps: exact, whatever the polling interval.
+        let journal = journal_events(info, system.hook())?;
+        let since_kill = |ts: f64| Duration::from_secs_f64((ts - killed_unix).max(0.0));
+        let started = &journal.started[runs_before.min(journal.started.len())..];
+        timeline.hook_runs = started.len() as u64;
+        timeline.hook_started = started.first().map(|&ts| since_kill(ts));
+        timeline.hook_finished = journal
+            .finished
+            .iter()
+            .find(|&&ts| started.first().is_some_and(|&first| ts >= first))
+            .map(|&ts| since_kill(ts));
+        if timeline.new_primary.is_none() {
+            if let Ok(metrics) = scrape(&client, info).await {
+                if system.is_primary(&metrics, &candidate.target) {
+                    timeline.new_primary = Some(elapsed);
+                }
             }
         }
         if timeline.complete() && timeline.hook_finished.is_some() {
@@ -234,25 +241,42 @@ async fn scrape(client: &reqwest::Client, info: &LabInfo) -> Result<Exposition> 
     Exposition::parse(&body)
 }
 
-/// Hook runs started so far, from clusterwatch's own metrics.
-fn hook_runs(metrics: &Exposition, system: System) -> u64 {
-    metrics
-        .find(
-            "clusterwatch_hook_runs_started_total",
-            &[("hook", system.hook())],
-        )
-        .iter()
-        .map(|sample| sample.value as u64)
-        .sum()
+/// When a hook's attempts started and finished, from the runner's journal (unix seconds).
+#[derive(Debug, Default)]
+struct JournalTimes {
+    started: Vec<f64>,
+    finished: Vec<f64>,
 }
 
-/// Hook runs finished so far, whatever their result.
-fn hook_finished(metrics: &Exposition, system: System) -> u64 {
-    metrics
-        .find("clusterwatch_hook_runs_total", &[("hook", system.hook())])
-        .iter()
-        .map(|sample| sample.value as u64)
-        .sum()
+/// The journal is JSON lines in the hook state directory, one record per decision.
+fn journal_events(info: &LabInfo, hook: &str) -> Result<JournalTimes> {
+    let path = info.hook_state_dir.join("journal.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut times = JournalTimes::default();
+    // A line being appended right now may be cut short: skip what does not parse.
+    for record in text.lines().filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()) {
+        if record["hook"] != hook {
+            continue;
+        }
+        let Some(ts) = record["ts"].as_f64() else { continue };
+        match record["event"].as_str() {
+            Some("started") => times.started.push(ts),
+            Some("finished") => times.finished.push(ts),
+            _ => {}
+        }
+    }
+    Ok(times)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs_f64())
+        .unwrap_or_default()
 }
 
 async fn alert_firing(info: &LabInfo, client: &reqwest::Client, system: System) -> Result<bool> {

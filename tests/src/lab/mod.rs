@@ -347,8 +347,21 @@ fn clusterwatch_config(
 ) -> Result<String> {
     let state_dir = hook_state_dir(lab_dir);
     std::fs::create_dir_all(&state_dir)?;
-    // Hooks reach the servers as the superuser over loopback (trusted in the lab's pg_hba).
-    let standby_conninfo = format!("host=127.0.0.1 port={} user=postgres", pg.standby.port());
+    let pg_promote = example_hook("pg-promote");
+    let redis_promote = example_hook("redis-promote");
+    // The example hooks run "on the standby's host": here, its port on loopback. They reach
+    // PostgreSQL as the superuser over 127.0.0.1 (trusted in the lab's pg_hba).
+    let pg_env = json!({
+        "PGHOST": "127.0.0.1",
+        "PGPORT": pg.standby.port().to_string(),
+        "PGUSER": "postgres",
+        "OLD_PRIMARY_HOST": "127.0.0.1",
+        "OLD_PRIMARY_PORT": pg.primary.port().to_string(),
+    });
+    let redis_env = json!({
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": redis.replica.port().to_string(),
+    });
     let config = json!({
         "global": { "timeout": "2s" },
         "postgres": [
@@ -369,7 +382,9 @@ fn clusterwatch_config(
                 {
                     "name": PG_HOOK,
                     "match": { "alertname": "PostgresNoPrimary", "cluster": PG_CLUSTER },
-                    "command": [example_hook("pg-promote"), standby_conninfo],
+                    "validate": [pg_promote, "--check"],
+                    "command": [pg_promote],
+                    "env": pg_env,
                     "timeout": "90s",
                     "cooldown": "10m",
                     "disruptive": true,
@@ -377,7 +392,9 @@ fn clusterwatch_config(
                 {
                     "name": REDIS_HOOK,
                     "match": { "alertname": "RedisNoMaster", "cluster": REDIS_CLUSTER },
-                    "command": [example_hook("redis-promote"), "127.0.0.1", redis.replica.port().to_string()],
+                    "validate": [redis_promote, "--check"],
+                    "command": [redis_promote],
+                    "env": redis_env,
                     "timeout": "30s",
                     "cooldown": "10m",
                     "disruptive": true,
