@@ -8,4 +8,5 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod logging;
+pub mod probe;
 pub mod snapshot;
