@@ -5,6 +5,7 @@
 pub mod dir;
 pub mod exporter;
 pub mod fs;
+pub mod kamailio;
 pub mod pg;
 pub mod probe;
 pub mod system;
@@ -28,6 +29,7 @@ pub const KINDS: &[CollectorKind] = &[
     dir::KIND,
     pg::KIND,
     probe::KIND,
+    kamailio::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

@@ -117,41 +117,62 @@ impl Outcome {
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// Resolves `host`, connecting to the first address; records `resolve` and `connect`.
+/// Resolves `host` and connects to its addresses in the resolver's order until one accepts
+/// (`localhost` may come back as `::1` first while the server listens on 127.0.0.1 only);
+/// records `resolve` and `connect`.
 pub async fn connect(
     host: &str,
     port: u16,
     deadline: Instant,
     out: &mut Outcome,
 ) -> Option<(TcpStream, SocketAddr)> {
-    let addr = resolve(host, port, deadline, out).await?;
+    let addrs = resolve_all(host, port, deadline, out).await?;
     let started = Instant::now();
-    let result = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await;
-    out.add_phase("connect", started.elapsed());
-    match result {
-        Err(_) => out.fail(
-            Reason::ConnectTimeout,
-            format!("connect to {addr} timed out"),
-        ),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            out.fail(Reason::ConnectRefused, format!("connect to {addr}: {e}"))
-        }
-        Ok(Err(e)) => out.fail(Reason::ConnectFailed, format!("connect to {addr}: {e}")),
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            return Some((s, addr));
+    let mut last = (Reason::ConnectFailed, String::new());
+    for addr in addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => {
+                last = (
+                    Reason::ConnectTimeout,
+                    format!("connect to {addr} timed out"),
+                );
+                break;
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = (Reason::ConnectRefused, format!("connect to {addr}: {e}"));
+            }
+            Ok(Err(e)) => last = (Reason::ConnectFailed, format!("connect to {addr}: {e}")),
+            Ok(Ok(s)) => {
+                out.add_phase("connect", started.elapsed());
+                let _ = s.set_nodelay(true);
+                return Some((s, addr));
+            }
         }
     }
+    out.add_phase("connect", started.elapsed());
+    out.fail(last.0, last.1);
     None
 }
 
-/// Resolves `host:port` to one address (the first the resolver returns); records `resolve`.
+/// Resolves `host:port` to the first address the resolver returns; records `resolve`.
 pub async fn resolve(
     host: &str,
     port: u16,
     deadline: Instant,
     out: &mut Outcome,
 ) -> Option<SocketAddr> {
+    resolve_all(host, port, deadline, out)
+        .await?
+        .into_iter()
+        .next()
+}
+
+async fn resolve_all(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    out: &mut Outcome,
+) -> Option<Vec<SocketAddr>> {
     let started = Instant::now();
     // A bracketed IPv6 literal from a URL resolves without its brackets.
     let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -160,10 +181,13 @@ pub async fn resolve(
     match looked_up {
         Err(_) => out.fail(Reason::Dns, format!("resolving {bare} timed out")),
         Ok(Err(e)) => out.fail(Reason::Dns, format!("resolving {bare}: {e}")),
-        Ok(Ok(mut addrs)) => match addrs.next() {
-            Some(a) => return Some(a),
-            None => out.fail(Reason::Dns, format!("{bare} has no address")),
-        },
+        Ok(Ok(addrs)) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if !addrs.is_empty() {
+                return Some(addrs);
+            }
+            out.fail(Reason::Dns, format!("{bare} has no address"));
+        }
     }
     None
 }

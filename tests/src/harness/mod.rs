@@ -11,14 +11,18 @@
 
 pub mod alertmanager;
 pub mod blackhole;
+pub mod certs;
 pub mod clusterwatch;
 pub mod http;
+pub mod kamailio;
+pub mod nginx;
 pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
 pub mod served;
+pub mod sipp;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;

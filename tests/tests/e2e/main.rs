@@ -5,4 +5,5 @@ mod dashboards;
 mod foundation;
 mod harness_selftest;
 mod postgres;
+mod probes;
 mod rules_pack;
