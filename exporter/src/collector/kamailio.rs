@@ -144,10 +144,10 @@ impl KamailioCollector {
                 .unwrap_or("error");
             return Err(CollectError::Query(format!("{method}: {msg}")));
         }
-        Ok(reply
+        reply
             .get_mut("result")
             .map(Value::take)
-            .ok_or_else(|| CollectError::Protocol(format!("{method}: no result")))?)
+            .ok_or_else(|| CollectError::Protocol(format!("{method}: no result")))
     }
 }
 
