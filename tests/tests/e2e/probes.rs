@@ -63,7 +63,7 @@ async fn http_and_https_probes_report_status_body_certificates_and_failures() ->
     let tls = format!("tls: {{ ca_file: '{ca_file}' }}");
     let config = format!(
         "global: {{ timeout: 3s }}\nprobes:\n\
-         - {{ name: ok, http: {{ url: '{http}/', expect_body: 'all good' }} }}\n\
+         - {{ name: ok, http: {{ url: '{http}/', expect_body: '^{HOME_BODY}$' }} }}\n\
          - {{ name: down, http: {{ url: '{http}/down' }} }}\n\
          - {{ name: body, http: {{ url: '{http}/', expect_body: 'maintenance' }} }}\n\
          - {{ name: moved, http: {{ url: '{http}/old' }} }}\n\
@@ -75,13 +75,15 @@ async fn http_and_https_probes_report_status_body_certificates_and_failures() ->
          - {{ name: https-soon, http: {{ url: '{}/', {tls} }} }}\n\
          - {{ name: refused, http: {{ url: 'http://127.0.0.1:{closed}/' }} }}\n\
          - {{ name: hung, timeout: 2s, http: {{ url: 'http://127.0.0.1:{}/' }} }}\n\
-         - {{ name: nxdomain, http: {{ url: 'http://no-such-host.invalid/' }} }}\n",
+         - {{ name: nxdomain, http: {{ url: 'http://no-such-host.invalid/' }} }}\n\
+         - {{ name: tcp-tls, tcp: {{ address: '{}', {tls} }} }}\n",
         nginx.https_base(0),
         nginx.https_base(0),
         nginx.https_base(1),
         nginx.https_base(1),
         nginx.https_base(2),
         hole.port(),
+        nginx.https_base(0).trim_start_matches("https://"),
     );
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
     let started = Instant::now();
@@ -183,11 +185,21 @@ async fn http_and_https_probes_report_status_body_certificates_and_failures() ->
         "a failed probe is not a failed scrape"
     );
     assert_eq!(reason(&e, "nxdomain").as_deref(), Some("dns"));
+    assert_eq!(success(&e, "tcp-tls"), 1.0, "{:?}", reason(&e, "tcp-tls"));
+    let tcp_expiry = value(
+        &e,
+        "clusterwatch_probe_tls_cert_expiry_timestamp_seconds",
+        "tcp-tls",
+    );
+    assert_eq!(
+        tcp_expiry,
+        Some(expiry),
+        "TCP with TLS reports the same chain"
+    );
     assert!(
         took < Duration::from_secs(5),
         "probes run concurrently: the scrape took {took:?}"
     );
-    assert!(HOME_BODY.contains("all good"));
     Ok(())
 }
 
