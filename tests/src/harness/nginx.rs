@@ -31,6 +31,15 @@ impl Nginx {
     /// Every server answers `/` with 200 and [`HOME_BODY`], `/down` with 503 and `/old` with
     /// a 301 to `/`.
     pub async fn start(tls: &[(&Path, &Path)]) -> Result<Nginx> {
+        Nginx::start_with_client_ca(tls, None).await
+    }
+
+    /// Like [`start`](Self::start); with `client_ca`, every HTTPS server requires a client
+    /// certificate signed by it (nginx answers 400 without one).
+    pub async fn start_with_client_ca(
+        tls: &[(&Path, &Path)],
+        client_ca: Option<&Path>,
+    ) -> Result<Nginx> {
         let nginx = find_program("CLUSTERWATCH_NGINX", &["nginx", "/usr/sbin/nginx"])?;
         let dir = super::temp_dir("cw-nginx-")?;
         let http_port = free_port()?;
@@ -41,9 +50,17 @@ impl Nginx {
              location = /old {{ return 301 /; }}\n"
         );
         let mut servers = format!("server {{ listen 127.0.0.1:{http_port}; {locations} }}\n");
+        let client_auth = client_ca
+            .map(|ca| {
+                format!(
+                    "ssl_client_certificate {}; ssl_verify_client on;",
+                    ca.display()
+                )
+            })
+            .unwrap_or_default();
         for ((cert, key), port) in tls.iter().zip(&tls_ports) {
             servers.push_str(&format!(
-                "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; {locations} }}\n",
+                "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; {client_auth} {locations} }}\n",
                 cert.display(),
                 key.display()
             ));

@@ -204,6 +204,38 @@ async fn http_and_https_probes_report_status_body_certificates_and_failures() ->
 }
 
 #[tokio::test]
+async fn https_probe_presents_a_client_certificate_when_the_server_requires_one() -> Result<()> {
+    let certs = temp_dir("cw-certs-")?;
+    let ca = Ca::create(certs.path())?;
+    let server = ca.leaf(certs.path(), "server", 90 * DAY)?;
+    let client = ca.leaf(certs.path(), "client", 90 * DAY)?;
+    let nginx =
+        Nginx::start_with_client_ca(&[(&server.cert, &server.key)], Some(ca.cert_path())).await?;
+    let (url, ca_file) = (nginx.https_base(0), ca.cert_path().display());
+    let config = format!(
+        "probes:\n\
+         - {{ name: with-cert, http: {{ url: '{url}/', tls: {{ ca_file: '{ca_file}', cert_file: '{}', key_file: '{}' }} }} }}\n\
+         - {{ name: without-cert, http: {{ url: '{url}/', tls: {{ ca_file: '{ca_file}' }} }} }}\n",
+        client.cert.display(),
+        client.key.display(),
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    let e = scrape(&cw).await?;
+    assert_eq!(
+        success(&e, "with-cert"),
+        1.0,
+        "{:?}",
+        reason(&e, "with-cert")
+    );
+    assert_eq!(reason(&e, "without-cert").as_deref(), Some("http_status"));
+    assert_eq!(
+        value(&e, "clusterwatch_probe_status_code", "without-cert"),
+        Some(400.0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn tcp_probe_pings_redis_and_reports_a_closed_port() -> Result<()> {
     let redis = RedisNode::standalone("probe", None).await?;
     let closed = free_port()?;
