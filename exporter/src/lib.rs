@@ -9,4 +9,5 @@ pub mod config;
 pub mod hooks;
 pub mod http;
 pub mod logging;
+pub mod probe;
 pub mod snapshot;

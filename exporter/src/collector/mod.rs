@@ -8,7 +8,9 @@ pub mod exporter;
 pub mod fs;
 pub mod haproxy;
 pub mod pacemaker;
+pub mod kamailio;
 pub mod pg;
+pub mod probe;
 pub mod system;
 
 use std::borrow::Cow;
@@ -32,6 +34,8 @@ pub const KINDS: &[CollectorKind] = &[
     etcd::KIND,
     haproxy::KIND,
     pacemaker::KIND,
+    probe::KIND,
+    kamailio::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

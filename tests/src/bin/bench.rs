@@ -1,8 +1,9 @@
 //! Benchmarks run by hand (`cargo run --release -p clusterwatch-tests --bin bench -- all`):
-//! scrape latency, CPU per scrape and RSS of clusterwatch on its embedded default, and against
-//! Debian's prometheus-postgres-exporter on the same real primary, reported as ratios; and
-//! the webhook receiver's sustained notifications per second, acknowledgement latency with
-//! the journal fsync'd, and journal records lost to a kill -9 under load.
+//! scrape latency, CPU per scrape and RSS of clusterwatch on its embedded default, against
+//! Debian's prometheus-postgres-exporter on the same real primary, and 100 HTTP probes against
+//! Debian's prometheus-blackbox-exporter on the same nginx, reported as ratios; and the webhook
+//! receiver's sustained notifications per second, acknowledgement latency with the journal
+//! fsync'd, and journal records lost to a kill -9 under load.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::ChildGuard;
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab};
 use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode};
@@ -386,6 +388,218 @@ async fn bench_hooks(seconds: usize) -> Result<()> {
     Ok(())
 }
 
+/// Probes per scrape in the `probes` benchmark.
+const PROBES: usize = 100;
+
+async fn start_blackbox() -> Result<(ChildGuard, u16, tempfile::TempDir)> {
+    let binary = "/usr/bin/prometheus-blackbox-exporter";
+    if !std::path::Path::new(binary).exists() {
+        bail!("install the Debian package prometheus-blackbox-exporter to compare with it");
+    }
+    let dir = temp_dir("cw-blackbox-")?;
+    let config = dir.path().join("blackbox.yml");
+    std::fs::write(
+        &config,
+        "modules:\n  http_2xx:\n    prober: http\n    timeout: 5s\n    http:\n      preferred_ip_protocol: ip4\n",
+    )?;
+    let port = free_port()?;
+    let mut command = Command::new(binary);
+    command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    let mut guard = ChildGuard::spawn("blackbox_exporter", command, dir.path())?;
+    let url = format!("http://127.0.0.1:{port}/-/healthy");
+    let client = reqwest::Client::new();
+    guard
+        .wait_ready(Duration::from_secs(30), "blackbox_exporter", async || {
+            Ok(client.get(&url).send().await?.status().is_success())
+        })
+        .await?;
+    Ok((guard, port, dir))
+}
+
+/// One "scrape" of the blackbox exporter = one `/probe` request per target, all at once
+/// (`concurrent`, as Prometheus with 100 scrape jobs does) or one after another.
+async fn measure_blackbox(
+    label: &str,
+    client: &reqwest::Client,
+    urls: &[String],
+    pid: u32,
+    rounds: usize,
+    concurrent: bool,
+) -> Result<Run> {
+    let round = async || -> Result<usize> {
+        let mut ok = 0;
+        if concurrent {
+            let bodies = futures::future::join_all(urls.iter().map(|u| async move {
+                client.get(u).send().await?.error_for_status()?.text().await
+            }))
+            .await;
+            for b in bodies {
+                ok += b?.contains("probe_success 1") as usize;
+            }
+        } else {
+            for u in urls {
+                let b = client
+                    .get(u)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await?;
+                ok += b.contains("probe_success 1") as usize;
+            }
+        }
+        Ok(ok)
+    };
+    for _ in 0..3 {
+        let ok = round().await?;
+        if ok != urls.len() {
+            bail!("{label}: only {ok} of {} probes succeeded", urls.len());
+        }
+    }
+    let rss_before = proc_rss(pid)?;
+    let cpu_before = proc_cpu(pid)?;
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        round().await?;
+        times.push(started.elapsed());
+    }
+    let cpu = proc_cpu(pid)? - cpu_before;
+    times.sort();
+    Ok(Run {
+        label: label.to_owned(),
+        scrapes: rounds,
+        median: times[times.len() / 2],
+        p99: times[(times.len() * 99 / 100).min(times.len() - 1)],
+        cpu_per_scrape: cpu / rounds as u32,
+        rss_before,
+        rss_after: proc_rss(pid)?,
+        samples: urls.len(),
+    })
+}
+
+async fn bench_probes(scrapes: usize) -> Result<()> {
+    let nginx = Nginx::start(&[]).await?;
+    let target = |i: usize| format!("{}/?n={i}", nginx.http_base());
+    let one = format!(
+        "probes:\n  - {{ name: web, http: {{ url: '{}' }} }}\n",
+        target(0)
+    );
+    let hundred: String = std::iter::once("probes:\n".to_owned())
+        .chain(
+            (0..PROBES)
+                .map(|i| format!("  - {{ name: web{i}, http: {{ url: '{}' }} }}\n", target(i))),
+        )
+        .collect();
+
+    let mut cw = Clusterwatch::start(Some(&one), &[]).await?;
+    let pid = cw.process().pid().context("no pid")?;
+    let client = cw.client().clone();
+    let single = measure(
+        "clusterwatch, 1 http probe",
+        &client,
+        &cw.url("/metrics"),
+        pid,
+        scrapes,
+    )
+    .await?;
+    drop(cw);
+
+    let mut cw = Clusterwatch::start(Some(&hundred), &[]).await?;
+    let pid = cw.process().pid().context("no pid")?;
+    let scrape = cw.url("/metrics");
+    let body = client.get(&scrape).send().await?.text().await?;
+    let ok = body
+        .lines()
+        .filter(|l| l.starts_with("clusterwatch_probe_success{") && l.ends_with(" 1"))
+        .count();
+    if ok != PROBES {
+        bail!("only {ok} of {PROBES} clusterwatch probes succeeded");
+    }
+    let many = measure(
+        "clusterwatch, 100 http probes",
+        &client,
+        &scrape,
+        pid,
+        scrapes,
+    )
+    .await?;
+    drop(cw);
+
+    let (mut bb, port, _bb_dir) = start_blackbox().await?;
+    let bb_pid = bb.pid().context("no pid")?;
+    let urls: Vec<String> = (0..PROBES)
+        .map(|i| {
+            format!(
+                "http://127.0.0.1:{port}/probe?module=http_2xx&target={}",
+                target(i).replace('?', "%3F").replace('=', "%3D")
+            )
+        })
+        .collect();
+    let bb_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(PROBES)
+        .build()?;
+    let rounds = scrapes.min(100);
+    let bb_conc = measure_blackbox(
+        "blackbox, 100 /probe requests concurrently",
+        &bb_client,
+        &urls,
+        bb_pid,
+        rounds,
+        true,
+    )
+    .await?;
+    let bb_seq = measure_blackbox(
+        "blackbox, 100 /probe requests in sequence",
+        &bb_client,
+        &urls,
+        bb_pid,
+        rounds,
+        false,
+    )
+    .await?;
+    bb.stop()?;
+
+    println!("\n== {PROBES} HTTP probes of one local nginx per scrape ==");
+    print(&[&single, &many, &bb_conc, &bb_seq]);
+    println!("ratios (100 probes / 1 probe; goal <= 3):");
+    ratio(
+        "median latency",
+        many.median.as_secs_f64(),
+        single.median.as_secs_f64(),
+    );
+    ratio(
+        "p99 latency",
+        many.p99.as_secs_f64(),
+        single.p99.as_secs_f64(),
+    );
+    println!("ratios (clusterwatch 100 probes / blackbox 100 concurrent /probe):");
+    ratio(
+        "median latency",
+        many.median.as_secs_f64(),
+        bb_conc.median.as_secs_f64(),
+    );
+    ratio(
+        "CPU per scrape",
+        many.cpu_per_scrape.as_secs_f64(),
+        bb_conc.cpu_per_scrape.as_secs_f64(),
+    );
+    ratio(
+        "RSS after the run",
+        many.rss_after as f64,
+        bb_conc.rss_after as f64,
+    );
+    println!("ratios (clusterwatch 100 probes / blackbox 100 sequential /probe):");
+    ratio(
+        "median latency",
+        many.median.as_secs_f64(),
+        bb_seq.median.as_secs_f64(),
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -404,11 +618,13 @@ async fn main() -> Result<()> {
         "default" => bench_default(scrapes(1000)).await,
         "postgres" => bench_postgres(scrapes(500)).await,
         "hooks" => bench_hooks(10).await,
+        "probes" => bench_probes(scrapes(300)).await,
         "all" => {
             bench_default(scrapes(1000)).await?;
             bench_postgres(scrapes(500)).await?;
+            bench_probes(scrapes(300)).await?;
             bench_hooks(10).await
         }
-        other => bail!("unknown benchmark `{other}`: use default, postgres, hooks or all"),
+        other => bail!("unknown benchmark `{other}`: use default, postgres, probes, hooks or all"),
     }
 }

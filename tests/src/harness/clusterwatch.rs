@@ -55,6 +55,25 @@ fn locate() -> Result<PathBuf> {
     if release {
         command.arg("--release");
     }
+    // Cargo sets these for the test process itself. Passed on, they look like a changed
+    // environment to build scripts that watch them (ring watches CARGO_MANIFEST_DIR), and the
+    // TLS stack and the exporter would be rebuilt on every test run.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
     let output = match command.output() {
         Ok(output) => output,
         Err(err) => {

@@ -11,16 +11,20 @@
 
 pub mod alertmanager;
 pub mod blackhole;
+pub mod certs;
 pub mod clusterwatch;
 pub mod etcd;
 pub mod haproxy;
 pub mod http;
+pub mod kamailio;
+pub mod nginx;
 pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
 pub mod served;
+pub mod sipp;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};

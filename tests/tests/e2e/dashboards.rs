@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use clusterwatch_tests::harness::certs::Ca;
+use clusterwatch_tests::harness::kamailio::Kamailio;
+use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
 use clusterwatch_tests::harness::{
-    temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
+    free_port, temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
 };
 
 /// How long the stack gets until every panel query has data.
@@ -24,6 +27,7 @@ const EXPECTED: &[&str] = &[
     "clusterwatch-host.json",
     "clusterwatch-overview.json",
     "clusterwatch-postgres.json",
+    "clusterwatch-probes.json",
 ];
 
 /// Grafana's built-in interval variables and what they become in the test's instant queries.
@@ -533,6 +537,24 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     // At least one archived segment, so the archive directory and archiver ages have values.
     let segment = pair.primary.switch_wal().await?;
     pair.primary.wait_archived(&segment, WAIT).await?;
+    // Probes: HTTPS with a certificate, a SIP peer, and one that always fails (closed port).
+    let certs = temp_dir("cw-dashboards-certs-")?;
+    let ca = Ca::create(certs.path())?;
+    let leaf = ca.leaf(certs.path(), "web", 30 * 86_400)?;
+    let nginx = Nginx::start(&[(&leaf.cert, &leaf.key)]).await?;
+    let kamailio = Kamailio::start().await?;
+    let probes = format!(
+        "probes:\n\
+         \x20 - {{ name: web, http: {{ url: '{}/', tls: {{ ca_file: '{}' }} }} }}\n\
+         \x20 - {{ name: sbc-sip, sip_options: {{ address: '{}' }} }}\n\
+         \x20 - {{ name: gone, tcp: {{ address: '127.0.0.1:{}' }} }}\n\
+         kamailio:\n  - {{ name: sbc, url: '{}' }}\n",
+        nginx.https_base(0),
+        ca.cert_path().display(),
+        kamailio.sip_addr(),
+        free_port()?,
+        kamailio.rpc_url(),
+    );
     let stack_ready = started.elapsed();
 
     // `missing-dir` fails on every scrape, so the panels about failed collections have data.
@@ -551,7 +573,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         pair.primary.dir().display(),
         pair.primary.archive_dir().display(),
         pair.primary.dir().join("no-such-directory").display(),
-    );
+    ) + &probes;
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
 
     let rules = temp_dir("cw-dashboards-rules-")?;

@@ -8,4 +8,5 @@ mod harness_selftest;
 mod hooks;
 mod packaging;
 mod postgres;
+mod probes;
 mod rules_pack;
