@@ -135,6 +135,25 @@ pub async fn scrape(cw: &crate::harness::Clusterwatch) -> Result<Exposition> {
     Exposition::parse(&body)
 }
 
+/// Scrapes `cw` until `check` accepts a scrape, for at most `timeout`; returns that scrape.
+/// On timeout the error carries `what` and the last complaint of `check`.
+pub async fn scrape_until(
+    cw: &crate::harness::Clusterwatch,
+    timeout: std::time::Duration,
+    what: &str,
+    check: impl Fn(&Exposition) -> Result<bool>,
+) -> Result<Exposition> {
+    let mut last = None;
+    crate::harness::wait_until(timeout, what, async || {
+        let m = scrape(cw).await?;
+        let ok = check(&m)?;
+        last = Some(m);
+        Ok(ok)
+    })
+    .await?;
+    Ok(last.expect("a successful check stored its scrape"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

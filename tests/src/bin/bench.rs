@@ -1,13 +1,14 @@
 //! Benchmarks run by hand (`cargo run --release -p clusterwatch-tests --bin bench -- all`):
 //! scrape latency, CPU per scrape and RSS of clusterwatch on its embedded default, and against
-//! Debian's prometheus-postgres-exporter on the same real primary, reported as ratios.
+//! Debian's prometheus-postgres-exporter and prometheus-redis-exporter on the same real
+//! servers, reported as ratios.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clusterwatch_tests::harness::process::ChildGuard;
-use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode};
+use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode, RedisPair};
 
 /// Latency distribution and resource use of one exporter over a run.
 struct Run {
@@ -118,6 +119,31 @@ fn ratio(name: &str, ours: f64, theirs: f64) {
     println!("  {name:<36} {:.2}x", ours / theirs);
 }
 
+/// Prints clusterwatch's numbers over the other exporter's.
+fn compare(other: &str, ours: &Run, theirs: &Run) {
+    println!("ratios (clusterwatch / {other}):");
+    ratio(
+        "median latency",
+        ours.median.as_secs_f64(),
+        theirs.median.as_secs_f64(),
+    );
+    ratio(
+        "p99 latency",
+        ours.p99.as_secs_f64(),
+        theirs.p99.as_secs_f64(),
+    );
+    ratio(
+        "RSS after the run",
+        ours.rss_after as f64,
+        theirs.rss_after as f64,
+    );
+    ratio(
+        "CPU per scrape",
+        ours.cpu_per_scrape.as_secs_f64(),
+        theirs.cpu_per_scrape.as_secs_f64(),
+    );
+}
+
 async fn bench_default(scrapes: usize) -> Result<()> {
     let mut cw = Clusterwatch::start(None, &[]).await?;
     let pid = cw.process().pid().context("clusterwatch has no pid")?;
@@ -146,6 +172,26 @@ async fn bench_default(scrapes: usize) -> Result<()> {
     Ok(())
 }
 
+/// Starts another exporter (`command`, already told where to listen) and waits until `url`
+/// answers; the guard stops it and the directory holds its output.
+async fn start_other_exporter(
+    name: &str,
+    command: Command,
+    dir: tempfile::TempDir,
+    url: String,
+) -> Result<(ChildGuard, String, tempfile::TempDir)> {
+    let mut guard = ChildGuard::spawn(name, command, dir.path())?;
+    let client = reqwest::Client::new();
+    guard
+        .wait_ready(
+            Duration::from_secs(30),
+            &format!("{name} /metrics"),
+            async || Ok(client.get(&url).send().await?.status().is_success()),
+        )
+        .await?;
+    Ok((guard, url, dir))
+}
+
 async fn start_postgres_exporter(dsn: &str) -> Result<(ChildGuard, String, tempfile::TempDir)> {
     let dir = temp_dir("cw-pge-")?;
     let port = free_port()?;
@@ -153,17 +199,19 @@ async fn start_postgres_exporter(dsn: &str) -> Result<(ChildGuard, String, tempf
     command
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .env("DATA_SOURCE_NAME", format!("{dsn}?sslmode=disable"));
-    let mut guard = ChildGuard::spawn("postgres_exporter", command, dir.path())?;
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let client = reqwest::Client::new();
-    guard
-        .wait_ready(
-            Duration::from_secs(30),
-            "postgres_exporter /metrics",
-            async || Ok(client.get(&url).send().await?.status().is_success()),
-        )
-        .await?;
-    Ok((guard, url, dir))
+    start_other_exporter("postgres_exporter", command, dir, url).await
+}
+
+async fn start_redis_exporter(address: &str) -> Result<(ChildGuard, String, tempfile::TempDir)> {
+    let dir = temp_dir("cw-rde-")?;
+    let port = free_port()?;
+    let mut command = Command::new(REDIS_EXPORTER);
+    command
+        .arg(format!("-web.listen-address=127.0.0.1:{port}"))
+        .arg(format!("-redis.addr={address}"));
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    start_other_exporter("redis_exporter", command, dir, url).await
 }
 
 async fn bench_postgres(scrapes: usize) -> Result<()> {
@@ -216,27 +264,7 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
 
     println!("\n== PostgreSQL primary on loopback: {scrapes} sequential scrapes each ==");
     print(&[&ours, &theirs, &many]);
-    println!("ratios (clusterwatch / postgres_exporter; goal <= 0.5):");
-    ratio(
-        "median latency",
-        ours.median.as_secs_f64(),
-        theirs.median.as_secs_f64(),
-    );
-    ratio(
-        "p99 latency",
-        ours.p99.as_secs_f64(),
-        theirs.p99.as_secs_f64(),
-    );
-    ratio(
-        "RSS after the run",
-        ours.rss_after as f64,
-        theirs.rss_after as f64,
-    );
-    ratio(
-        "CPU per scrape",
-        ours.cpu_per_scrape.as_secs_f64(),
-        theirs.cpu_per_scrape.as_secs_f64(),
-    );
+    compare("postgres_exporter; goal <= 0.5", &ours, &theirs);
     println!("ratios (20 targets / 1 target; goal <= 2):");
     ratio(
         "median latency",
@@ -247,6 +275,53 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
         "p99 latency",
         many.p99.as_secs_f64(),
         ours.p99.as_secs_f64(),
+    );
+    Ok(())
+}
+
+const REDIS_EXPORTER: &str = "/usr/bin/prometheus-redis-exporter";
+
+async fn bench_redis(scrapes: usize) -> Result<()> {
+    if !std::path::Path::new(REDIS_EXPORTER).exists() {
+        bail!("install the Debian package prometheus-redis-exporter to compare with it");
+    }
+    let pair = RedisPair::start().await?;
+    let address = pair.master.url();
+    let config = format!("redis:\n  - {{ name: master, cluster: bench, address: '{address}' }}\n");
+
+    let mut cw = Clusterwatch::start(Some(&config), &[]).await?;
+    let cw_pid = cw.process().pid().context("no pid")?;
+    let client = cw.client().clone();
+    let ours = measure(
+        "clusterwatch, 1 Redis master",
+        &client,
+        &cw.url("/metrics"),
+        cw_pid,
+        scrapes,
+    )
+    .await?;
+    drop(cw);
+
+    let (mut rde, rde_url, _rde_dir) = start_redis_exporter(&address).await?;
+    let rde_pid = rde.pid().context("no pid")?;
+    let theirs = measure(
+        "prometheus-redis-exporter 1.45 (Debian)",
+        &client,
+        &rde_url,
+        rde_pid,
+        scrapes,
+    )
+    .await?;
+    rde.stop()?;
+
+    println!(
+        "\n== Redis master with one replica on loopback: {scrapes} sequential scrapes each =="
+    );
+    print(&[&ours, &theirs]);
+    compare(
+        "redis_exporter; goal <= 1.0 latency, <= 0.5 RSS",
+        &ours,
+        &theirs,
     );
     Ok(())
 }
@@ -268,10 +343,12 @@ async fn main() -> Result<()> {
     match what {
         "default" => bench_default(scrapes(1000)).await,
         "postgres" => bench_postgres(scrapes(500)).await,
+        "redis" => bench_redis(scrapes(500)).await,
         "all" => {
             bench_default(scrapes(1000)).await?;
-            bench_postgres(scrapes(500)).await
+            bench_postgres(scrapes(500)).await?;
+            bench_redis(scrapes(500)).await
         }
-        other => bail!("unknown benchmark `{other}`: use default, postgres or all"),
+        other => bail!("unknown benchmark `{other}`: use default, postgres, redis or all"),
     }
 }

@@ -5,4 +5,5 @@ mod dashboards;
 mod foundation;
 mod harness_selftest;
 mod postgres;
+mod redis;
 mod rules_pack;
