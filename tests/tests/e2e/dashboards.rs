@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
 use clusterwatch_tests::harness::{
-    temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
+    temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, RedisPair, ScrapeJob,
 };
 
 /// How long the stack gets until every panel query has data.
@@ -24,6 +24,7 @@ const EXPECTED: &[&str] = &[
     "clusterwatch-host.json",
     "clusterwatch-overview.json",
     "clusterwatch-postgres.json",
+    "clusterwatch-redis.json",
 ];
 
 /// Grafana's built-in interval variables and what they become in the test's instant queries.
@@ -513,6 +514,7 @@ const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
         1.0,
     ),
     ("Standbys missing", "target", "primary", 0.0),
+    ("Masters per group", "cluster", "redis", 1.0),
 ];
 
 #[tokio::test]
@@ -533,6 +535,12 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     // At least one archived segment, so the archive directory and archiver ages have values.
     let segment = pair.primary.switch_wal().await?;
     pair.primary.wait_archived(&segment, WAIT).await?;
+    // A Redis pair with a memory limit, so the maxmemory panels have a ratio to show.
+    let redis = RedisPair::start().await?;
+    redis
+        .master
+        .cli(&["CONFIG", "SET", "maxmemory", "104857600"])
+        .await?;
     let stack_ready = started.elapsed();
 
     // `missing-dir` fails on every scrape, so the panels about failed collections have data.
@@ -545,12 +553,17 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
          system: {{}}\n\
          directories:\n\
          \x20 - {{ name: wal-archive, cluster: pg, path: '{}' }}\n\
-         \x20 - {{ name: missing-dir, path: '{}' }}\n",
+         \x20 - {{ name: missing-dir, path: '{}' }}\n\
+         redis:\n\
+         \x20 - {{ name: redis-master, cluster: redis, address: '{}' }}\n\
+         \x20 - {{ name: redis-replica, cluster: redis, address: '{}' }}\n",
         pair.primary.monitor_dsn(),
         pair.standby.monitor_dsn(),
         pair.primary.dir().display(),
         pair.primary.archive_dir().display(),
         pair.primary.dir().join("no-such-directory").display(),
+        redis.master.url(),
+        redis.replica.url(),
     );
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
 
@@ -655,5 +668,6 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     drop(prometheus);
     drop(cw);
     drop(pair);
+    drop(redis);
     Ok(())
 }
