@@ -17,7 +17,9 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{read_secret_file, HumanDuration, Located, Problem, SectionContext, TargetId};
+use crate::config::{
+    read_password_file, HumanDuration, Located, Problem, SectionContext, TargetId,
+};
 use crate::snapshot::SampleBuffer;
 
 /// The `redis` collector, configured by the `redis:` section.
@@ -68,14 +70,9 @@ fn configure(
             }
             settings = settings.set_username(user);
         }
-        if let Some(path) = &raw.password_file {
-            match read_secret_file(&ctx.resolve(path)) {
-                Ok(secret) => settings = settings.set_password(secret.expose()),
-                Err(e) => problems.push(
-                    item.problem("password_file", e)
-                        .hint("the file must be readable by the user clusterwatch runs as"),
-                ),
-            }
+        if let Some(secret) = read_password_file(raw.password_file.as_deref(), ctx, &item, problems)
+        {
+            settings = settings.set_password(secret.expose());
         }
         let ca = match (&raw.tls_ca_file, tls) {
             (Some(_), false) => {

@@ -119,19 +119,20 @@ fn ratio(name: &str, ours: f64, theirs: f64) {
     println!("  {name:<36} {:.2}x", ours / theirs);
 }
 
+/// Prints the median and p99 latency of `a` over those of `b`.
+fn latency_ratios(a: &Run, b: &Run) {
+    ratio(
+        "median latency",
+        a.median.as_secs_f64(),
+        b.median.as_secs_f64(),
+    );
+    ratio("p99 latency", a.p99.as_secs_f64(), b.p99.as_secs_f64());
+}
+
 /// Prints clusterwatch's numbers over the other exporter's.
 fn compare(other: &str, ours: &Run, theirs: &Run) {
     println!("ratios (clusterwatch / {other}):");
-    ratio(
-        "median latency",
-        ours.median.as_secs_f64(),
-        theirs.median.as_secs_f64(),
-    );
-    ratio(
-        "p99 latency",
-        ours.p99.as_secs_f64(),
-        theirs.p99.as_secs_f64(),
-    );
+    latency_ratios(ours, theirs);
     ratio(
         "RSS after the run",
         ours.rss_after as f64,
@@ -214,6 +215,27 @@ async fn start_redis_exporter(address: &str) -> Result<(ChildGuard, String, temp
     start_other_exporter("redis_exporter", command, dir, url).await
 }
 
+/// Starts clusterwatch on `config`, measures it and stops it.
+async fn measure_clusterwatch(label: &str, config: &str, scrapes: usize) -> Result<Run> {
+    let mut cw = Clusterwatch::start(Some(config), &[]).await?;
+    let pid = cw.process().pid().context("clusterwatch has no pid")?;
+    let client = cw.client().clone();
+    measure(label, &client, &cw.url("/metrics"), pid, scrapes).await
+}
+
+/// Measures another exporter as [`start_other_exporter`] returned it, then stops it.
+async fn measure_other(
+    label: &str,
+    started: (ChildGuard, String, tempfile::TempDir),
+    scrapes: usize,
+) -> Result<Run> {
+    let (mut guard, url, _dir) = started;
+    let pid = guard.pid().context("no pid")?;
+    let run = measure(label, &reqwest::Client::new(), &url, pid, scrapes).await?;
+    guard.stop()?;
+    Ok(run)
+}
+
 async fn bench_postgres(scrapes: usize) -> Result<()> {
     if !std::path::Path::new("/usr/bin/prometheus-postgres-exporter").exists() {
         bail!("install the Debian package prometheus-postgres-exporter to compare with it");
@@ -225,57 +247,21 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
         .chain((0..20).map(|i| format!("  - {{ name: db{i}, cluster: bench, dsn: '{dsn}' }}\n")))
         .collect();
 
-    let mut cw = Clusterwatch::start(Some(&one), &[]).await?;
-    let cw_pid = cw.process().pid().context("no pid")?;
-    let client = cw.client().clone();
-    let ours = measure(
-        "clusterwatch, 1 PostgreSQL target",
-        &client,
-        &cw.url("/metrics"),
-        cw_pid,
-        scrapes,
-    )
-    .await?;
-    drop(cw);
-
-    let (mut pge, pge_url, _pge_dir) = start_postgres_exporter(&dsn).await?;
-    let pge_pid = pge.pid().context("no pid")?;
-    let theirs = measure(
+    let ours = measure_clusterwatch("clusterwatch, 1 PostgreSQL target", &one, scrapes).await?;
+    let theirs = measure_other(
         "prometheus-postgres-exporter 0.11 (Debian)",
-        &client,
-        &pge_url,
-        pge_pid,
+        start_postgres_exporter(&dsn).await?,
         scrapes,
     )
     .await?;
-    pge.stop()?;
-
-    let mut cw20 = Clusterwatch::start(Some(&twenty), &[]).await?;
-    let pid20 = cw20.process().pid().context("no pid")?;
-    let many = measure(
-        "clusterwatch, 20 PostgreSQL targets",
-        &client,
-        &cw20.url("/metrics"),
-        pid20,
-        scrapes,
-    )
-    .await?;
-    drop(cw20);
+    let many =
+        measure_clusterwatch("clusterwatch, 20 PostgreSQL targets", &twenty, scrapes).await?;
 
     println!("\n== PostgreSQL primary on loopback: {scrapes} sequential scrapes each ==");
     print(&[&ours, &theirs, &many]);
     compare("postgres_exporter; goal <= 0.5", &ours, &theirs);
     println!("ratios (20 targets / 1 target; goal <= 2):");
-    ratio(
-        "median latency",
-        many.median.as_secs_f64(),
-        ours.median.as_secs_f64(),
-    );
-    ratio(
-        "p99 latency",
-        many.p99.as_secs_f64(),
-        ours.p99.as_secs_f64(),
-    );
+    latency_ratios(&many, &ours);
     Ok(())
 }
 
@@ -289,30 +275,13 @@ async fn bench_redis(scrapes: usize) -> Result<()> {
     let address = pair.master.url();
     let config = format!("redis:\n  - {{ name: master, cluster: bench, address: '{address}' }}\n");
 
-    let mut cw = Clusterwatch::start(Some(&config), &[]).await?;
-    let cw_pid = cw.process().pid().context("no pid")?;
-    let client = cw.client().clone();
-    let ours = measure(
-        "clusterwatch, 1 Redis master",
-        &client,
-        &cw.url("/metrics"),
-        cw_pid,
-        scrapes,
-    )
-    .await?;
-    drop(cw);
-
-    let (mut rde, rde_url, _rde_dir) = start_redis_exporter(&address).await?;
-    let rde_pid = rde.pid().context("no pid")?;
-    let theirs = measure(
+    let ours = measure_clusterwatch("clusterwatch, 1 Redis master", &config, scrapes).await?;
+    let theirs = measure_other(
         "prometheus-redis-exporter 1.45 (Debian)",
-        &client,
-        &rde_url,
-        rde_pid,
+        start_redis_exporter(&address).await?,
         scrapes,
     )
     .await?;
-    rde.stop()?;
 
     println!(
         "\n== Redis master with one replica on loopback: {scrapes} sequential scrapes each =="

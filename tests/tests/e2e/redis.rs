@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clusterwatch_tests::exposition::{scrape, scrape_until, Exposition};
-use clusterwatch_tests::harness::{Clusterwatch, RedisNode, RedisPair};
+use clusterwatch_tests::harness::{Clusterwatch, RedisNode, RedisPair, TestCertificates};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -360,5 +360,35 @@ async fn password_and_acl_user_authenticate_and_failures_say_auth() -> Result<()
         assert!(!landing.contains(secret), "password on the landing page");
         assert!(!cw.logs().contains(secret), "password in the log");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_address_is_verified_against_the_configured_ca() -> Result<()> {
+    let certs = TestCertificates::create().await?;
+    let node = RedisNode::standalone_tls("tls", &certs).await?;
+    let url = node.tls_url().expect("started with TLS");
+    let config = format!(
+        "global:\n  timeout: 3s\nredis:\n\
+         \x20 - {{ name: trusted, address: '{url}', tls_ca_file: '{}' }}\n\
+         \x20 - {{ name: system-roots, address: '{url}' }}\n",
+        certs.ca_file().display()
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    let m = scrape_until(&cw, WAIT, "the TLS target up", |m| {
+        Ok(up(m, "trusted") == Some(1.0))
+    })
+    .await?;
+    assert_eq!(role(&m, "trusted", "master"), Some(1.0));
+    // The test CA is not among the system's roots: the handshake must fail.
+    assert_eq!(up(&m, "system-roots"), Some(0.0));
+    assert!(
+        errors(&m, "system-roots", "connect") >= 1.0,
+        "{:?}",
+        m.find(
+            "clusterwatch_target_scrape_errors_total",
+            &[on("system-roots")]
+        )
+    );
     Ok(())
 }
