@@ -119,17 +119,25 @@ async fn healthy_pair_has_one_master_and_a_linked_replica_with_small_lag() -> Re
     );
     let lag = m.value("clusterwatch_redis_replica_lag_bytes", &[on("replica")]);
     assert!(lag.is_some_and(|v| v < 1024.0), "{lag:?}");
-    let offsets: Vec<f64> = ["master", "replica"]
-        .iter()
-        .map(|t| {
-            m.value(
-                "clusterwatch_redis_replication_offset_bytes",
-                &[("target", t)],
-            )
+    // An idle pair catches up completely: the replica has applied everything the master wrote.
+    let offset = |m: &Exposition, t: &'static str| {
+        m.value("clusterwatch_redis_replication_offset_bytes", &[on(t)])
             .unwrap_or(-1.0)
-        })
-        .collect();
-    assert!(offsets[0] > 0.0 && offsets[1] > 0.0, "{offsets:?}");
+    };
+    let caught_up = scrape_until(
+        &cw,
+        WAIT,
+        "the replica's offset to reach the master's",
+        |m| Ok(offset(m, "master") > 0.0 && offset(m, "replica") == offset(m, "master")),
+    )
+    .await?;
+    assert_eq!(
+        caught_up.value(
+            "clusterwatch_redis_connected_replica_lag_bytes",
+            &[on("master"), ("replica", &replica_addr)],
+        ),
+        Some(0.0)
+    );
     assert!(
         link_up(&m, "master").is_none(),
         "a master has no master link"
