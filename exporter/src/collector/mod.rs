@@ -7,10 +7,11 @@ pub mod etcd;
 pub mod exporter;
 pub mod fs;
 pub mod haproxy;
-pub mod pacemaker;
 pub mod kamailio;
+pub mod pacemaker;
 pub mod pg;
 pub mod probe;
+pub mod redis;
 pub mod system;
 
 use std::borrow::Cow;
@@ -36,6 +37,7 @@ pub const KINDS: &[CollectorKind] = &[
     pacemaker::KIND,
     probe::KIND,
     kamailio::KIND,
+    redis::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

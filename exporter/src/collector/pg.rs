@@ -15,7 +15,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{read_secret_file, HumanDuration, Located, Problem, SectionContext, TargetId};
+use crate::config::{
+    read_password_file, HumanDuration, Located, Problem, SectionContext, TargetId,
+};
 use crate::snapshot::SampleBuffer;
 
 /// The `pg` collector, configured by the `postgres:` section.
@@ -67,16 +69,9 @@ fn configure(
                     .hint("add a host, e.g. postgresql://monitor@127.0.0.1:5432/postgres"),
             );
         }
-        if let Some(path) = &raw.password_file {
-            match read_secret_file(&ctx.resolve(path)) {
-                Ok(secret) => {
-                    pg_config.password(secret.expose());
-                }
-                Err(e) => problems.push(
-                    item.problem("password_file", e)
-                        .hint("the file must be readable by the user clusterwatch runs as"),
-                ),
-            }
+        if let Some(secret) = read_password_file(raw.password_file.as_deref(), ctx, &item, problems)
+        {
+            pg_config.password(secret.expose());
         }
         if problems.len() > before {
             continue;

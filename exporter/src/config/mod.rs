@@ -339,6 +339,26 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     Ok(Secret::new(trimmed))
 }
 
+/// Reads the optional `password_file` of a list item (relative to the configuration file),
+/// recording a problem at that field when it cannot be read.
+pub fn read_password_file(
+    path: Option<&Path>,
+    ctx: &SectionContext,
+    at: &Located,
+    problems: &mut Vec<Problem>,
+) -> Option<Secret> {
+    match read_secret_file(&ctx.resolve(path?)) {
+        Ok(secret) => Some(secret),
+        Err(e) => {
+            problems.push(
+                at.problem("password_file", e)
+                    .hint("the file must be readable by the user clusterwatch runs as"),
+            );
+            None
+        }
+    }
+}
+
 /// Compiles a regular expression from the configuration, recording a problem at `field`.
 pub fn compile_regex(
     pattern: &str,

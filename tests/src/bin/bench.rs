@@ -1,9 +1,9 @@
 //! Benchmarks run by hand (`cargo run --release -p clusterwatch-tests --bin bench -- all`):
-//! scrape latency, CPU per scrape and RSS of clusterwatch on its embedded default, against
-//! Debian's prometheus-postgres-exporter on the same real primary, and 100 HTTP probes against
-//! Debian's prometheus-blackbox-exporter on the same nginx, reported as ratios; and the webhook
-//! receiver's sustained notifications per second, acknowledgement latency with the journal
-//! fsync'd, and journal records lost to a kill -9 under load.
+//! scrape latency, CPU per scrape and RSS of clusterwatch on its embedded default; against
+//! Debian's prometheus-postgres-exporter and prometheus-redis-exporter on the same real
+//! servers, and 100 HTTP probes against Debian's prometheus-blackbox-exporter on the same
+//! nginx, reported as ratios; and the webhook receiver's sustained notifications per second,
+//! acknowledgement latency with the journal fsync'd, and journal records lost to a kill -9.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::ChildGuard;
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab};
-use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode};
+use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode, RedisPair};
 
 /// Latency distribution and resource use of one exporter over a run.
 struct Run {
@@ -126,6 +126,32 @@ fn ratio(name: &str, ours: f64, theirs: f64) {
     println!("  {name:<36} {:.2}x", ours / theirs);
 }
 
+/// Prints the median and p99 latency of `a` over those of `b`.
+fn latency_ratios(a: &Run, b: &Run) {
+    ratio(
+        "median latency",
+        a.median.as_secs_f64(),
+        b.median.as_secs_f64(),
+    );
+    ratio("p99 latency", a.p99.as_secs_f64(), b.p99.as_secs_f64());
+}
+
+/// Prints clusterwatch's numbers over the other exporter's.
+fn compare(other: &str, ours: &Run, theirs: &Run) {
+    println!("ratios (clusterwatch / {other}):");
+    latency_ratios(ours, theirs);
+    ratio(
+        "RSS after the run",
+        ours.rss_after as f64,
+        theirs.rss_after as f64,
+    );
+    ratio(
+        "CPU per scrape",
+        ours.cpu_per_scrape.as_secs_f64(),
+        theirs.cpu_per_scrape.as_secs_f64(),
+    );
+}
+
 async fn bench_default(scrapes: usize) -> Result<()> {
     let mut cw = Clusterwatch::start(None, &[]).await?;
     let pid = cw.process().pid().context("clusterwatch has no pid")?;
@@ -154,6 +180,26 @@ async fn bench_default(scrapes: usize) -> Result<()> {
     Ok(())
 }
 
+/// Starts another exporter (`command`, already told where to listen) and waits until `url`
+/// answers; the guard stops it and the directory holds its output.
+async fn start_other_exporter(
+    name: &str,
+    command: Command,
+    dir: tempfile::TempDir,
+    url: String,
+) -> Result<(ChildGuard, String, tempfile::TempDir)> {
+    let mut guard = ChildGuard::spawn(name, command, dir.path())?;
+    let client = reqwest::Client::new();
+    guard
+        .wait_ready(
+            Duration::from_secs(30),
+            &format!("{name} /metrics"),
+            async || Ok(client.get(&url).send().await?.status().is_success()),
+        )
+        .await?;
+    Ok((guard, url, dir))
+}
+
 async fn start_postgres_exporter(dsn: &str) -> Result<(ChildGuard, String, tempfile::TempDir)> {
     let dir = temp_dir("cw-pge-")?;
     let port = free_port()?;
@@ -161,17 +207,40 @@ async fn start_postgres_exporter(dsn: &str) -> Result<(ChildGuard, String, tempf
     command
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .env("DATA_SOURCE_NAME", format!("{dsn}?sslmode=disable"));
-    let mut guard = ChildGuard::spawn("postgres_exporter", command, dir.path())?;
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let client = reqwest::Client::new();
-    guard
-        .wait_ready(
-            Duration::from_secs(30),
-            "postgres_exporter /metrics",
-            async || Ok(client.get(&url).send().await?.status().is_success()),
-        )
-        .await?;
-    Ok((guard, url, dir))
+    start_other_exporter("postgres_exporter", command, dir, url).await
+}
+
+async fn start_redis_exporter(address: &str) -> Result<(ChildGuard, String, tempfile::TempDir)> {
+    let dir = temp_dir("cw-rde-")?;
+    let port = free_port()?;
+    let mut command = Command::new(REDIS_EXPORTER);
+    command
+        .arg(format!("-web.listen-address=127.0.0.1:{port}"))
+        .arg(format!("-redis.addr={address}"));
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    start_other_exporter("redis_exporter", command, dir, url).await
+}
+
+/// Starts clusterwatch on `config`, measures it and stops it.
+async fn measure_clusterwatch(label: &str, config: &str, scrapes: usize) -> Result<Run> {
+    let mut cw = Clusterwatch::start(Some(config), &[]).await?;
+    let pid = cw.process().pid().context("clusterwatch has no pid")?;
+    let client = cw.client().clone();
+    measure(label, &client, &cw.url("/metrics"), pid, scrapes).await
+}
+
+/// Measures another exporter as [`start_other_exporter`] returned it, then stops it.
+async fn measure_other(
+    label: &str,
+    started: (ChildGuard, String, tempfile::TempDir),
+    scrapes: usize,
+) -> Result<Run> {
+    let (mut guard, url, _dir) = started;
+    let pid = guard.pid().context("no pid")?;
+    let run = measure(label, &reqwest::Client::new(), &url, pid, scrapes).await?;
+    guard.stop()?;
+    Ok(run)
 }
 
 async fn bench_postgres(scrapes: usize) -> Result<()> {
@@ -185,76 +254,50 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
         .chain((0..20).map(|i| format!("  - {{ name: db{i}, cluster: bench, dsn: '{dsn}' }}\n")))
         .collect();
 
-    let mut cw = Clusterwatch::start(Some(&one), &[]).await?;
-    let cw_pid = cw.process().pid().context("no pid")?;
-    let client = cw.client().clone();
-    let ours = measure(
-        "clusterwatch, 1 PostgreSQL target",
-        &client,
-        &cw.url("/metrics"),
-        cw_pid,
-        scrapes,
-    )
-    .await?;
-    drop(cw);
-
-    let (mut pge, pge_url, _pge_dir) = start_postgres_exporter(&dsn).await?;
-    let pge_pid = pge.pid().context("no pid")?;
-    let theirs = measure(
+    let ours = measure_clusterwatch("clusterwatch, 1 PostgreSQL target", &one, scrapes).await?;
+    let theirs = measure_other(
         "prometheus-postgres-exporter 0.11 (Debian)",
-        &client,
-        &pge_url,
-        pge_pid,
+        start_postgres_exporter(&dsn).await?,
         scrapes,
     )
     .await?;
-    pge.stop()?;
-
-    let mut cw20 = Clusterwatch::start(Some(&twenty), &[]).await?;
-    let pid20 = cw20.process().pid().context("no pid")?;
-    let many = measure(
-        "clusterwatch, 20 PostgreSQL targets",
-        &client,
-        &cw20.url("/metrics"),
-        pid20,
-        scrapes,
-    )
-    .await?;
-    drop(cw20);
+    let many =
+        measure_clusterwatch("clusterwatch, 20 PostgreSQL targets", &twenty, scrapes).await?;
 
     println!("\n== PostgreSQL primary on loopback: {scrapes} sequential scrapes each ==");
     print(&[&ours, &theirs, &many]);
-    println!("ratios (clusterwatch / postgres_exporter; goal <= 0.5):");
-    ratio(
-        "median latency",
-        ours.median.as_secs_f64(),
-        theirs.median.as_secs_f64(),
-    );
-    ratio(
-        "p99 latency",
-        ours.p99.as_secs_f64(),
-        theirs.p99.as_secs_f64(),
-    );
-    ratio(
-        "RSS after the run",
-        ours.rss_after as f64,
-        theirs.rss_after as f64,
-    );
-    ratio(
-        "CPU per scrape",
-        ours.cpu_per_scrape.as_secs_f64(),
-        theirs.cpu_per_scrape.as_secs_f64(),
-    );
+    compare("postgres_exporter; goal <= 0.5", &ours, &theirs);
     println!("ratios (20 targets / 1 target; goal <= 2):");
-    ratio(
-        "median latency",
-        many.median.as_secs_f64(),
-        ours.median.as_secs_f64(),
+    latency_ratios(&many, &ours);
+    Ok(())
+}
+
+const REDIS_EXPORTER: &str = "/usr/bin/prometheus-redis-exporter";
+
+async fn bench_redis(scrapes: usize) -> Result<()> {
+    if !std::path::Path::new(REDIS_EXPORTER).exists() {
+        bail!("install the Debian package prometheus-redis-exporter to compare with it");
+    }
+    let pair = RedisPair::start().await?;
+    let address = pair.master.url();
+    let config = format!("redis:\n  - {{ name: master, cluster: bench, address: '{address}' }}\n");
+
+    let ours = measure_clusterwatch("clusterwatch, 1 Redis master", &config, scrapes).await?;
+    let theirs = measure_other(
+        "prometheus-redis-exporter 1.45 (Debian)",
+        start_redis_exporter(&address).await?,
+        scrapes,
+    )
+    .await?;
+
+    println!(
+        "\n== Redis master with one replica on loopback: {scrapes} sequential scrapes each =="
     );
-    ratio(
-        "p99 latency",
-        many.p99.as_secs_f64(),
-        ours.p99.as_secs_f64(),
+    print(&[&ours, &theirs]);
+    compare(
+        "redis_exporter; goal <= 1.0 latency, <= 0.5 RSS",
+        &ours,
+        &theirs,
     );
     Ok(())
 }
@@ -617,14 +660,18 @@ async fn main() -> Result<()> {
     match what {
         "default" => bench_default(scrapes(1000)).await,
         "postgres" => bench_postgres(scrapes(500)).await,
-        "hooks" => bench_hooks(10).await,
+        "redis" => bench_redis(scrapes(500)).await,
         "probes" => bench_probes(scrapes(300)).await,
+        "hooks" => bench_hooks(10).await,
         "all" => {
             bench_default(scrapes(1000)).await?;
             bench_postgres(scrapes(500)).await?;
+            bench_redis(scrapes(500)).await?;
             bench_probes(scrapes(300)).await?;
             bench_hooks(10).await
         }
-        other => bail!("unknown benchmark `{other}`: use default, postgres, probes, hooks or all"),
+        other => {
+            bail!("unknown benchmark `{other}`: use default, postgres, redis, probes, hooks or all")
+        }
     }
 }

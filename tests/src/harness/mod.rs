@@ -41,7 +41,7 @@ pub use ports::free_port;
 pub use postgres::{PgCluster, PgNode};
 pub use process::{wait_until, ChildGuard};
 pub use prometheus::{Prometheus, PrometheusConfig, ScrapeJob};
-pub use redis::{RedisNode, RedisPair};
+pub use redis::{RedisNode, RedisPair, TestCertificates};
 pub use served::HttpServer;
 
 /// Creates a fresh temporary directory named `<prefix>XXXXXX` under `$TMPDIR` (default `/tmp`).

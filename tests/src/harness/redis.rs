@@ -1,6 +1,7 @@
 //! Redis for the tests: a master and a replica (`--replicaof`), or a standalone instance,
 //! each a `redis-server` child on a free loopback port with its own temporary directory,
-//! no persistence, and an optional password. Talks to them with `redis-cli`.
+//! no persistence, an optional password and an optional TLS port beside the plain one.
+//! Talks to them with `redis-cli` on the plain port.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,27 +31,81 @@ pub struct RedisNode {
     name: String,
     port: u16,
     password: Option<String>,
+    tls_port: Option<u16>,
     dir: TempDir,
+}
+
+/// A test certificate authority and a server certificate it signed for `127.0.0.1` and
+/// `localhost`, made with the `openssl` command line tool in a temporary directory.
+pub struct TestCertificates {
+    dir: TempDir,
+}
+
+impl TestCertificates {
+    /// Creates the CA and the server certificate (P-256 keys, valid for one day).
+    pub async fn create() -> Result<TestCertificates> {
+        let openssl = find_program("CLUSTERWATCH_OPENSSL", &["openssl"])?;
+        let dir = super::temp_dir("cw-certs-")?;
+        let d = dir.path();
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )?;
+        let steps = [
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -keyout ca.key -out ca.crt -days 1 -subj /CN=clusterwatch-test-ca",
+            "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -keyout server.key -out server.csr -subj /CN=localhost",
+            "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+             -out server.crt -days 1 -extfile server.ext",
+        ];
+        for args in steps {
+            let mut command = Command::new(&openssl);
+            command.current_dir(d).args(args.split_whitespace());
+            run(command, CLI_TIMEOUT).await?;
+        }
+        Ok(TestCertificates { dir })
+    }
+
+    /// The CA certificate (PEM) that signed the server certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    fn server_files(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("server.crt"),
+            self.dir.path().join("server.key"),
+        )
+    }
 }
 
 impl RedisNode {
     /// Starts a standalone instance (a master without replicas) and waits until it answers
     /// PING. With `password`, clients must AUTH.
     pub async fn standalone(name: &str, password: Option<&str>) -> Result<RedisNode> {
-        RedisNode::spawn(name, password, None).await
+        RedisNode::spawn(name, password, None, None).await
+    }
+
+    /// Starts a standalone instance that also listens for TLS on a second port
+    /// ([`tls_url`](Self::tls_url)) with the server certificate of `certs`; clients are not
+    /// asked for certificates.
+    pub async fn standalone_tls(name: &str, certs: &TestCertificates) -> Result<RedisNode> {
+        RedisNode::spawn(name, None, None, Some(certs)).await
     }
 
     /// Starts a replica of `master` (`--replicaof`, `--masterauth` from the master's
     /// password) and waits until it answers PING; it may not have synced yet, see
     /// [`wait_link_up`](Self::wait_link_up).
     pub async fn replica_of(name: &str, master: &RedisNode) -> Result<RedisNode> {
-        RedisNode::spawn(name, master.password(), Some(master.port)).await
+        RedisNode::spawn(name, master.password(), Some(master.port), None).await
     }
 
     async fn spawn(
         name: &str,
         password: Option<&str>,
         master_port: Option<u16>,
+        tls: Option<&TestCertificates>,
     ) -> Result<RedisNode> {
         let server = find_program("CLUSTERWATCH_REDIS_SERVER", &["redis-server"])?;
         let dir = super::temp_dir(&format!("cw-redis-{name}-"))?;
@@ -71,12 +126,30 @@ impl RedisNode {
         if let Some(master_port) = master_port {
             command.args(["--replicaof", "127.0.0.1", &master_port.to_string()]);
         }
+        let tls_port = match tls {
+            Some(certs) => {
+                let port = free_port()?;
+                let (cert, key) = certs.server_files();
+                command
+                    .args(["--tls-port", &port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(certs.ca_file())
+                    .args(["--tls-auth-clients", "no"]);
+                Some(port)
+            }
+            None => None,
+        };
         let guard = ChildGuard::spawn(&format!("redis-{name}"), command, dir.path())?;
         let mut node = RedisNode {
             guard,
             name: name.to_owned(),
             port,
             password: password.map(str::to_owned),
+            tls_port,
             dir,
         };
         node.wait_ping().await?;
@@ -115,6 +188,12 @@ impl RedisNode {
     /// `redis://127.0.0.1:PORT`, without credentials.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` for a node started with
+    /// [`standalone_tls`](Self::standalone_tls).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
     }
 
     /// The password clients must AUTH with, if any.

@@ -258,11 +258,16 @@ fn journal_events(info: &LabInfo, hook: &str) -> Result<JournalTimes> {
     };
     let mut times = JournalTimes::default();
     // A line being appended right now may be cut short: skip what does not parse.
-    for record in text.lines().filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()) {
+    for record in text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    {
         if record["hook"] != hook {
             continue;
         }
-        let Some(ts) = record["ts"].as_f64() else { continue };
+        let Some(ts) = record["ts"].as_f64() else {
+            continue;
+        };
         match record["event"].as_str() {
             Some("started") => times.started.push(ts),
             Some("finished") => times.finished.push(ts),

@@ -16,7 +16,8 @@ use clusterwatch_tests::harness::kamailio::Kamailio;
 use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
 use clusterwatch_tests::harness::{
-    free_port, temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
+    free_port, temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, RedisPair,
+    ScrapeJob,
 };
 
 /// How long the stack gets until every panel query has data.
@@ -28,6 +29,7 @@ const EXPECTED: &[&str] = &[
     "clusterwatch-overview.json",
     "clusterwatch-postgres.json",
     "clusterwatch-probes.json",
+    "clusterwatch-redis.json",
 ];
 
 /// Grafana's built-in interval variables and what they become in the test's instant queries.
@@ -517,6 +519,7 @@ const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
         1.0,
     ),
     ("Standbys missing", "target", "primary", 0.0),
+    ("Masters per group", "cluster", "redis", 1.0),
 ];
 
 #[tokio::test]
@@ -555,6 +558,12 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         free_port()?,
         kamailio.rpc_url(),
     );
+    // A Redis pair with a memory limit, so the maxmemory panels have a ratio to show.
+    let redis = RedisPair::start().await?;
+    redis
+        .master
+        .cli(&["CONFIG", "SET", "maxmemory", "104857600"])
+        .await?;
     let stack_ready = started.elapsed();
 
     // `missing-dir` fails on every scrape, so the panels about failed collections have data.
@@ -567,12 +576,17 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
          system: {{}}\n\
          directories:\n\
          \x20 - {{ name: wal-archive, cluster: pg, path: '{}' }}\n\
-         \x20 - {{ name: missing-dir, path: '{}' }}\n",
+         \x20 - {{ name: missing-dir, path: '{}' }}\n\
+         redis:\n\
+         \x20 - {{ name: redis-master, cluster: redis, address: '{}' }}\n\
+         \x20 - {{ name: redis-replica, cluster: redis, address: '{}' }}\n",
         pair.primary.monitor_dsn(),
         pair.standby.monitor_dsn(),
         pair.primary.dir().display(),
         pair.primary.archive_dir().display(),
         pair.primary.dir().join("no-such-directory").display(),
+        redis.master.url(),
+        redis.replica.url(),
     ) + &probes;
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
 
@@ -677,5 +691,6 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     drop(prometheus);
     drop(cw);
     drop(pair);
+    drop(redis);
     Ok(())
 }

@@ -9,4 +9,5 @@ mod hooks;
 mod packaging;
 mod postgres;
 mod probes;
+mod redis;
 mod rules_pack;

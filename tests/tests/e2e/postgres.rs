@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use clusterwatch_tests::exposition::{scrape, Exposition};
+use clusterwatch_tests::exposition::{scrape, scrape_until, Exposition};
 use clusterwatch_tests::harness::postgres::STANDBY_NAME;
-use clusterwatch_tests::harness::{wait_until, Clusterwatch, PgCluster};
+use clusterwatch_tests::harness::{Clusterwatch, PgCluster};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -31,15 +31,7 @@ async fn until(
     what: &str,
     check: impl Fn(&Exposition) -> Result<bool>,
 ) -> Result<Exposition> {
-    let mut last = None;
-    wait_until(WAIT, what, async || {
-        let m = scrape(cw).await?;
-        let ok = check(&m)?;
-        last = Some(m);
-        Ok(ok)
-    })
-    .await?;
-    Ok(last.expect("a successful check stored its scrape"))
+    scrape_until(cw, WAIT, what, check).await
 }
 
 fn streaming_seen_from_primary(m: &Exposition) -> bool {
