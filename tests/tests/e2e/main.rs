@@ -3,6 +3,7 @@
 
 mod cluster_managers;
 mod dashboards;
+mod failover;
 mod foundation;
 mod harness_selftest;
 mod hooks;
