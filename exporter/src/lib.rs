@@ -9,3 +9,4 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod snapshot;
+pub mod sre_csv;
