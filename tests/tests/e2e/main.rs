@@ -6,3 +6,4 @@ mod foundation;
 mod harness_selftest;
 mod postgres;
 mod rules_pack;
+mod sre_stats;
