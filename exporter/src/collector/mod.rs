@@ -4,8 +4,10 @@
 
 pub mod dir;
 pub mod exporter;
+pub mod file;
 pub mod fs;
 pub mod pg;
+pub mod process;
 pub mod sre_stats;
 pub mod system;
 
@@ -28,6 +30,8 @@ pub const KINDS: &[CollectorKind] = &[
     dir::KIND,
     pg::KIND,
     sre_stats::KIND,
+    file::KIND,
+    process::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
