@@ -9,6 +9,7 @@ pub mod fs;
 pub mod pg;
 pub mod process;
 pub mod sre_stats;
+pub mod supervisord;
 pub mod system;
 
 use std::borrow::Cow;
@@ -32,6 +33,7 @@ pub const KINDS: &[CollectorKind] = &[
     sre_stats::KIND,
     file::KIND,
     process::KIND,
+    supervisord::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
