@@ -13,7 +13,9 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{read_secret_file, HumanDuration, Located, Problem, SectionContext, Secret, TargetId};
+use crate::config::{
+    read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext, TargetId,
+};
 use crate::snapshot::SampleBuffer;
 
 /// The `supervisord` collector, configured by the `supervisord:` section.
@@ -54,16 +56,24 @@ enum Endpoint {
 fn parse_url(url: &str) -> Result<Endpoint, String> {
     if let Some(path) = url.strip_prefix("unix://") {
         if !path.starts_with('/') {
-            return Err("a unix socket URL needs an absolute path, like unix:///var/run/supervisor.sock".into());
+            return Err(
+                "a unix socket URL needs an absolute path, like unix:///var/run/supervisor.sock"
+                    .into(),
+            );
         }
         return Ok(Endpoint::Unix(PathBuf::from(path)));
     }
     let u = url::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
     if u.scheme() != "http" {
-        return Err(format!("unsupported scheme `{}`: use unix:// or http://", u.scheme()));
+        return Err(format!(
+            "unsupported scheme `{}`: use unix:// or http://",
+            u.scheme()
+        ));
     }
     if !u.username().is_empty() || u.password().is_some() {
-        return Err("credentials do not belong in the URL: use `username` and `password_file`".into());
+        return Err(
+            "credentials do not belong in the URL: use `username` and `password_file`".into(),
+        );
     }
     let host = u.host_str().ok_or("the URL has no host")?;
     let port = u.port().unwrap_or(9001);
@@ -104,9 +114,10 @@ fn configure(
                 }
             },
             _ => {
-                problems.push(
-                    item.problem("username", "basic auth needs both `username` and `password_file`"),
-                );
+                problems.push(item.problem(
+                    "username",
+                    "basic auth needs both `username` and `password_file`",
+                ));
                 None
             }
         };
@@ -195,7 +206,9 @@ fn http_body(raw: &[u8]) -> Result<Vec<u8>, CollectError> {
         200 => Ok(raw[split + 4..].to_vec()),
         401 => Err(CollectError::Auth("supervisord answered 401".into())),
         403 => Err(CollectError::Permission("supervisord answered 403".into())),
-        s => Err(CollectError::Query(format!("supervisord answered HTTP {s}"))),
+        s => Err(CollectError::Query(format!(
+            "supervisord answered HTTP {s}"
+        ))),
     }
 }
 
@@ -300,24 +313,42 @@ fn read_value(r: &mut XmlReader) -> Result<Value, String> {
                     b"string" => Value::Str(String::new()),
                     b"array" => Value::Array(Vec::new()),
                     b"struct" => Value::Struct(Vec::new()),
-                    other => return Err(xml_err(format!("empty <{}>", String::from_utf8_lossy(other)))),
+                    other => {
+                        return Err(xml_err(format!(
+                            "empty <{}>",
+                            String::from_utf8_lossy(other)
+                        )))
+                    }
                 })
             }
             Event::Start(e) => {
                 let v = match e.name().as_ref() {
                     b"int" | b"i4" | b"i8" => {
                         let t = read_text(r)?;
-                        Value::Int(t.trim().parse().map_err(|_| xml_err(format!("bad int `{t}`")))?)
+                        Value::Int(
+                            t.trim()
+                                .parse()
+                                .map_err(|_| xml_err(format!("bad int `{t}`")))?,
+                        )
                     }
                     b"boolean" => Value::Bool(read_text(r)?.trim() == "1"),
                     b"double" => {
                         let t = read_text(r)?;
-                        Value::Double(t.trim().parse().map_err(|_| xml_err(format!("bad double `{t}`")))?)
+                        Value::Double(
+                            t.trim()
+                                .parse()
+                                .map_err(|_| xml_err(format!("bad double `{t}`")))?,
+                        )
                     }
                     b"string" => Value::Str(read_text(r)?),
                     b"array" => read_array(r)?,
                     b"struct" => read_struct(r)?,
-                    other => return Err(xml_err(format!("unsupported type <{}>", String::from_utf8_lossy(other)))),
+                    other => {
+                        return Err(xml_err(format!(
+                            "unsupported type <{}>",
+                            String::from_utf8_lossy(other)
+                        )))
+                    }
                 };
                 typed = Some(v);
             }
@@ -333,7 +364,9 @@ fn read_array(r: &mut XmlReader) -> Result<Value, String> {
     loop {
         match r.read_event().map_err(xml_err)? {
             Event::Start(e) if e.name().as_ref() == b"value" => items.push(read_value(r)?),
-            Event::Empty(e) if e.name().as_ref() == b"value" => items.push(Value::Str(String::new())),
+            Event::Empty(e) if e.name().as_ref() == b"value" => {
+                items.push(Value::Str(String::new()))
+            }
             Event::End(e) if e.name().as_ref() == b"array" => return Ok(Value::Array(items)),
             Event::Eof => return Err(xml_err("unexpected end in <array>")),
             _ => {}
@@ -372,7 +405,10 @@ pub fn parse_process_info(xml: &[u8]) -> Result<Vec<ProgramInfo>, RpcError> {
     let mut r = Reader::from_reader(xml);
     let mut fault = false;
     let value = loop {
-        match r.read_event().map_err(|e| RpcError::Malformed(xml_err(e)))? {
+        match r
+            .read_event()
+            .map_err(|e| RpcError::Malformed(xml_err(e)))?
+        {
             Event::Start(e) if e.name().as_ref() == b"fault" => fault = true,
             Event::Start(e) if e.name().as_ref() == b"value" => {
                 break read_value(&mut r).map_err(RpcError::Malformed)?
@@ -519,8 +555,14 @@ mod tests {
                 exit_status: 0
             }
         );
-        assert_eq!((p[1].program.as_str(), p[1].state, p[1].uptime), ("sre-call-processor:0", "BACKOFF", 0));
-        assert_eq!((p[2].program.as_str(), p[2].state), ("odd & new", "UNKNOWN"));
+        assert_eq!(
+            (p[1].program.as_str(), p[1].state, p[1].uptime),
+            ("sre-call-processor:0", "BACKOFF", 0)
+        );
+        assert_eq!(
+            (p[2].program.as_str(), p[2].state),
+            ("odd & new", "UNKNOWN")
+        );
     }
 
     #[test]
@@ -534,7 +576,10 @@ mod tests {
             parse_process_info(fault.as_bytes()),
             Err(RpcError::Fault(1, "UNKNOWN_METHOD".into()))
         );
-        assert!(matches!(parse_process_info(b"<html>nope</html>"), Err(RpcError::Malformed(_))));
+        assert!(matches!(
+            parse_process_info(b"<html>nope</html>"),
+            Err(RpcError::Malformed(_))
+        ));
         assert_eq!(
             parse_process_info(b"<methodResponse><params><param><value><array><data/></array></value></param></params></methodResponse>"),
             Ok(vec![])
@@ -549,7 +594,10 @@ mod tests {
         );
         assert_eq!(
             parse_url("http://127.0.0.1:9001"),
-            Ok(Endpoint::Tcp { addr: "127.0.0.1:9001".into(), path: "/RPC2".into() })
+            Ok(Endpoint::Tcp {
+                addr: "127.0.0.1:9001".into(),
+                path: "/RPC2".into()
+            })
         );
         assert!(parse_url("http://u:p@127.0.0.1:9001/RPC2").is_err());
         assert!(parse_url("unix://relative.sock").is_err());
@@ -557,7 +605,13 @@ mod tests {
 
     #[test]
     fn http_status_maps_to_reasons() {
-        assert_eq!(http_body(b"HTTP/1.0 200 OK\r\nA: b\r\n\r\n<x/>").unwrap(), b"<x/>");
-        assert!(matches!(http_body(b"HTTP/1.0 401 Unauthorized\r\n\r\n"), Err(CollectError::Auth(_))));
+        assert_eq!(
+            http_body(b"HTTP/1.0 200 OK\r\nA: b\r\n\r\n<x/>").unwrap(),
+            b"<x/>"
+        );
+        assert!(matches!(
+            http_body(b"HTTP/1.0 401 Unauthorized\r\n\r\n"),
+            Err(CollectError::Auth(_))
+        ));
     }
 }
