@@ -6,6 +6,7 @@ pub mod dir;
 pub mod exporter;
 pub mod file;
 pub mod fs;
+pub mod network;
 pub mod pg;
 pub mod process;
 pub mod sre_stats;
@@ -34,6 +35,7 @@ pub const KINDS: &[CollectorKind] = &[
     file::KIND,
     process::KIND,
     supervisord::KIND,
+    network::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

@@ -4,6 +4,7 @@
 mod dashboards;
 mod foundation;
 mod harness_selftest;
+mod network;
 mod node;
 mod postgres;
 mod rules_pack;
