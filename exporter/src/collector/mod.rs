@@ -12,6 +12,7 @@ pub mod process;
 pub mod sre_stats;
 pub mod supervisord;
 pub mod system;
+pub mod textfile;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ pub const KINDS: &[CollectorKind] = &[
     process::KIND,
     supervisord::KIND,
     network::KIND,
+    textfile::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

@@ -206,3 +206,66 @@ async fn status_file_switch_is_followed_by_the_state_set() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn textfiles_are_merged_and_a_bad_one_is_reported_not_fatal() -> Result<()> {
+    let dir = temp_dir("cw-textfile-")?;
+    std::fs::write(
+        dir.path().join("nightly_dump.prom"),
+        "# HELP nightly_dump_last_success_timestamp_seconds Last good dump.\n# TYPE nightly_dump_last_success_timestamp_seconds gauge\nnightly_dump_last_success_timestamp_seconds{db=\"sounz\"} 1700000000\n",
+    )?;
+    std::fs::write(dir.path().join("rsync.prom"), "rsync_ok{ 1\n")?;
+    let cw = Clusterwatch::start(
+        Some(&format!(
+            "textfile:\n  directory: {}\n",
+            dir.path().display()
+        )),
+        &[],
+    )
+    .await?;
+    let e = scrape(&cw).await?;
+    assert_eq!(
+        e.value(
+            "nightly_dump_last_success_timestamp_seconds",
+            &[("db", "sounz"), ("target", "textfile")]
+        ),
+        Some(1.7e9)
+    );
+    assert_eq!(
+        e.value(
+            "clusterwatch_textfile_file_error",
+            &[("file", "rsync.prom")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        e.value(
+            "clusterwatch_textfile_file_error",
+            &[("file", "nightly_dump.prom")]
+        ),
+        Some(0.0)
+    );
+    assert!(e
+        .value(
+            "clusterwatch_textfile_file_mtime_seconds",
+            &[("file", "rsync.prom")]
+        )
+        .is_some());
+    assert_eq!(
+        e.value("clusterwatch_target_up", &[("collector", "textfile")]),
+        Some(1.0)
+    );
+
+    // Fixing the file is picked up on the next scrape.
+    std::fs::write(dir.path().join("rsync.prom"), "rsync_ok 1\n")?;
+    let e = scrape(&cw).await?;
+    assert_eq!(e.value("rsync_ok", &[]), Some(1.0));
+    assert_eq!(
+        e.value(
+            "clusterwatch_textfile_file_error",
+            &[("file", "rsync.prom")]
+        ),
+        Some(0.0)
+    );
+    Ok(())
+}
