@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::blocking::{BlockingError, InFlight};
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
@@ -175,6 +176,7 @@ pub struct SreCollector {
     shared: Arc<Shared>,
     /// Started on the first scrape: `check-config` never starts threads.
     nudge: OnceLock<mpsc::Sender<()>>,
+    inflight: InFlight,
 }
 
 impl SreCollector {
@@ -190,6 +192,7 @@ impl SreCollector {
                 watching: AtomicBool::new(false),
             }),
             nudge: OnceLock::new(),
+            inflight: InFlight::new(),
         }
     }
 
@@ -371,7 +374,17 @@ impl Collector for SreCollector {
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
         let mut rx = self.shared.latest.subscribe();
-        let current = identity(&self.shared.path);
+        // Even a stat can hang (a log directory on a dead NFS mount): off the runtime.
+        let path = self.shared.path.clone();
+        let key = path.to_string_lossy().into_owned();
+        let current = self
+            .inflight
+            .run(&key, ctx.deadline, move || identity(&path))
+            .await
+            .map_err(|e| match e {
+                BlockingError::Timeout | BlockingError::Stuck => CollectError::Timeout,
+                BlockingError::Failed => CollectError::Io("stat of the stats file failed".into()),
+            })?;
         let cached_identity = rx.borrow().as_ref().map(|c| c.identity);
         if cached_identity != Some(current) {
             self.nudge();
@@ -549,6 +562,34 @@ mod tests {
             .iter()
             .find(|s| stat.is_none_or(|st| s.labels.iter().any(|(k, v)| k == "stat" && v == st)))
             .map(|s| s.value)
+    }
+
+    /// A directory that does not exist yet cannot be watched: scrapes then check the file
+    /// themselves and still pick it up once it appears.
+    #[tokio::test]
+    async fn without_notifications_scrapes_notice_the_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("later");
+        let path = sub.join("counters.csv");
+        let c = SreCollector::new(TargetId::local("counters"), path.clone(), FileKind::Events);
+        let b = scrape(&c).await;
+        assert_eq!(value(&b, "clusterwatch_sre_file_present", None), Some(0.0));
+        assert!(!c.shared.watching.load(Ordering::Relaxed));
+
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(&path, "cp1,request.INVITE,t,1652193060,7\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = None;
+        while seen.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let b = scrape(&c).await;
+            seen = value(
+                &b,
+                "clusterwatch_sre_counter_events",
+                Some("request.INVITE"),
+            );
+        }
+        assert_eq!(seen, Some(7.0));
     }
 
     #[tokio::test]

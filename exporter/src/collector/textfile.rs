@@ -91,8 +91,11 @@ fn parse_value(s: &str) -> Option<f64> {
     }
 }
 
+/// Label pairs as written in a file.
+type Pairs = Vec<(String, String)>;
+
 /// Labels from `a="x",b="y"}` (after the opening brace); returns them and the rest after `}`.
-fn parse_labels(mut rest: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(mut rest: &str) -> Result<(Pairs, &str), String> {
     let mut labels = Vec::new();
     loop {
         rest = rest.trim_start();
