@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clusterwatch_tests::exposition::{scrape, Exposition};
 use clusterwatch_tests::harness::process::{find_program, ChildGuard};
-use clusterwatch_tests::harness::{temp_dir, wait_until, Clusterwatch};
+use clusterwatch_tests::harness::{free_port, temp_dir, wait_until, Clusterwatch};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -17,11 +17,11 @@ const STATES: &[&str] = &[
     "STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN",
 ];
 
-/// The one state of `program` whose series is 1, checking that every state has a series.
+/// The one state of `program` (on target node1) whose series is 1, checking that every state has a series.
 fn program_state(e: &Exposition, program: &str) -> Option<String> {
     let series = e.find(
         "clusterwatch_supervisord_program_state",
-        &[("program", program)],
+        &[("target", "node1"), ("program", program)],
     );
     if series.len() != STATES.len() {
         return None;
@@ -30,10 +30,14 @@ fn program_state(e: &Exposition, program: &str) -> Option<String> {
     (on.len() == 1).then(|| on[0].labels["state"].clone())
 }
 
-fn supervisord_config(dir: &Path, marker: &str) -> String {
+/// Password of supervisord's HTTP listener; it must never show in clusterwatch's output.
+const HTTP_PASSWORD: &str = "s3cret-supervisor-pw";
+
+fn supervisord_config(dir: &Path, marker: &str, http_port: u16) -> String {
     let d = dir.display();
     format!(
         "[unix_http_server]\nfile={d}/supervisor.sock\n\n\
+         [inet_http_server]\nport=127.0.0.1:{http_port}\nusername=monitor\npassword={HTTP_PASSWORD}\n\n\
          [supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}\nuser=root\n\n\
          [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
          [program:steady]\ncommand=/bin/sleep {marker}\nstartsecs=1\nautorestart=false\n\n\
@@ -49,7 +53,12 @@ async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> 
     // counts exactly the program this test supervises.
     let marker = format!("3600.{}", std::process::id());
     let conf = dir.path().join("supervisord.conf");
-    std::fs::write(&conf, supervisord_config(dir.path(), &marker))?;
+    let http_port = free_port()?;
+    std::fs::write(&conf, supervisord_config(dir.path(), &marker, http_port))?;
+    let good = dir.path().join("good.pass");
+    let bad = dir.path().join("bad.pass");
+    std::fs::write(&good, format!("{HTTP_PASSWORD}\n"))?;
+    std::fs::write(&bad, "not-the-password\n")?;
     let mut command = Command::new(supervisord);
     command.arg("-c").arg(&conf);
     let _guard = ChildGuard::spawn("supervisord", command, dir.path())?;
@@ -63,8 +72,10 @@ async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> 
 
     let cw = Clusterwatch::start(
         Some(&format!(
-            "supervisord:\n  - {{ name: node1, url: \"unix://{}\" }}\nprocesses:\n  - {{ name: steady, cmdline: \"^/bin/sleep {marker}$\", min: 1 }}\n",
-            socket.display()
+            "supervisord:\n  - {{ name: node1, url: \"unix://{}\" }}\n  - {{ name: node1-http, url: \"http://127.0.0.1:{http_port}/RPC2\", username: monitor, password_file: {} }}\n  - {{ name: node1-badpw, url: \"http://127.0.0.1:{http_port}\", username: monitor, password_file: {} }}\nprocesses:\n  - {{ name: steady, cmdline: \"^/bin/sleep {marker}$\", min: 1 }}\n",
+            socket.display(),
+            good.display(),
+            bad.display()
         )),
         &[],
     )
@@ -81,7 +92,7 @@ async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> 
             pid = e
                 .value(
                     "clusterwatch_supervisord_program_pid",
-                    &[("program", "steady")],
+                    &[("target", "node1"), ("program", "steady")],
                 )
                 .unwrap_or(0.0);
             let (steady, crashy) = (program_state(&e, "steady"), program_state(&e, "crashy"));
@@ -104,7 +115,7 @@ async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> 
     assert!(e
         .value(
             "clusterwatch_supervisord_program_exit_status",
-            &[("program", "crashy")]
+            &[("target", "node1"), ("program", "crashy")]
         )
         .is_some());
     assert_eq!(
@@ -131,7 +142,7 @@ async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> 
                 && state.as_deref() != Some("RUNNING")
                 && e.value(
                     "clusterwatch_supervisord_program_pid",
-                    &[("program", "steady")],
+                    &[("target", "node1"), ("program", "steady")],
                 ) == Some(0.0)
                 && e.value("clusterwatch_process_count", &[("target", "steady")]) == Some(0.0))
         },
@@ -145,6 +156,40 @@ async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> 
         ),
         Some(1.0)
     );
+
+    // The same supervisord over HTTP with basic auth sees the same programs; a wrong password
+    // is a down target with reason `auth`, and the password shows nowhere.
+    let up = |e: &Exposition, t: &str| {
+        e.value(
+            "clusterwatch_target_up",
+            &[("collector", "supervisord"), ("target", t)],
+        )
+    };
+    assert_eq!(up(&e, "node1-http"), Some(1.0), "{}", cw.logs());
+    assert_eq!(
+        e.find(
+            "clusterwatch_supervisord_program_state",
+            &[
+                ("target", "node1-http"),
+                ("program", "crashy"),
+                ("state", "FATAL")
+            ]
+        )[0]
+        .value,
+        1.0
+    );
+    assert_eq!(up(&e, "node1-badpw"), Some(0.0));
+    assert!(e
+        .value(
+            "clusterwatch_target_scrape_errors_total",
+            &[("target", "node1-badpw"), ("reason", "auth")]
+        )
+        .is_some_and(|n| n >= 1.0));
+    let (_, _, body) = cw.get("/metrics").await?;
+    let (_, _, landing) = cw.get("/").await?;
+    for text in [body.as_str(), landing.as_str(), cw.logs().as_str()] {
+        assert!(!text.contains(HTTP_PASSWORD) && !text.contains("not-the-password"));
+    }
     Ok(())
 }
 
