@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
-use clusterwatch_tests::exposition::scrape;
+use anyhow::{ensure, Context, Result};
+use clusterwatch_tests::exposition::{scrape, Exposition};
 use clusterwatch_tests::harness::{temp_dir, wait_until, Clusterwatch};
 
 const STATS: usize = 200;
@@ -165,5 +165,116 @@ async fn a_file_rewritten_every_second_is_never_seen_torn() -> Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// Samples Python's OpenMetrics parser (prometheus_client, an implementation independent of
+/// ours) reads from `body`; an error when it rejects it.
+fn openmetrics_samples(body: &str) -> Result<usize> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    // Debian's python3-prometheus-client lives in the system interpreter, which need not be
+    // the first python3 on PATH.
+    let python = std::env::var_os("CLUSTERWATCH_PYTHON")
+        .into_iter()
+        .chain(["python3".into(), "/usr/bin/python3".into()])
+        .find(|py| {
+            Command::new(py)
+                .args(["-c", "import prometheus_client.openmetrics.parser"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .context("no python3 with prometheus_client (Debian: python3-prometheus-client)")?;
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as f\nprint(sum(len(m.samples) for m in f(sys.stdin.read())))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(body.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "the OpenMetrics parser rejects the exposition: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+#[tokio::test]
+async fn stats_with_odd_names_and_textfiles_make_valid_openmetrics() -> Result<()> {
+    let dir = temp_dir("cw-sre-om-")?;
+    let counters = dir.path().join("counters.csv");
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(
+        b"sre32-cp2-testbed,profiling.cp.CAC test.Extract Contacts,2022-05-10T16:31:00,1652193060,12,11\r\n\
+          sre32-cp2-testbed,quote\"and\\backslash,2022-05-10T16:31:00,1652193060,3\r\n\
+          sre32-cp2-testbed,caf\xE9,2022-05-10T16:31:00,1652193060,4\r\n\
+          sre32-cp2-testbed,response.503,2022-05-10T16:31:00,1652193060,,,\r\n",
+    );
+    std::fs::write(&counters, bytes)?;
+    let textfiles = dir.path().join("textfile");
+    std::fs::create_dir(&textfiles)?;
+    std::fs::write(
+        textfiles.join("jobs.prom"),
+        "# TYPE rsync_runs counter\nrsync_runs_total{module=\"sounz data\"} 12\nnightly_dump_ok 1\n",
+    )?;
+    let cw = Clusterwatch::start(
+        Some(&format!(
+            "sre_stats:\n  counters: {}\ntextfile:\n  directory: {}\n",
+            counters.display(),
+            textfiles.display()
+        )),
+        &[],
+    )
+    .await?;
+    let e = scrape(&cw).await?;
+    assert_eq!(
+        e.value(
+            "clusterwatch_sre_counter_events",
+            &[("stat", "profiling.cp.CAC test.Extract Contacts")]
+        ),
+        Some(12.0)
+    );
+    assert_eq!(
+        e.value(
+            "clusterwatch_sre_counter_events",
+            &[("stat", "quote\"and\\backslash")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        e.value(
+            "clusterwatch_sre_counter_events",
+            &[("stat", "caf\u{FFFD}")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        e.value(
+            "clusterwatch_sre_counter_events",
+            &[("stat", "response.503")]
+        ),
+        Some(0.0)
+    );
+    let (_, headers, body) = cw
+        .get_with_headers(
+            "/metrics",
+            &[("Accept", "application/openmetrics-text;version=1.0.0")],
+        )
+        .await?;
+    assert!(headers["content-type"]
+        .to_str()?
+        .starts_with("application/openmetrics-text"));
+    let theirs = openmetrics_samples(&body)?;
+    let ours = Exposition::parse(&body)?.samples.len();
+    assert_eq!(theirs, ours, "both parsers read the same samples");
     Ok(())
 }
