@@ -264,6 +264,8 @@ fn spawn_watcher(shared: Weak<Shared>, tx: mpsc::Sender<()>, rx: mpsc::Receiver<
 
 fn watch_loop(shared: Weak<Shared>, rx: mpsc::Receiver<()>) {
     let mut last: Option<Option<Identity>> = None;
+    // Logged when reading starts failing, not at every retry.
+    let mut failing = false;
     loop {
         match rx.recv_timeout(POLL) {
             Ok(()) | Err(RecvTimeoutError::Timeout) => {}
@@ -293,13 +295,20 @@ fn watch_loop(shared: Weak<Shared>, rx: mpsc::Receiver<()>) {
         }
         match parse_stable(&shared.path) {
             Ok(cached) => {
+                if failing {
+                    tracing::info!(path = %shared.path.display(), "the stats file is readable again");
+                    failing = false;
+                }
                 last = Some(cached.identity);
                 *lock(&shared.parses) += 1;
                 shared.latest.send_replace(Some(Arc::new(cached)));
             }
             Err(e) => {
                 *lock(&shared.read_errors) += 1;
-                tracing::warn!(path = %shared.path.display(), error = %e, "cannot read the stats file");
+                if !failing {
+                    tracing::warn!(path = %shared.path.display(), error = %e, "cannot read the stats file");
+                    failing = true;
+                }
                 // Not remembered as parsed: the next nudge or poll tries again.
                 last = None;
             }
