@@ -11,3 +11,4 @@ pub mod http;
 pub mod logging;
 pub mod probe;
 pub mod snapshot;
+pub mod sre_csv;

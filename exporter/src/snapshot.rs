@@ -126,16 +126,40 @@ impl SampleBuffer {
 
     /// Declares a family with no samples yet, so its HELP and TYPE appear even when empty.
     pub fn declare(&mut self, name: &str, help: &'static str, kind: Kind) {
-        self.family(name, help, kind);
+        self.family(name, Cow::Borrowed(help), kind);
     }
 
-    fn family(&mut self, name: &str, help: &'static str, kind: Kind) -> &mut Family {
+    /// Records a sample whose help text and label names are only known at run time (series
+    /// re-exported from textfiles). Returns `false`, recording nothing, when a family of that
+    /// name already exists with another kind.
+    pub fn push_owned(
+        &mut self,
+        name: &str,
+        help: Cow<'static, str>,
+        kind: Kind,
+        labels: Vec<Label>,
+        v: f64,
+    ) -> bool {
+        if self.families.get(name).is_some_and(|f| f.kind != kind) {
+            return false;
+        }
+        let mut all = Vec::with_capacity(self.common.len() + labels.len());
+        all.extend(self.common.iter().cloned());
+        all.extend(labels);
+        self.family(name, help, kind).samples.push(Sample {
+            labels: all,
+            value: v,
+        });
+        true
+    }
+
+    fn family(&mut self, name: &str, help: Cow<'static, str>, kind: Kind) -> &mut Family {
         // Look up before inserting: `entry` would allocate the name on every sample, and
         // almost every push goes to a family that already exists.
         if !self.families.contains_key(name) {
             let family = Family {
                 name: name.to_owned(),
-                help: Cow::Borrowed(help),
+                help,
                 kind,
                 samples: Vec::new(),
             };
@@ -159,10 +183,12 @@ impl SampleBuffer {
                 .iter()
                 .map(|(k, v)| (Cow::Borrowed(*k), (*v).to_owned())),
         );
-        self.family(name, help, kind).samples.push(Sample {
-            labels: all,
-            value: v,
-        });
+        self.family(name, Cow::Borrowed(help), kind)
+            .samples
+            .push(Sample {
+                labels: all,
+                value: v,
+            });
     }
 
     /// Moves every family of `other` into this buffer, merging families of the same name.

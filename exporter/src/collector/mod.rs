@@ -5,14 +5,20 @@
 pub mod dir;
 pub mod etcd;
 pub mod exporter;
+pub mod file;
 pub mod fs;
 pub mod haproxy;
 pub mod kamailio;
+pub mod network;
 pub mod pacemaker;
 pub mod pg;
 pub mod probe;
+pub mod process;
 pub mod redis;
+pub mod sre_stats;
+pub mod supervisord;
 pub mod system;
+pub mod textfile;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -38,6 +44,12 @@ pub const KINDS: &[CollectorKind] = &[
     probe::KIND,
     kamailio::KIND,
     redis::KIND,
+    sre_stats::KIND,
+    file::KIND,
+    process::KIND,
+    supervisord::KIND,
+    network::KIND,
+    textfile::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

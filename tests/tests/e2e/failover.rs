@@ -65,8 +65,15 @@ async fn killing_the_pg_primary_promotes_the_standby_once() -> Result<()> {
 async fn killing_the_redis_master_promotes_the_replica_once() -> Result<()> {
     let (lab, _) = run_drill(System::Redis).await?;
     ensure!(primaries(&lab, "clusterwatch_redis_role", "master", REDIS_CLUSTER).await? == 1);
-    let answer = lab.redis.replica.cli(&["SET", "after_failover", "1"]).await?;
-    ensure!(answer == "OK", "the promoted replica refused a write: {answer}");
+    let answer = lab
+        .redis
+        .replica
+        .cli(&["SET", "after_failover", "1"])
+        .await?;
+    ensure!(
+        answer == "OK",
+        "the promoted replica refused a write: {answer}"
+    );
     Ok(())
 }
 
@@ -85,7 +92,13 @@ async fn steady_state_with_a_short_restart_runs_no_hook() -> Result<()> {
     let mut restarted = false;
     while started.elapsed() < STEADY {
         // Writes fail while the primary restarts; that is the point of the restart.
-        if lab.pg.primary.psql("INSERT INTO load DEFAULT VALUES").await.is_ok() {
+        if lab
+            .pg
+            .primary
+            .psql("INSERT INTO load DEFAULT VALUES")
+            .await
+            .is_ok()
+        {
             writes += 1;
         }
         let _ = lab.redis.master.cli(&["INCR", "load"]).await;
@@ -107,19 +120,26 @@ async fn steady_state_with_a_short_restart_runs_no_hook() -> Result<()> {
         .iter()
         .map(|sample| sample.value)
         .sum();
-    ensure!(runs == 0.0, "a hook ran during a healthy steady state ({runs} runs)");
+    ensure!(
+        runs == 0.0,
+        "a hook ran during a healthy steady state ({runs} runs)"
+    );
     // Nothing failover-worthy fired at any point of the run.
     let fired = lab
         .prometheus
         .query(r#"max_over_time(ALERTS{action="failover",alertstate="firing"}[5m])"#)
         .await?;
     ensure!(
-        fired["result"].as_array().is_some_and(|result| result.is_empty()),
+        fired["result"]
+            .as_array()
+            .is_some_and(|result| result.is_empty()),
         "a failover alert fired during the steady state: {fired}"
     );
-    wait_until(Duration::from_secs(30), "one PostgreSQL primary", async || {
-        Ok(primaries(&lab, "clusterwatch_pg_role", "primary", PG_CLUSTER).await? == 1)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "one PostgreSQL primary",
+        async || Ok(primaries(&lab, "clusterwatch_pg_role", "primary", PG_CLUSTER).await? == 1),
+    )
     .await?;
     Ok(())
 }
