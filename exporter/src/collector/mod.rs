@@ -5,6 +5,7 @@
 pub mod dir;
 pub mod exporter;
 pub mod fs;
+pub mod mongo;
 pub mod pg;
 pub mod system;
 
@@ -20,7 +21,14 @@ use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::{Kind, Label, SampleBuffer};
 
 /// Every collector kind, in exposition order. Adding a collector = one file + one line here.
-pub const KINDS: &[CollectorKind] = &[exporter::KIND, system::KIND, fs::KIND, dir::KIND, pg::KIND];
+pub const KINDS: &[CollectorKind] = &[
+    exporter::KIND,
+    system::KIND,
+    fs::KIND,
+    dir::KIND,
+    pg::KIND,
+    mongo::KIND,
+];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
 /// section it reads, and how it builds targets from that section.
