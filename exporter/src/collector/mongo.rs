@@ -378,12 +378,17 @@ pub fn parse_status(reply: &Document) -> Result<ReplSetStatus, String> {
                 .and_then(|o| o.get("ts"))
                 .and_then(time)
         });
+        let health = field(m, "health", number, &at, &mut anomalies);
+        // A reachable data-bearing member always has one; arbiters and DOWN members do not.
+        if optime.is_none() && health == Some(1.0) && state.is_some_and(holds_data) {
+            anomalies.push(format!("members[{i}] has no optime"));
+        }
         // syncSourceHost since 4.4; syncingTo before.
         let sync_source = field(m, "syncSourceHost", string, &at, &mut anomalies)
             .or_else(|| field(m, "syncingTo", string, &at, &mut anomalies));
         members.push(Member {
             name,
-            health: field(m, "health", number, &at, &mut anomalies),
+            health,
             state,
             is_self: m.get_bool("self").unwrap_or(false),
             optime: optime.filter(|t| *t > 0.0),
@@ -792,6 +797,7 @@ mod tests {
         assert_eq!(
             s.anomalies,
             vec![
+                "members[1] has no optime",
                 "members[2].health has type String",
                 "members[2].pingMs has type EmbeddedDocument",
                 "members[3].state 42 is not a known state",

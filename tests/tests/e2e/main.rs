@@ -4,5 +4,6 @@
 mod dashboards;
 mod foundation;
 mod harness_selftest;
+mod mongo;
 mod postgres;
 mod rules_pack;
