@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use clusterwatch_tests::harness::mongo_standin::{Scenario, Version};
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
 use clusterwatch_tests::harness::{
-    temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
+    temp_dir, Clusterwatch, MongoStandin, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
 };
 
 /// How long the stack gets until every panel query has data.
@@ -22,6 +23,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The dashboards the project ships; any other `*.json` in `dashboards/` is checked too.
 const EXPECTED: &[&str] = &[
     "clusterwatch-host.json",
+    "clusterwatch-mongodb.json",
     "clusterwatch-overview.json",
     "clusterwatch-postgres.json",
 ];
@@ -533,6 +535,8 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     // At least one archived segment, so the archive directory and archiver ages have values.
     let segment = pair.primary.switch_wal().await?;
     pair.primary.wait_archived(&segment, WAIT).await?;
+    // A healthy three-member set, as the stand-in plays it, for the MongoDB dashboard.
+    let mongo = MongoStandin::start(Version::V7_0, Scenario::Healthy)?;
     let stack_ready = started.elapsed();
 
     // `missing-dir` fails on every scrape, so the panels about failed collections have data.
@@ -545,12 +549,15 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
          system: {{}}\n\
          directories:\n\
          \x20 - {{ name: wal-archive, cluster: pg, path: '{}' }}\n\
-         \x20 - {{ name: missing-dir, path: '{}' }}\n",
+         \x20 - {{ name: missing-dir, path: '{}' }}\n\
+         mongodb:\n\
+         \x20 - {{ name: mongo, cluster: rs0, uri: '{}' }}\n",
         pair.primary.monitor_dsn(),
         pair.standby.monitor_dsn(),
         pair.primary.dir().display(),
         pair.primary.archive_dir().display(),
         pair.primary.dir().join("no-such-directory").display(),
+        mongo.uri(),
     );
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
 
