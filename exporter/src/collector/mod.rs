@@ -9,6 +9,7 @@ pub mod file;
 pub mod fs;
 pub mod haproxy;
 pub mod kamailio;
+pub mod mongo;
 pub mod network;
 pub mod pacemaker;
 pub mod pg;
@@ -50,6 +51,7 @@ pub const KINDS: &[CollectorKind] = &[
     supervisord::KIND,
     network::KIND,
     textfile::KIND,
+    mongo::KIND,
 ];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config

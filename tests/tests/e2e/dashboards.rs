@@ -13,11 +13,12 @@ use serde_json::Value;
 
 use clusterwatch_tests::harness::certs::Ca;
 use clusterwatch_tests::harness::kamailio::Kamailio;
+use clusterwatch_tests::harness::mongo_standin::{Scenario, Version};
 use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
 use clusterwatch_tests::harness::{
-    free_port, temp_dir, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, RedisPair,
-    ScrapeJob,
+    free_port, temp_dir, Clusterwatch, MongoStandin, PgCluster, Prometheus, PrometheusConfig,
+    RedisPair, ScrapeJob,
 };
 
 /// How long the stack gets until every panel query has data.
@@ -26,6 +27,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The dashboards the project ships; any other `*.json` in `dashboards/` is checked too.
 const EXPECTED: &[&str] = &[
     "clusterwatch-host.json",
+    "clusterwatch-mongodb.json",
     "clusterwatch-overview.json",
     "clusterwatch-postgres.json",
     "clusterwatch-probes.json",
@@ -564,6 +566,8 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         .master
         .cli(&["CONFIG", "SET", "maxmemory", "104857600"])
         .await?;
+    // A healthy three-member set, as the stand-in plays it, for the MongoDB dashboard.
+    let mongo = MongoStandin::start(Version::V7_0, Scenario::Healthy)?;
     let stack_ready = started.elapsed();
 
     // `missing-dir` fails on every scrape, so the panels about failed collections have data.
@@ -579,7 +583,9 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
          \x20 - {{ name: missing-dir, path: '{}' }}\n\
          redis:\n\
          \x20 - {{ name: redis-master, cluster: redis, address: '{}' }}\n\
-         \x20 - {{ name: redis-replica, cluster: redis, address: '{}' }}\n",
+         \x20 - {{ name: redis-replica, cluster: redis, address: '{}' }}\n\
+         mongodb:\n\
+         \x20 - {{ name: mongo, cluster: rs0, uri: '{}' }}\n",
         pair.primary.monitor_dsn(),
         pair.standby.monitor_dsn(),
         pair.primary.dir().display(),
@@ -587,6 +593,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         pair.primary.dir().join("no-such-directory").display(),
         redis.master.url(),
         redis.replica.url(),
+        mongo.uri(),
     ) + &probes;
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
 
