@@ -43,6 +43,9 @@ fi
 export CLUSTERWATCH_REQUIRE_BIN=1
 
 cargo build --workspace --all-targets
+# The tests run the binary this build made. Left to themselves they would ask cargo for it
+# with a narrower package selection, whose different feature set rebuilds the dependencies.
+export CLUSTERWATCH_BIN="$(realpath -m "${CARGO_TARGET_DIR:-target}")/debug/clusterwatch"
 # cargo prints one result line per test binary, the last being doc-tests with nothing in
 # them; finish with the totals so the outcome is the last thing on screen.
 log=$(mktemp)

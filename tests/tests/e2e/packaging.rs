@@ -81,9 +81,14 @@ fn the_debian_package_installs_a_working_hardened_exporter() -> Result<()> {
     }
     let out = temp_dir("cw-deb-")?;
     // The dev profile reuses the binary the tests already built; releases use the default.
-    let built = run(Command::new(repo_root().join("packaging/build-deb"))
-        .args(["--profile", "dev", "--output"])
-        .arg(out.path()))?;
+    let mut build = Command::new(repo_root().join("packaging/build-deb"));
+    build.args(["--profile", "dev", "--output"]).arg(out.path());
+    // tests/run.sh has built every binary and points CLUSTERWATCH_BIN at them: package those
+    // rather than rebuild (and replace) a binary other tests are running.
+    if std::env::var_os("CLUSTERWATCH_BIN").is_some() {
+        build.arg("--no-build");
+    }
+    let built = run(&mut build)?;
     let deb = PathBuf::from(built.lines().last().unwrap_or_default().trim());
     ensure!(deb.is_file(), "build-deb printed no package path: {built}");
 
