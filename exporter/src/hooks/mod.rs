@@ -86,7 +86,7 @@ impl HookError {
     }
 }
 
-/// Asked before a disruptive run starts: the seam for a cluster-wide lock (`lock::EtcdLock`),
+/// Asked before a disruptive run starts: the seam for the cluster-wide lock (`lock::EtcdLock`),
 /// so that with several receivers one of them acts. The default allows every run.
 #[async_trait]
 pub trait RunGate: Send + Sync + 'static {

@@ -479,6 +479,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_incident_held_elsewhere_stays_handled_but_spends_no_cooldown_here() {
+        let rules = [rule("promote", true, 600)];
+        let mut s = State::default();
+        let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
+        journal.push(Record {
+            ts: 1.0,
+            event: Event::LockHeldElsewhere {
+                run: runs[0].run,
+                hook: "promote".into(),
+                owner: "em2/1/2".into(),
+            },
+        });
+        let mut s = State::replay(&journal);
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(2.0));
+        assert_eq!(kinds(&r), ["received", "deduped"]);
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f2", "t0"), &ctx(3.0));
+        assert_eq!(kinds(&r), ["received", "matched"]);
+    }
+
+    #[test]
     fn a_run_that_never_started_gives_its_incident_back() {
         let rules = [rule("promote", true, 600)];
         let mut s = State::default();
