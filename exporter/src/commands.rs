@@ -11,7 +11,8 @@ use crate::cli::{Cli, Command, HooksCommand};
 use crate::collector::Engine;
 use crate::config::{self, Config};
 use crate::hooks::config::{Listen, WEBHOOK_PATH};
-use crate::hooks::{Hooks, LocalGate};
+use crate::hooks::lock::EtcdLock;
+use crate::hooks::{Hooks, LocalGate, RunGate};
 use crate::http::{app, AppState};
 
 /// Runs the command the user asked for and returns the process exit code.
@@ -86,6 +87,14 @@ async fn once(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With `hooks.lock`, disruptive runs take an etcd lock first; without, every run may start.
+fn gate(h: &crate::hooks::config::HooksConfig) -> Box<dyn RunGate> {
+    match &h.lock {
+        Some(lock) => Box::new(EtcdLock::new(lock.clone())),
+        None => Box::new(LocalGate),
+    }
+}
+
 async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let cfg = load(cli)?;
     if !cli.telemetry_path.starts_with('/') || cli.telemetry_path.len() < 2 {
@@ -98,11 +107,12 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         "starting clusterwatch"
     );
     let hooks = match cfg.hooks {
-        Some(h) => Some(
-            Hooks::start(h, Box::new(LocalGate))
+        Some(h) => Some({
+            let gate = gate(&h);
+            Hooks::start(h, gate)
                 .await
-                .context("cannot start the hook runner")?,
-        ),
+                .context("cannot start the hook runner")?
+        }),
         None => None,
     };
     // The webhook's own listener is bound before the main one, so a ready main listener

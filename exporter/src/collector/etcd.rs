@@ -64,8 +64,13 @@ fn configure(
 }
 
 /// Endpoints are `http(s)://host:port`; the URL becomes the `endpoint` label, so anything
-/// that could carry a secret (user info) or change the meaning (a path) is refused.
-fn check_endpoints(raw: &[String], at: &Located, problems: &mut Vec<Problem>) -> Vec<Url> {
+/// that could carry a secret (user info) or change the meaning (a path) is refused. The hook
+/// runner's etcd lock checks its endpoints the same way.
+pub(crate) fn check_endpoints(
+    raw: &[String],
+    at: &Located,
+    problems: &mut Vec<Problem>,
+) -> Vec<Url> {
     if raw.is_empty() {
         problems.push(
             at.problem("endpoints", "at least one endpoint is needed")
@@ -112,13 +117,18 @@ fn check_endpoints(raw: &[String], at: &Located, problems: &mut Vec<Problem>) ->
     out
 }
 
-struct TlsFiles {
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
+/// TLS files for talking to etcd, already resolved against the configuration's directory.
+pub(crate) struct TlsFiles {
+    /// CA bundle to trust instead of the system roots.
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate.
+    pub(crate) cert: Option<PathBuf>,
+    /// Its private key.
+    pub(crate) key: Option<PathBuf>,
 }
 
-fn build_client(
+/// An HTTP client for etcd's endpoints with the given TLS files; problems name `at`'s fields.
+pub(crate) fn build_client(
     tls: &TlsFiles,
     at: &Located,
     problems: &mut Vec<Problem>,

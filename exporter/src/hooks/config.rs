@@ -46,6 +46,8 @@ pub struct HooksConfig {
     pub kill_grace: Duration,
     /// The hooks, in file order.
     pub rules: Vec<HookRule>,
+    /// With several receivers: the etcd lock a disruptive run must take first.
+    pub lock: Option<super::lock::LockConfig>,
 }
 
 /// Where the webhook listens.
@@ -158,6 +160,9 @@ struct RawHooks {
     dry_run: Option<bool>,
     max_concurrent_runs: Option<usize>,
     kill_grace: Option<HumanDuration>,
+    // Checked by `lock::parse`, so problems name `lock.<field>`.
+    #[allow(dead_code)]
+    lock: Option<serde::de::IgnoredAny>,
     // Parsed item by item below, so every bad hook is reported.
     #[allow(dead_code)]
     rules: serde::de::IgnoredAny,
@@ -267,6 +272,10 @@ pub fn parse(
         None => problems.push(at.problem("rules", "missing field `rules`")),
     }
 
+    let lock = at
+        .field("lock")
+        .and_then(|l| super::lock::parse(l, ctx, problems));
+
     if problems.len() > before {
         return None;
     }
@@ -284,6 +293,7 @@ pub fn parse(
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(5)),
         rules,
+        lock,
     })
 }
 

@@ -147,6 +147,44 @@ pub enum Event {
         /// The hook.
         hook: String,
     },
+    /// The cluster-wide lock was taken for a disruptive run; it may start.
+    LockAcquired {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The incident's claim key in etcd.
+        key: String,
+        /// The claim's create revision, passed to the hook as `CW_FENCING_TOKEN`.
+        fencing_token: Option<u64>,
+    },
+    /// Another receiver claimed this incident: it is handled there, never here.
+    LockHeldElsewhere {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// Who holds it (host/pid/start of that receiver).
+        owner: String,
+    },
+    /// etcd did not answer: the disruptive run did not start.
+    LockUnavailable {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// What failed.
+        error: String,
+    },
+    /// The run lease was lost while the hook ran; the hook was left running.
+    LockLost {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// What failed.
+        error: String,
+    },
     /// The run never started (clusterwatch stopped first, kill switch, lock refused).
     Abandoned {
         /// The run.

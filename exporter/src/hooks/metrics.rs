@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::config::HooksConfig;
 use super::policy::{Context, State};
-use super::{NOTIFICATION_STATUSES, RUN_RESULTS, SKIP_REASONS};
+use super::{LOCK_RESULTS, NOTIFICATION_STATUSES, RUN_RESULTS, SKIP_REASONS};
 use crate::snapshot::SampleBuffer;
 
 /// Counters since the process started, and the gauges only the runner knows.
@@ -14,6 +14,7 @@ pub(super) struct Counters {
     pub(super) notifications: HashMap<&'static str, u64>,
     pub(super) runs: HashMap<(String, &'static str), u64>,
     pub(super) skips: HashMap<(String, &'static str), u64>,
+    pub(super) lock: HashMap<(String, &'static str), u64>,
     pub(super) in_flight: HashMap<String, i64>,
     pub(super) last_duration: HashMap<String, f64>,
 }
@@ -83,6 +84,22 @@ pub(super) fn write(
             for v in values {
                 let n = counts.get(&(hook.to_owned(), *v)).copied().unwrap_or(0);
                 out.counter(name, help, &[("hook", hook), (label, v)], n as f64);
+            }
+        }
+        // Only disruptive runs take the lock, and only with `hooks.lock` set.
+        if rule.disruptive && cfg.lock.is_some() {
+            for result in LOCK_RESULTS {
+                let n = c
+                    .lock
+                    .get(&(hook.to_owned(), *result))
+                    .copied()
+                    .unwrap_or(0);
+                out.counter(
+                    "clusterwatch_hook_lock_total",
+                    "Cluster-wide lock outcomes of disruptive runs (acquired, held_elsewhere, unavailable, lost).",
+                    &[("hook", hook), ("result", result)],
+                    n as f64,
+                );
             }
         }
         out.gauge(

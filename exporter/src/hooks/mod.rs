@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod journal;
+pub mod lock;
 mod metrics;
 pub mod payload;
 pub mod policy;
@@ -19,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::snapshot::SampleBuffer;
 use config::{HookRule, HooksConfig};
-use journal::{Event, Journal, JournalError, Record};
+use journal::{AlertRef, Event, Journal, JournalError, Record};
 use metrics::Counters;
 use payload::{Notification, PayloadError};
 use policy::{Context, State};
@@ -46,7 +47,12 @@ pub const SKIP_REASONS: &[&str] = &[
     "dry_run",
     "validate_failed",
     "abandoned",
+    "lock_held_elsewhere",
+    "lock_unavailable",
 ];
+
+/// Lock outcomes, the `result` label of `clusterwatch_hook_lock_total`.
+pub const LOCK_RESULTS: &[&str] = &["acquired", "held_elsewhere", "unavailable", "lost"];
 
 /// Longest wait between retries of a hook that exits 1.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -80,13 +86,34 @@ impl HookError {
     }
 }
 
-/// Asked before a disruptive run starts: the seam for a cluster-wide lock (an etcd lease),
+/// Asked before a disruptive run starts: the seam for the cluster-wide lock (`lock::EtcdLock`),
 /// so that with several receivers one of them acts. The default allows every run.
 #[async_trait]
 pub trait RunGate: Send + Sync + 'static {
-    /// `Ok(guard)` to go ahead (the guard is held until the run ends), `Err(reason)` to
-    /// abandon the run.
-    async fn acquire(&self, hook: &str, run: u64) -> Result<Box<dyn Send>, String>;
+    /// `Ok(pass)` to go ahead (the pass is held until the run ends), `Err` to not run.
+    async fn acquire(&self, hook: &str, run: u64, alert: &AlertRef) -> Result<Pass, Refusal>;
+}
+
+/// Leave to run, held for the whole run (all attempts).
+pub struct Pass {
+    /// Passed to the hook as `CW_FENCING_TOKEN`: grows with every claim, so the system the
+    /// hook acts on can refuse an older holder.
+    pub fencing_token: Option<u64>,
+    /// The lock's key, for the journal.
+    pub key: Option<String>,
+    /// Fires with the reason if the lock is lost while the run goes on.
+    pub lost: Option<tokio::sync::oneshot::Receiver<String>>,
+    /// Dropped when the run ends: releases the lock.
+    pub guard: Box<dyn Send>,
+}
+
+/// Why a disruptive run may not start.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another receiver claimed this incident (who).
+    HeldElsewhere(String),
+    /// The lock could not be asked (what failed); never "run anyway".
+    Unavailable(String),
 }
 
 /// The gate of a single receiver: always open.
@@ -94,8 +121,13 @@ pub struct LocalGate;
 
 #[async_trait]
 impl RunGate for LocalGate {
-    async fn acquire(&self, _hook: &str, _run: u64) -> Result<Box<dyn Send>, String> {
-        Ok(Box::new(()))
+    async fn acquire(&self, _hook: &str, _run: u64, _alert: &AlertRef) -> Result<Pass, Refusal> {
+        Ok(Pass {
+            fencing_token: None,
+            key: None,
+            lost: None,
+            guard: Box::new(()),
+        })
     }
 }
 
@@ -339,6 +371,7 @@ impl Hooks {
         attempt: u32,
         notification: u64,
         alert: &payload::Alert,
+        fencing_token: Option<u64>,
     ) -> Vec<(String, String)> {
         let mut env = vec![
             ("PATH".to_owned(), runner::HOOK_PATH.to_owned()),
@@ -357,6 +390,9 @@ impl Hooks {
                 self.payload_path(notification).display().to_string(),
             ),
         ];
+        if let Some(t) = fencing_token {
+            env.push(("CW_FENCING_TOKEN".to_owned(), t.to_string()));
+        }
         env.extend(rule.env.iter().cloned());
         env.extend(runner::label_env(&alert.labels));
         env
@@ -380,7 +416,7 @@ impl Hooks {
         if let Some(validate) = &rule.validate {
             let o = runner::run(Spec {
                 argv: validate,
-                env: self.env(rule, run, 0, notification, alert),
+                env: self.env(rule, run, 0, notification, alert, None),
                 stdin: body.clone(),
                 timeout: rule.timeout,
                 grace: self.cfg.kill_grace,
@@ -403,17 +439,15 @@ impl Hooks {
                 return;
             }
         }
-        let _lease = if rule.disruptive {
-            match self.gate.acquire(&hook, run).await {
-                Ok(g) => Some(g),
-                Err(reason) => {
-                    self.abandon(&hook, run, reason).await;
-                    return;
-                }
+        let (_pass, _watch) = if rule.disruptive {
+            match self.lock(&hook, run, alert).await {
+                Some(held) => held,
+                None => return,
             }
         } else {
-            None
+            (None, None)
         };
+        let token = _pass.as_ref().and_then(|p| p.fencing_token);
 
         let mut attempt = 1;
         loop {
@@ -443,7 +477,7 @@ impl Hooks {
                 .or_default() += 1;
             let o = runner::run(Spec {
                 argv: &rule.command,
-                env: self.env(rule, run, attempt, notification, alert),
+                env: self.env(rule, run, attempt, notification, alert, token),
                 stdin: body.clone(),
                 timeout: rule.timeout,
                 grace: self.cfg.kill_grace,
@@ -497,6 +531,89 @@ impl Hooks {
         }
     }
 
+    /// Takes the gate for a disruptive run and journals the outcome. `None`: do not run.
+    /// Otherwise the pass and a task that journals `lock_lost` if the lock goes mid-run.
+    async fn lock(
+        self: &Arc<Self>,
+        hook: &str,
+        run: u64,
+        alert: &payload::Alert,
+    ) -> Option<(Option<Pass>, Option<AbortOnDrop>)> {
+        let (hook, ts) = (hook.to_owned(), now());
+        let refused = |reason: &'static str, event: Event| {
+            self.skip(&hook, reason);
+            Record { ts, event }
+        };
+        let (record, pass) = match self
+            .gate
+            .acquire(&hook, run, &policy::alert_ref(alert))
+            .await
+        {
+            Ok(pass) => {
+                if pass.key.is_none() {
+                    return Some((Some(pass), None));
+                }
+                let event = Event::LockAcquired {
+                    run,
+                    hook: hook.clone(),
+                    key: pass.key.clone().unwrap_or_default(),
+                    fencing_token: pass.fencing_token,
+                };
+                (Record { ts, event }, Some(pass))
+            }
+            Err(Refusal::HeldElsewhere(owner)) => {
+                tracing::info!(hook = %hook, run, owner = %owner, "another receiver holds this incident; not running it here");
+                let event = Event::LockHeldElsewhere {
+                    run,
+                    hook: hook.clone(),
+                    owner,
+                };
+                (refused("lock_held_elsewhere", event), None)
+            }
+            Err(Refusal::Unavailable(error)) => {
+                tracing::error!(hook = %hook, run, error = %error, "cannot take the hook lock; the disruptive run does not start");
+                let event = Event::LockUnavailable {
+                    run,
+                    hook: hook.clone(),
+                    error,
+                };
+                (refused("lock_unavailable", event), None)
+            }
+        };
+        let result = match &record.event {
+            Event::LockAcquired { .. } => "acquired",
+            Event::LockHeldElsewhere { .. } => "held_elsewhere",
+            _ => "unavailable",
+        };
+        self.count_lock(&hook, result);
+        // Journal first: a run whose lock is not on record must not act.
+        if self.commit(vec![record]).await.is_err() {
+            return None;
+        }
+        let mut pass = pass?;
+        let watch = pass.lost.take().map(|lost| {
+            let hooks = self.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let Ok(error) = lost.await else { return };
+                tracing::error!(hook = %hook, run, error = %error, "the hook lock was lost while the hook runs; it is left to finish");
+                hooks.count_lock(&hook, "lost");
+                let event = Event::LockLost { run, hook, error };
+                let _ = hooks.commit(vec![Record { ts: now(), event }]).await;
+            }))
+        });
+        Some((Some(pass), watch))
+    }
+
+    fn count_lock(&self, hook: &str, result: &'static str) {
+        *self
+            .counters
+            .lock()
+            .unwrap()
+            .lock
+            .entry((hook.to_owned(), result))
+            .or_default() += 1;
+    }
+
     async fn abandon(&self, hook: &str, run: u64, reason: String) {
         tracing::warn!(hook, run, reason = %reason, "hook run abandoned before it started");
         self.skip(hook, "abandoned");
@@ -527,6 +644,15 @@ impl Hooks {
         let c = self.counters.lock().unwrap();
         let state = self.state.lock().unwrap();
         metrics::write(&self.cfg, &c, &state, context(&self.cfg), out);
+    }
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -595,6 +721,7 @@ mod tests {
             max_concurrent_runs: 2,
             kill_grace: Duration::from_millis(100),
             rules,
+            lock: None,
         }
     }
 

@@ -238,16 +238,13 @@ impl State {
             | Event::KillSwitch { .. } => {}
             // A run that never acted gives its incident, cooldown and budget back, so a
             // later re-send of the same alert is decided afresh.
-            Event::ValidateFailed { run, .. } | Event::Abandoned { run, .. } => {
-                if let Some(open) = self.open.remove(run) {
-                    self.taken.remove(&(open.hook.clone(), open.alert));
-                    match open.prev_accepted {
-                        Some(t) => self.accepted.insert(open.hook, t),
-                        None => self.accepted.remove(&open.hook),
-                    };
-                    self.disruptive.retain(|(r, _)| r != run);
-                }
-            }
+            Event::ValidateFailed { run, .. }
+            | Event::Abandoned { run, .. }
+            | Event::LockUnavailable { run, .. } => self.give_back(*run, true),
+            // The incident was taken by another receiver: it stays handled here too (a
+            // re-send is deduped), but this receiver spent no cooldown or budget on it.
+            Event::LockHeldElsewhere { run, .. } => self.give_back(*run, false),
+            Event::LockAcquired { .. } | Event::LockLost { .. } => {}
             Event::Started { run, .. } => {
                 if let Some(open) = self.open.get_mut(run) {
                     open.started = true;
@@ -267,6 +264,21 @@ impl State {
                 self.open.remove(run);
                 self.unknown.push((hook.clone(), r.ts));
             }
+        }
+    }
+
+    /// Closes a run that never acted: its cooldown and budget are returned, and its incident
+    /// too if `incident`.
+    fn give_back(&mut self, run: u64, incident: bool) {
+        if let Some(open) = self.open.remove(&run) {
+            if incident {
+                self.taken.remove(&(open.hook.clone(), open.alert));
+            }
+            match open.prev_accepted {
+                Some(t) => self.accepted.insert(open.hook, t),
+                None => self.accepted.remove(&open.hook),
+            };
+            self.disruptive.retain(|(r, _)| *r != run);
         }
     }
 
@@ -464,6 +476,26 @@ pub(crate) mod tests {
         );
         assert_eq!(kinds(&r), ["received", "deduped"]);
         assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn an_incident_held_elsewhere_stays_handled_but_spends_no_cooldown_here() {
+        let rules = [rule("promote", true, 600)];
+        let mut s = State::default();
+        let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
+        journal.push(Record {
+            ts: 1.0,
+            event: Event::LockHeldElsewhere {
+                run: runs[0].run,
+                hook: "promote".into(),
+                owner: "em2/1/2".into(),
+            },
+        });
+        let mut s = State::replay(&journal);
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(2.0));
+        assert_eq!(kinds(&r), ["received", "deduped"]);
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f2", "t0"), &ctx(3.0));
+        assert_eq!(kinds(&r), ["received", "matched"]);
     }
 
     #[test]
