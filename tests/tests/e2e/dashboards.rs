@@ -537,6 +537,12 @@ const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
     ("etcd quorum", "target", "etcd", 1.0),
     ("Backends", "backend", "redis", 1.0),
     ("Pacemaker quorum", "target", "sre", 1.0),
+    ("Stats file present", "target", "counters", 1.0),
+    ("Status file unrecognised", "target", "cp1-status", 0.0),
+    ("Program state now", "program", "idle", 1.0),
+    ("Interfaces", "interface", "lo", 3.0),
+    ("Textfile rejected", "file", "backup.prom", 0.0),
+    ("Runs of unknown outcome", "hook", "promote", 0.0),
 ];
 
 /// SRE stats files in the call processors' format (host, stat, time, unix time, then the
@@ -633,9 +639,10 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     ))
     .await?;
     let etcd = EtcdCluster::start(1).await?;
-    // A sleep length no other process uses, so nothing else is mistaken for the program.
+    // A sleep length no other process uses (node.rs's program sleeps 3600.PID), so no other
+    // test's process target counts this program.
     let supervisord = Supervisord::start(&format!(
-        "[program:idle]\ncommand=/bin/sleep 3600.{}\nstartsecs=0\n",
+        "[program:idle]\ncommand=/bin/sleep 7200.{}\nstartsecs=0\n",
         std::process::id()
     ))
     .await?;
