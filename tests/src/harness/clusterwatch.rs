@@ -132,6 +132,16 @@ impl Clusterwatch {
     /// embedded default) and returns once `GET /-/ready` answers 200. On failure the error
     /// carries the tail of the exporter's output.
     pub async fn start(config_yaml: Option<&str>, extra_args: &[&str]) -> Result<Clusterwatch> {
+        Self::start_with_env(config_yaml, extra_args, &[]).await
+    }
+
+    /// [`Clusterwatch::start`] with extra environment variables for the exporter, e.g.
+    /// `CIB_file` so crm_mon reads a saved CIB.
+    pub async fn start_with_env(
+        config_yaml: Option<&str>,
+        extra_args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Clusterwatch> {
         let binary = binary()?;
         let dir = super::temp_dir("cw-clusterwatch-")?;
         let config_path = match config_yaml {
@@ -158,7 +168,8 @@ impl Clusterwatch {
         command
             .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
             .args(extra_args)
-            .env("RUST_BACKTRACE", "1");
+            .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied());
         let server = HttpServer::spawn("clusterwatch", command, port, dir, START_TIMEOUT)
             .await
             .with_context(|| format!("clusterwatch binary: {}", binary.display()))?;

@@ -27,6 +27,7 @@ pub mod prometheus;
 pub mod redis;
 pub mod served;
 pub mod sipp;
+pub mod supervisord;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ pub use process::{wait_until, ChildGuard};
 pub use prometheus::{Prometheus, PrometheusConfig, ScrapeJob};
 pub use redis::{RedisNode, RedisPair, TestCertificates};
 pub use served::HttpServer;
+pub use supervisord::Supervisord;
 
 /// Creates a fresh temporary directory named `<prefix>XXXXXX` under `$TMPDIR` (default `/tmp`).
 ///

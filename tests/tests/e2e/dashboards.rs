@@ -1,8 +1,10 @@
 //! The Grafana dashboards in `dashboards/`, checked two ways: statically (a unit on every
 //! panel, `${datasource}` everywhere, unique panel ids, template variables, metric names from
 //! the README's metric reference) and against a real stack (a PostgreSQL pair watched by
-//! clusterwatch and scraped by Prometheus), where every panel query must be valid PromQL and
-//! return data. No Grafana runs here: rendering and layout are not tested.
+//! clusterwatch and scraped by Prometheus, next to a Redis pair behind HAProxy, a MongoDB
+//! stand-in, probes, node checks, etcd, Pacemaker reading a saved CIB and the hook runner),
+//! where every panel query must be valid PromQL and return data. No Grafana runs here:
+//! rendering and layout are not tested.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -12,13 +14,15 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use clusterwatch_tests::harness::certs::Ca;
+use clusterwatch_tests::harness::haproxy::redis_backend;
 use clusterwatch_tests::harness::kamailio::Kamailio;
 use clusterwatch_tests::harness::mongo_standin::{Scenario, Version};
 use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
+use clusterwatch_tests::harness::webhook::{alert, notification, HookLab, TOKEN};
 use clusterwatch_tests::harness::{
-    free_port, temp_dir, Clusterwatch, MongoStandin, PgCluster, Prometheus, PrometheusConfig,
-    RedisPair, ScrapeJob,
+    free_port, temp_dir, Clusterwatch, EtcdCluster, Haproxy, MongoStandin, PgCluster, Prometheus,
+    PrometheusConfig, RedisPair, ScrapeJob, Supervisord,
 };
 
 /// How long the stack gets until every panel query has data.
@@ -26,8 +30,11 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// The dashboards the project ships; any other `*.json` in `dashboards/` is checked too.
 const EXPECTED: &[&str] = &[
+    "clusterwatch-cluster-managers.json",
+    "clusterwatch-hooks.json",
     "clusterwatch-host.json",
     "clusterwatch-mongodb.json",
+    "clusterwatch-node.json",
     "clusterwatch-overview.json",
     "clusterwatch-postgres.json",
     "clusterwatch-probes.json",
@@ -522,7 +529,63 @@ const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
     ),
     ("Standbys missing", "target", "primary", 0.0),
     ("Masters per group", "cluster", "redis", 1.0),
+    ("Redis masters per group", "cluster", "redis", 1.0),
+    ("MongoDB primaries per set", "cluster", "rs0", 1.0),
+    ("Production nodes per cluster", "cluster", "cp", 1.0),
+    ("Nodes holding each VIP", "name", "vip", 1.0),
+    ("Out of service now", "target", "cp1-out-of-service", 1.0),
+    ("etcd quorum", "target", "etcd", 1.0),
+    ("Backends", "backend", "redis", 1.0),
+    ("Pacemaker quorum", "target", "sre", 1.0),
+    ("Stats file present", "target", "counters", 1.0),
+    ("Status file unrecognised", "target", "cp1-status", 0.0),
+    ("Program state now", "program", "idle", 1.0),
+    ("Interfaces", "interface", "lo", 3.0),
+    ("Textfile rejected", "file", "backup.prom", 0.0),
+    ("Runs of unknown outcome", "hook", "promote", 0.0),
 ];
+
+/// SRE stats files in the call processors' format (host, stat, time, unix time, then the
+/// newest per-minute value first): traffic with some error answers, and a processing time.
+const COUNTERS_CSV: &str = "cp1,request.INVITE,2022-05-10T16:31:00,1652193060,120,118,121\n\
+                            cp1,response.genericError,2022-05-10T16:31:00,1652193060,2,0,1\n\
+                            cp1,response.serviceDown,2022-05-10T16:31:00,1652193060,1,0,0\n\
+                            cp1,response.serviceLogicError,2022-05-10T16:31:00,1652193060,0,0,0\n";
+const SAMPLES_CSV: &str =
+    "cp1,profiling.cp.INVITE,2022-05-10T16:31:00,1652193060,12.500,11.000,13.250\n";
+
+/// The node checks' files: SRE stats, a status file saying production, an out-of-service
+/// flag, and a textfile directory with one file. Returns the configuration sections.
+fn node_checks(dir: &Path) -> Result<String> {
+    let counters = dir.join("counters.csv");
+    let samples = dir.join("samples.csv");
+    std::fs::write(&counters, COUNTERS_CSV)?;
+    std::fs::write(&samples, SAMPLES_CSV)?;
+    let status = dir.join("node.status");
+    std::fs::write(&status, "production\n")?;
+    let flag = dir.join("cp1-out-of-service");
+    std::fs::write(&flag, "")?;
+    let textfiles = dir.join("textfile");
+    std::fs::create_dir(&textfiles)?;
+    std::fs::write(
+        textfiles.join("backup.prom"),
+        "# TYPE backup_last_ok gauge\nbackup_last_ok 1\n",
+    )?;
+    Ok(format!(
+        "sre_stats:\n  counters: '{}'\n  samples: '{}'\n  cluster: cp\n\
+         files:\n\
+         \x20 - {{ name: cp1-status, cluster: cp, path: '{}', states: [down, production, standby, production_alone, standby_as_production, production_as_standby] }}\n\
+         \x20 - {{ name: cp1-out-of-service, cluster: cp, path: '{}' }}\n\
+         processes:\n  - {{ name: postgres, cluster: pg, process_name: '^postgres$', min: 2 }}\n\
+         network:\n  cluster: cp\n  interfaces: [lo]\n  addresses:\n    - {{ name: vip, address: 127.0.0.1 }}\n\
+         textfile:\n  directory: '{}'\n",
+        counters.display(),
+        samples.display(),
+        status.display(),
+        flag.display(),
+        textfiles.display(),
+    ))
+}
 
 #[tokio::test]
 async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
@@ -568,6 +631,42 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         .await?;
     // A healthy three-member set, as the stand-in plays it, for the MongoDB dashboard.
     let mongo = MongoStandin::start(Version::V7_0, Scenario::Healthy)?;
+    // HAProxy in front of the Redis pair: the master's server UP, the replica's DOWN.
+    let haproxy = Haproxy::start(&redis_backend(
+        "redis",
+        free_port()?,
+        &[&redis.master, &redis.replica],
+    ))
+    .await?;
+    let etcd = EtcdCluster::start(1).await?;
+    // A sleep length no other process uses (node.rs's program sleeps 3600.PID), so no other
+    // test's process target counts this program.
+    let supervisord = Supervisord::start(&format!(
+        "[program:idle]\ncommand=/bin/sleep 7200.{}\nstartsecs=0\n",
+        std::process::id()
+    ))
+    .await?;
+    let node = temp_dir("cw-dashboards-node-")?;
+    let node_sections = node_checks(node.path())?;
+    // The hook runner on the main listener: one hook that runs (and succeeds), one dry-run.
+    let hooks = HookLab::new()?;
+    let ok_hook = hooks.script("ok-hook", "exit 0")?;
+    let hooks_section = format!(
+        "hooks:\n  listen: main\n  bearer_token_file: '{dir}/token'\n  state_dir: '{dir}/state'\n  rules:\n\
+         \x20   - {{ name: promote, match: {{ alertname: DashboardsTest }}, command: ['{ok}'] }}\n\
+         \x20   - {{ name: rehearse, match: {{ alertname: DashboardsTest }}, dry_run: true, command: ['{ok}'] }}\n",
+        dir = hooks.dir().display(),
+        ok = ok_hook.display(),
+    );
+    let cluster_managers = format!(
+        "etcd:\n  - {{ name: etcd, cluster: ce, endpoints: ['{}'] }}\n\
+         haproxy:\n  - {{ name: lb, cluster: redis, url: '{}' }}\n\
+         pacemaker:\n  name: sre\n  cluster: em\n\
+         supervisord:\n  - {{ name: node-supervisor, cluster: cp, url: '{}' }}\n",
+        etcd.endpoints().join("', '"),
+        haproxy.stats_url(),
+        supervisord.url(),
+    );
     let stack_ready = started.elapsed();
 
     // `missing-dir` fails on every scrape, so the panels about failed collections have data.
@@ -594,8 +693,35 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         redis.master.url(),
         redis.replica.url(),
         mongo.uri(),
-    ) + &probes;
-    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    ) + &probes
+        + &node_sections
+        + &cluster_managers
+        + &hooks_section;
+    // crm_mon reads the saved CIB of a two-node cluster instead of a live one.
+    let cib = workspace_root().join("tests/fixtures/pacemaker/mixed.xml");
+    let cw =
+        Clusterwatch::start_with_env(Some(&config), &[], &[("CIB_file", cib.as_os_str())]).await?;
+    // One notification, so the hook panels have a run, a dry-run skip and an accepted request.
+    let status = cw
+        .client()
+        .post(cw.url("/hooks/alertmanager"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&notification(
+            "firing",
+            "{}:{alertname=\"DashboardsTest\"}",
+            vec![alert(
+                "firing",
+                serde_json::json!({"alertname": "DashboardsTest", "cluster": "pg"}),
+                "d45b0a2d00000001",
+                "2026-01-01T00:00:00Z",
+            )],
+        ))?)
+        .send()
+        .await
+        .context("posting to the webhook")?
+        .status();
+    assert!(status.is_success(), "the webhook answered {status}");
 
     let rules = temp_dir("cw-dashboards-rules-")?;
     let rule_file = rules.path().join("always-firing.rules.yml");
@@ -698,6 +824,9 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     drop(prometheus);
     drop(cw);
     drop(pair);
+    drop(haproxy);
     drop(redis);
+    drop(etcd);
+    drop(supervisord);
     Ok(())
 }

@@ -2,14 +2,11 @@
 //! or crash-loop, the same programs seen by the process collector, and a status file whose
 //! role is switched under the exporter.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clusterwatch_tests::exposition::{scrape, Exposition};
-use clusterwatch_tests::harness::process::{find_program, ChildGuard};
-use clusterwatch_tests::harness::{free_port, temp_dir, wait_until, Clusterwatch};
+use clusterwatch_tests::harness::{free_port, temp_dir, wait_until, Clusterwatch, Supervisord};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -33,13 +30,11 @@ fn program_state(e: &Exposition, program: &str) -> Option<String> {
 /// Password of supervisord's HTTP listener; it must never show in clusterwatch's output.
 const HTTP_PASSWORD: &str = "s3cret-supervisor-pw";
 
-fn supervisord_config(dir: &Path, marker: &str, http_port: u16) -> String {
-    let d = dir.display();
+/// Sections after the harness's own: an HTTP listener with a password, a program that runs
+/// and one that crash-loops.
+fn supervisord_sections(marker: &str, http_port: u16) -> String {
     format!(
-        "[unix_http_server]\nfile={d}/supervisor.sock\n\n\
-         [inet_http_server]\nport=127.0.0.1:{http_port}\nusername=monitor\npassword={HTTP_PASSWORD}\n\n\
-         [supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}\nuser=root\n\n\
-         [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
+        "[inet_http_server]\nport=127.0.0.1:{http_port}\nusername=monitor\npassword={HTTP_PASSWORD}\n\n\
          [program:steady]\ncommand=/bin/sleep {marker}\nstartsecs=1\nautorestart=false\n\n\
          [program:crashy]\ncommand=/bin/sh -c \"exit 3\"\nstartsecs=1\nstartretries=2\nautorestart=true\n"
     )
@@ -47,33 +42,20 @@ fn supervisord_config(dir: &Path, marker: &str, http_port: u16) -> String {
 
 #[tokio::test]
 async fn supervisord_programs_killed_and_crash_looping_and_their_processes() -> Result<()> {
-    let supervisord = find_program("SUPERVISORD", &["supervisord"])?;
-    let dir = temp_dir("cw-supervisord-")?;
     // A sleep length no other process on the machine uses, so the process collector
     // counts exactly the program this test supervises.
     let marker = format!("3600.{}", std::process::id());
-    let conf = dir.path().join("supervisord.conf");
     let http_port = free_port()?;
-    std::fs::write(&conf, supervisord_config(dir.path(), &marker, http_port))?;
-    let good = dir.path().join("good.pass");
-    let bad = dir.path().join("bad.pass");
+    let supervisord = Supervisord::start(&supervisord_sections(&marker, http_port)).await?;
+    let good = supervisord.dir().join("good.pass");
+    let bad = supervisord.dir().join("bad.pass");
     std::fs::write(&good, format!("{HTTP_PASSWORD}\n"))?;
     std::fs::write(&bad, "not-the-password\n")?;
-    let mut command = Command::new(supervisord);
-    command.arg("-c").arg(&conf);
-    let _guard = ChildGuard::spawn("supervisord", command, dir.path())?;
-    let socket = dir.path().join("supervisor.sock");
-    wait_until(
-        Duration::from_secs(20),
-        "the supervisord socket",
-        async || Ok(socket.exists()),
-    )
-    .await?;
 
     let cw = Clusterwatch::start(
         Some(&format!(
-            "supervisord:\n  - {{ name: node1, url: \"unix://{}\" }}\n  - {{ name: node1-http, url: \"http://127.0.0.1:{http_port}/RPC2\", username: monitor, password_file: {} }}\n  - {{ name: node1-badpw, url: \"http://127.0.0.1:{http_port}\", username: monitor, password_file: {} }}\nprocesses:\n  - {{ name: steady, cmdline: \"^/bin/sleep {marker}$\", min: 1 }}\n",
-            socket.display(),
+            "supervisord:\n  - {{ name: node1, url: \"{}\" }}\n  - {{ name: node1-http, url: \"http://127.0.0.1:{http_port}/RPC2\", username: monitor, password_file: {} }}\n  - {{ name: node1-badpw, url: \"http://127.0.0.1:{http_port}\", username: monitor, password_file: {} }}\nprocesses:\n  - {{ name: steady, cmdline: \"^/bin/sleep {marker}$\", min: 1 }}\n",
+            supervisord.url(),
             good.display(),
             bad.display()
         )),
