@@ -87,7 +87,8 @@ mod tests {
     /// the fuzz toolchain.
     #[test]
     fn seed_corpora_run_through_every_entry_point() {
-        let targets: [(&str, fn(&[u8]) -> bool); 9] = [
+        type EntryPoint = fn(&[u8]) -> bool;
+        let targets: [(&str, EntryPoint); 9] = [
             ("sre_csv", super::sre_csv),
             ("webhook_payload", super::webhook_payload),
             ("crm_mon", super::crm_mon),
