@@ -6,6 +6,8 @@ pub mod cli;
 pub mod collector;
 pub mod commands;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod http;
 pub mod logging;

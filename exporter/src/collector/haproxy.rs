@@ -193,7 +193,7 @@ enum RowKind {
 
 /// One line of `show stat`: the columns we export.
 #[derive(Debug, PartialEq)]
-struct Row {
+pub(crate) struct Row {
     proxy: String,
     name: String,
     kind: RowKind,
@@ -212,7 +212,7 @@ struct Row {
 
 /// Parses HAProxy's CSV statistics (the same text over HTTP and the socket). Columns are
 /// found by header name, so versions that add columns keep working.
-fn parse_stats(text: &str) -> Result<Vec<Row>, String> {
+pub(crate) fn parse_stats(text: &str) -> Result<Vec<Row>, String> {
     let text = text
         .strip_prefix("# ")
         .ok_or("no `# pxname,…` header: not HAProxy CSV statistics")?;

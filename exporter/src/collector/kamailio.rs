@@ -100,7 +100,7 @@ pub fn is_level(group: &str, name: &str) -> bool {
 }
 
 /// Splits one `group:name = value` line of `stats.get_statistics`.
-fn parse_stat(line: &str) -> Option<(&str, &str, f64)> {
+pub(crate) fn parse_stat(line: &str) -> Option<(&str, &str, f64)> {
     let (key, value) = line.split_once(" = ")?;
     let (group, name) = key.trim().split_once(':')?;
     let value: f64 = value.trim().parse().ok()?;

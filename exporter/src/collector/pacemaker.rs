@@ -141,7 +141,7 @@ fn tail(s: &str, n: usize) -> &str {
 }
 
 /// `<status code message>` of a failed crm_mon run.
-fn parse_status(xml: &str) -> Option<String> {
+pub(crate) fn parse_status(xml: &str) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
     let status = doc
         .root_element()
@@ -156,7 +156,7 @@ fn parse_status(xml: &str) -> Option<String> {
 
 /// What crm_mon reported, reduced to what the metrics need.
 #[derive(Debug, Default, PartialEq)]
-struct ClusterState {
+pub(crate) struct ClusterState {
     dc_present: bool,
     quorum: bool,
     nodes: Vec<(String, &'static str)>,
@@ -212,7 +212,7 @@ fn role(text: &str) -> &'static str {
 
 /// Parses `crm_mon --output-as=xml` (Pacemaker 2.x `pacemaker-result`; 1.1's `crm_mon` root
 /// with the same elements is read too).
-fn parse_crm_mon(xml: &str) -> Result<ClusterState, String> {
+pub(crate) fn parse_crm_mon(xml: &str) -> Result<ClusterState, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("not XML: {e}"))?;
     let root = doc.root_element();
     if !matches!(root.tag_name().name(), "pacemaker-result" | "crm_mon") {

@@ -289,7 +289,7 @@ struct ReplicaLine {
 
 /// The fields of `INFO server replication persistence memory` clusterwatch reports.
 #[derive(Debug, Default, PartialEq)]
-struct Info {
+pub(crate) struct Info {
     version: String,
     /// `master` or `replica`.
     role: &'static str,
@@ -314,7 +314,7 @@ struct Info {
 impl Info {
     /// Parses INFO's `key:value` lines (CRLF or LF; `#` section headers skipped). Only a
     /// missing or unknown role is an error: without it nothing else can be read correctly.
-    fn parse(text: &str) -> Result<Info, CollectError> {
+    pub(crate) fn parse(text: &str) -> Result<Info, CollectError> {
         let fields: HashMap<&str, &str> = text
             .lines()
             .map(str::trim_end)
