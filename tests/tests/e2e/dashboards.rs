@@ -7,7 +7,7 @@
 //! rendering and layout are not tested.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -19,6 +19,7 @@ use clusterwatch_tests::harness::kamailio::Kamailio;
 use clusterwatch_tests::harness::mongo_standin::{Scenario, Version};
 use clusterwatch_tests::harness::nginx::Nginx;
 use clusterwatch_tests::harness::process::{tail, LOG_TAIL_LINES};
+use clusterwatch_tests::harness::repo_root;
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab, TOKEN};
 use clusterwatch_tests::harness::{
     free_port, temp_dir, Clusterwatch, EtcdCluster, Haproxy, MongoStandin, PgCluster, Prometheus,
@@ -71,16 +72,9 @@ const FIRING_RULE: &str = "groups:
           summary: Fires from the first evaluation so the dashboards' alert panels have data.
 ";
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
 /// Every `dashboards/*.json`, parsed, by file name.
 fn dashboards() -> BTreeMap<String, Value> {
-    let dir = workspace_root().join("dashboards");
+    let dir = repo_root().join("dashboards");
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.expect("directory entry").path();
@@ -276,7 +270,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 /// Metric names a dashboard may use: the README's "Metric reference" section and the names
 /// inside the recording rules of `rules/*.yml`.
 fn known_metrics() -> BTreeSet<String> {
-    let root = workspace_root();
+    let root = repo_root();
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
     let start = readme
         .find("## Metric reference")
@@ -698,7 +692,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         + &cluster_managers
         + &hooks_section;
     // crm_mon reads the saved CIB of a two-node cluster instead of a live one.
-    let cib = workspace_root().join("tests/fixtures/pacemaker/mixed.xml");
+    let cib = repo_root().join("tests/fixtures/pacemaker/mixed.xml");
     let cw =
         Clusterwatch::start_with_env(Some(&config), &[], &[("CIB_file", cib.as_os_str())]).await?;
     // One notification, so the hook panels have a run, a dry-run skip and an accepted request.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clusterwatch_tests::exposition::{scrape, Exposition};
 use clusterwatch_tests::harness::clusterwatch::binary;
+use clusterwatch_tests::harness::repo_root;
 use clusterwatch_tests::harness::{
     wait_until, Blackhole, Clusterwatch, PgNode, Prometheus, PrometheusConfig, ScrapeJob,
 };
@@ -16,13 +17,6 @@ use clusterwatch_tests::harness::{
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_ACCEPT: &str =
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
 
 /// A python3 that has `prometheus_client` (Debian's python3-prometheus-client or pip's).
 fn python_with_parser() -> Result<PathBuf> {
@@ -325,7 +319,7 @@ async fn check_config_points_at_every_problem() -> Result<()> {
     }
 
     // The example shipped in the repository passes.
-    let (code, text) = check_config(&workspace_root().join("examples/clusterwatch.yml"))?;
+    let (code, text) = check_config(&repo_root().join("examples/clusterwatch.yml"))?;
     assert_eq!(code, 0, "{text}");
 
     // `serve` refuses to start on a broken file, with the same report.

@@ -611,9 +611,7 @@ async fn example_hook(
     alertname: &str,
     env: &str,
 ) -> Result<Clusterwatch> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace")?
+    let script = clusterwatch_tests::harness::repo_root()
         .join("alertmanager/hooks")
         .join(script);
     let rules = format!(

@@ -479,9 +479,8 @@ async fn wal_archive_directory_growth_is_visible() -> Result<()> {
 /// Every metric a real scrape of every collector emits is in the README's metric reference.
 #[tokio::test]
 async fn readme_documents_every_emitted_metric() -> Result<()> {
-    let readme = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
-    )?;
+    let readme =
+        std::fs::read_to_string(clusterwatch_tests::harness::repo_root().join("README.md"))?;
     let pair = PgCluster::start_pair().await?;
     let config = format!(
         "filesystems: {{}}\nsystem: {{}}\ndirectories:\n  - {{ name: archive, path: '{}' }}\npostgres:\n  - {{ name: primary, cluster: pg, dsn: '{}', expected_standbys: 1 }}\n  - {{ name: standby, cluster: pg, dsn: '{}' }}\n  - {{ name: wrong, dsn: '{}' }}\n",

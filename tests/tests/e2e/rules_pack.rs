@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clusterwatch_tests::harness::process::{describe, find_program};
+use clusterwatch_tests::harness::repo_root;
 use clusterwatch_tests::harness::{
     wait_until, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
 };
@@ -22,13 +23,6 @@ use serde_json::Value;
 const RUNBOOK_PREFIX: &str = "https://clusterwatch.invalid/runbooks/";
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
 const HOOK_RECEIVER: &str = "clusterwatch-hooks";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
 
 /// `promtool`, or a failure that says how to get it: CI installs it, so a missing tool is an
 /// error, never a reason to skip.
@@ -58,7 +52,7 @@ struct Ran {
 fn run(mut command: Command) -> Ran {
     let description = describe(&command);
     let output = command
-        .current_dir(workspace_root())
+        .current_dir(repo_root())
         .output()
         .unwrap_or_else(|e| panic!("could not run `{description}`: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -75,7 +69,7 @@ fn run(mut command: Command) -> Ran {
 
 /// Files in `dir` (relative to the workspace root) whose name ends with `suffix`, sorted.
 fn files(dir: &str, suffix: &str) -> Vec<PathBuf> {
-    let dir = workspace_root().join(dir);
+    let dir = repo_root().join(dir);
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|entry| entry.expect("directory entry").path())
@@ -109,7 +103,7 @@ fn read(path: &Path) -> String {
 }
 
 fn name_of(path: &Path) -> String {
-    path.strip_prefix(workspace_root())
+    path.strip_prefix(repo_root())
         .unwrap_or(path)
         .display()
         .to_string()
@@ -368,7 +362,7 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
 
 #[test]
 fn every_alert_has_labels_annotations_and_a_runbook_page() {
-    let runbooks = workspace_root().join("rules/runbooks");
+    let runbooks = repo_root().join("rules/runbooks");
     let mut problems = Vec::new();
     let mut seen = BTreeSet::new();
     for a in alerts() {
@@ -438,7 +432,7 @@ fn every_runbook_page_and_readme_row_belongs_to_an_alert() {
             problems.push(format!("{}: no alert of that name", name_of(&page)));
         }
     }
-    let readme = read(&workspace_root().join("rules/README.md"));
+    let readme = read(&repo_root().join("rules/README.md"));
     for name in &names {
         let row = format!("| [{name}](runbooks/{name}.md) |");
         if !readme.lines().any(|l| l.starts_with(&row)) {
