@@ -14,6 +14,7 @@ use crate::hooks::config::{Listen, WEBHOOK_PATH};
 use crate::hooks::lock::EtcdLock;
 use crate::hooks::{Hooks, LocalGate, RunGate};
 use crate::http::{app, AppState};
+use crate::reload::{reload_on_sighup, Reloader};
 
 /// Runs the command the user asked for and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
@@ -96,6 +97,8 @@ fn gate(h: &crate::hooks::config::HooksConfig) -> Box<dyn RunGate> {
 }
 
 async fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch SIGHUP for reloads")?;
     let cfg = load(cli)?;
     if !cli.telemetry_path.starts_with('/') || cli.telemetry_path.len() < 2 {
         anyhow::bail!("--web.telemetry-path must start with / and not be / itself");
@@ -132,11 +135,23 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
             }));
         }
     }
+    let engine = Arc::new(Engine::with_fingerprints(
+        cfg.targets,
+        cfg.fingerprints,
+        cfg.global.timeout,
+    ));
+    let reloader = Arc::new(Reloader::new(
+        cli.config_file.clone(),
+        engine.clone(),
+        hooks.clone(),
+    ));
+    reload_on_sighup(hangup, reloader.clone());
     let state = AppState {
-        engine: Arc::new(Engine::new(cfg.targets, cfg.global.timeout)),
+        engine,
         telemetry_path: cli.telemetry_path.clone(),
         config_origin: cfg.origin,
         hooks,
+        reloader,
     };
     let listener = tokio::net::TcpListener::bind(cli.listen_address)
         .await

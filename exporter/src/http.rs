@@ -1,6 +1,6 @@
-//! The HTTP surface: `/metrics`, `/-/healthy`, `/-/ready` and a landing page. Handlers are thin:
-//! extract, call the engine, map the result. State lives in one [`AppState`]; `app()` is apart
-//! from `main` so tests drive the router directly.
+//! The HTTP surface: `/metrics`, `/-/healthy`, `/-/ready`, `/-/reload` and a landing page.
+//! Handlers are thin: extract, call the engine, map the result. State lives in one
+//! [`AppState`]; `app()` is apart from `main` so tests drive the router directly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +8,13 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::collector::Engine;
 use crate::hooks::config::Listen;
 use crate::hooks::Hooks;
+use crate::reload::Reloader;
 use crate::snapshot::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
 /// Everything the handlers need.
@@ -27,6 +28,8 @@ pub struct AppState {
     pub config_origin: String,
     /// The webhook receiver and hook runner, when configured; its metrics join `/metrics`.
     pub hooks: Option<Arc<Hooks>>,
+    /// Reloads the configuration on `POST /-/reload` (and SIGHUP); its metrics join `/metrics`.
+    pub reloader: Arc<Reloader>,
 }
 
 /// The router with every route.
@@ -40,6 +43,7 @@ pub fn app(state: AppState) -> Router {
         .route(&telemetry_path, get(metrics))
         .route("/-/healthy", get(healthy))
         .route("/-/ready", get(ready))
+        .route("/-/reload", post(reload))
         .route("/", get(landing))
         .with_state(state);
     match webhook {
@@ -72,6 +76,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
     if let Some(hooks) = &state.hooks {
         hooks.write_metrics(&mut buffer);
     }
+    state.reloader.write_metrics(&mut buffer);
     let snapshot = buffer.into_snapshot();
     if wants_openmetrics(&headers) {
         (
@@ -97,6 +102,24 @@ async fn ready() -> (StatusCode, &'static str) {
     (StatusCode::OK, "clusterwatch is ready.\n")
 }
 
+/// Prometheus' convention: 200 when the new configuration is in force, 500 with every problem
+/// when it was refused and the running one kept.
+async fn reload(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.reloader.reload().await {
+        Ok(c) => (
+            StatusCode::OK,
+            format!(
+                "configuration reloaded: {} targets kept running, {} started, {} stopped\n",
+                c.kept, c.built, c.dropped
+            ),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed; the running configuration is kept:\n{e}\n"),
+        ),
+    }
+}
+
 /// Lists collectors and targets by name only: never a DSN, URI or password.
 async fn landing(State(state): State<AppState>) -> Html<String> {
     let mut rows = String::new();
@@ -111,7 +134,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
     Html(format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clusterwatch</title></head>\n<body>\n\
          <h1>clusterwatch {version}</h1>\n\
-         <p><a href=\"{path}\">Metrics</a> · <a href=\"/-/healthy\">health</a> · <a href=\"/-/ready\">ready</a></p>\n\
+         <p><a href=\"{path}\">Metrics</a> · <a href=\"/-/healthy\">health</a> · <a href=\"/-/ready\">ready</a> · reload: <code>POST /-/reload</code> or SIGHUP</p>\n\
          <p>Configuration: {origin}</p>\n\
          <table>\n<tr><th>collector</th><th>target</th><th>cluster</th></tr>\n{rows}</table>\n</body></html>\n",
         version = env!("CARGO_PKG_VERSION"),

@@ -12,5 +12,6 @@ pub mod hooks;
 pub mod http;
 pub mod logging;
 pub mod probe;
+pub mod reload;
 pub mod snapshot;
 pub mod sre_csv;

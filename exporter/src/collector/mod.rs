@@ -23,7 +23,7 @@ pub mod textfile;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -174,40 +174,139 @@ pub fn target_budget(configured: Duration, scrape_timeout: Option<Duration>) -> 
 }
 
 /// Runs every target of a configuration concurrently and keeps per-target error counters.
+/// The target set can be swapped by a reload while scrapes go on; each scrape works on the
+/// set it started with.
 pub struct Engine {
-    targets: Vec<Arc<dyn Collector>>,
-    default_timeout: Duration,
-    /// (collector, target) → count per entry of [`REASONS`], kept across scrapes.
+    current: RwLock<Arc<TargetSet>>,
+    /// (collector, target) → count per entry of [`REASONS`], kept across scrapes and reloads.
     errors: Mutex<HashMap<(&'static str, String), [u64; REASONS.len()]>>,
     /// Last failure reason per (collector, target), so a failure is logged when it starts or
     /// changes, not on every scrape.
     last_failure: Mutex<HashMap<(&'static str, String), &'static str>>,
 }
 
+/// The targets of one configuration and the deadline for those without their own.
+struct TargetSet {
+    targets: Vec<Arc<dyn Collector>>,
+    /// Per target, what its configuration looked like ([`crate::config::Config::fingerprints`]);
+    /// `None` for targets that must never be reused.
+    fingerprints: Vec<Option<u64>>,
+    default_timeout: Duration,
+}
+
+/// What a reload did to the target set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetChanges {
+    /// Targets whose configuration did not change: the running collector was kept, with its
+    /// connections, caches and streaks.
+    pub kept: usize,
+    /// Targets built from the new configuration (new or changed).
+    pub built: usize,
+    /// Targets of the old configuration that are gone or were replaced.
+    pub dropped: usize,
+}
+
 impl Engine {
     /// An engine over `targets` with `default_timeout` for targets without their own.
     pub fn new(targets: Vec<Arc<dyn Collector>>, default_timeout: Duration) -> Self {
+        let fingerprints = vec![None; targets.len()];
+        Engine::with_fingerprints(targets, fingerprints, default_timeout)
+    }
+
+    /// An engine whose targets can be kept across reloads: `fingerprints[i]` identifies the
+    /// configuration `targets[i]` was built from.
+    pub fn with_fingerprints(
+        targets: Vec<Arc<dyn Collector>>,
+        fingerprints: Vec<Option<u64>>,
+        default_timeout: Duration,
+    ) -> Self {
+        debug_assert_eq!(targets.len(), fingerprints.len());
         Engine {
-            targets,
-            default_timeout,
+            current: RwLock::new(Arc::new(TargetSet {
+                targets,
+                fingerprints,
+                default_timeout,
+            })),
             errors: Mutex::new(HashMap::new()),
             last_failure: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The targets, for the landing page.
-    pub fn targets(&self) -> &[Arc<dyn Collector>] {
-        &self.targets
+    fn current(&self) -> Arc<TargetSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The targets now, for the landing page.
+    pub fn targets(&self) -> Vec<Arc<dyn Collector>> {
+        self.current().targets.clone()
+    }
+
+    /// Swaps in the targets of a new configuration. A new target whose collector, name and
+    /// fingerprint match a running one is replaced by the running one, so its connections,
+    /// caches and failure streaks survive; error counters of targets still present are kept.
+    pub fn replace_targets(
+        &self,
+        targets: Vec<Arc<dyn Collector>>,
+        fingerprints: Vec<Option<u64>>,
+        default_timeout: Duration,
+    ) -> TargetChanges {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let old = current.clone();
+        let mut changes = TargetChanges::default();
+        let targets: Vec<Arc<dyn Collector>> = targets
+            .into_iter()
+            .zip(&fingerprints)
+            .map(|(new, fp)| {
+                let running = fp.and_then(|fp| {
+                    old.targets.iter().zip(&old.fingerprints).find(|(t, ofp)| {
+                        **ofp == Some(fp) && t.name() == new.name() && t.target() == new.target()
+                    })
+                });
+                match running {
+                    Some((t, _)) => {
+                        changes.kept += 1;
+                        Arc::clone(t)
+                    }
+                    None => {
+                        changes.built += 1;
+                        new
+                    }
+                }
+            })
+            .collect();
+        changes.dropped = old.targets.len() - changes.kept;
+        let present: std::collections::HashSet<(&'static str, String)> = targets
+            .iter()
+            .map(|t| (t.name(), t.target().to_owned()))
+            .collect();
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| present.contains(k));
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| present.contains(k));
+        *current = Arc::new(TargetSet {
+            targets,
+            fingerprints,
+            default_timeout,
+        });
+        changes
     }
 
     /// Scrapes every target once. `scrape_timeout` is Prometheus' own timeout from the
     /// `X-Prometheus-Scrape-Timeout-Seconds` header. Never fails: failures become metrics.
     pub async fn scrape(&self, scrape_timeout: Option<Duration>) -> SampleBuffer {
+        let set = self.current();
         let started = Instant::now();
-        let runs = self.targets.iter().map(|t| {
+        let runs = set.targets.iter().map(|t| {
             let target = Arc::clone(t);
             let budget = target_budget(
-                target.timeout().unwrap_or(self.default_timeout),
+                target.timeout().unwrap_or(set.default_timeout),
                 scrape_timeout,
             );
             run_target(target, started + budget)
@@ -216,7 +315,7 @@ impl Engine {
 
         let mut out = SampleBuffer::new();
         declare_engine_families(&mut out);
-        for (target, (result, buffer, elapsed)) in self.targets.iter().zip(results) {
+        for (target, (result, buffer, elapsed)) in set.targets.iter().zip(results) {
             let labels = target_labels(target.as_ref());
             let mut own = SampleBuffer::with_common_labels(labels);
             own.gauge(
@@ -238,7 +337,7 @@ impl Engine {
             }
             out.merge(own);
         }
-        self.write_error_counters(&mut out);
+        self.write_error_counters(&set.targets, &mut out);
         out
     }
 
@@ -269,9 +368,9 @@ impl Engine {
         }
     }
 
-    fn write_error_counters(&self, out: &mut SampleBuffer) {
+    fn write_error_counters(&self, targets: &[Arc<dyn Collector>], out: &mut SampleBuffer) {
         let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-        for t in &self.targets {
+        for t in targets {
             let counts = errors
                 .get(&(t.name(), t.target().to_owned()))
                 .copied()
@@ -438,5 +537,63 @@ mod tests {
             .map(|s| (s.labels[1].1.clone(), s.labels[2].1.clone(), s.value))
             .collect();
         assert_eq!(counted, vec![("slow".into(), "timeout".into(), 1.0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_unchanged_targets_and_their_error_counts() {
+        let sleepy = |name: &str, sleep: u64| -> Arc<dyn Collector> {
+            Arc::new(Sleepy {
+                id: TargetId::local(name),
+                sleep: Duration::from_millis(sleep),
+            })
+        };
+        let (a, slow) = (sleepy("a", 10), sleepy("slow", 3_600_000));
+        let engine = Engine::with_fingerprints(
+            vec![a.clone(), slow.clone()],
+            vec![Some(1), Some(2)],
+            Duration::from_secs(1),
+        );
+        engine.scrape(None).await;
+
+        // `a` unchanged, `slow` changed, `c` new, nothing without a fingerprint is ever kept.
+        let changes = engine.replace_targets(
+            vec![sleepy("a", 10), sleepy("slow", 3_600_000), sleepy("c", 10)],
+            vec![Some(1), Some(3), None],
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            changes,
+            TargetChanges {
+                kept: 1,
+                built: 2,
+                dropped: 1
+            }
+        );
+        let now = engine.targets();
+        assert!(Arc::ptr_eq(&now[0], &a), "the running `a` is kept");
+        assert!(
+            !Arc::ptr_eq(&now[1], &slow),
+            "the changed `slow` is rebuilt"
+        );
+
+        // Counters of a target still configured go on; a removed target's are forgotten.
+        let out = engine.scrape(None).await;
+        let timeouts = |out: &SampleBuffer, target: &str| {
+            out.get("clusterwatch_target_scrape_errors_total")
+                .unwrap()
+                .samples
+                .iter()
+                .find(|s| s.labels[1].1 == target && s.labels[2].1 == "timeout")
+                .map(|s| s.value)
+        };
+        assert_eq!(timeouts(&out, "slow"), Some(2.0));
+        engine.replace_targets(vec![sleepy("a", 10)], vec![Some(1)], Duration::from_secs(1));
+        engine.replace_targets(
+            vec![sleepy("a", 10), sleepy("slow", 3_600_000)],
+            vec![Some(1), Some(2)],
+            Duration::from_secs(1),
+        );
+        let out = engine.scrape(None).await;
+        assert_eq!(timeouts(&out, "slow"), Some(1.0));
     }
 }

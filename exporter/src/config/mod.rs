@@ -32,6 +32,10 @@ pub struct Config {
     pub global: Global,
     /// Every configured target, in file order.
     pub targets: Vec<Arc<dyn Collector>>,
+    /// Per target, a digest of the configuration it was built from (its list item, or its
+    /// whole section, plus the content of every `*_file` named there): a reload keeps a
+    /// running target whose digest did not change.
+    pub fingerprints: Vec<Option<u64>>,
     /// The webhook receiver and hook runner, when a `hooks:` section is present.
     pub hooks: Option<crate::hooks::config::HooksConfig>,
 }
@@ -159,6 +163,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
     };
 
     let mut targets: Vec<Arc<dyn Collector>> = Vec::new();
+    let mut fingerprints: Vec<Option<u64>> = Vec::new();
     let mut hooks = None;
     let known: Vec<&str> = ["global", crate::hooks::config::SECTION]
         .into_iter()
@@ -189,7 +194,13 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         match KINDS.iter().find(|k| k.section == key.name) {
             Some(kind) => {
                 let at = Located::new(node, key.name.clone());
-                targets.extend((kind.configure)(at, &ctx, &mut problems));
+                let built = (kind.configure)(at, &ctx, &mut problems);
+                fingerprints.extend(
+                    built
+                        .iter()
+                        .map(|t| Some(fingerprint(kind, t.target(), node, &ctx))),
+                );
+                targets.extend(built);
                 check_unique_targets(kind, node, &key.name, &mut problems);
             }
             None => {
@@ -213,11 +224,13 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
                 pos: Pos::default(),
                 value: source::Value::Null,
             };
-            targets.extend((kind.configure)(
-                Located::new(&empty, kind.section),
-                &ctx,
-                &mut problems,
-            ));
+            let built = (kind.configure)(Located::new(&empty, kind.section), &ctx, &mut problems);
+            fingerprints.extend(
+                built
+                    .iter()
+                    .map(|t| Some(fingerprint(kind, t.target(), &empty, &ctx))),
+            );
+            targets.extend(built);
         }
     }
 
@@ -226,11 +239,67 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
             origin: file.to_owned(),
             global,
             targets,
+            fingerprints,
             hooks,
         })
     } else {
         problems.sort_by_key(|p| (p.pos.line, p.pos.column));
         Err(fail(problems))
+    }
+}
+
+/// What a target was built from, as a digest: its item when the section is a list of named
+/// items, otherwise the whole section; the global settings and the base directory; and the
+/// content of every `*_file` it names, so a rotated password or certificate is picked up by a
+/// reload even though the text of the configuration did not change.
+fn fingerprint(kind: &CollectorKind, target: &str, section: &Node, ctx: &SectionContext) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let item = match &section.value {
+        source::Value::Seq(items) => items
+            .iter()
+            .find(|item| {
+                Located::new(item, "")
+                    .field("name")
+                    .is_some_and(|n| matches!(&n.node.value, source::Value::Str(s) if s == target))
+            })
+            .unwrap_or(section),
+        _ => section,
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (kind.name, target, ctx.global.timeout, ctx.base_dir).hash(&mut h);
+    hash_node(item, ctx, &mut h);
+    h.finish()
+}
+
+fn hash_node(node: &Node, ctx: &SectionContext, h: &mut impl std::hash::Hasher) {
+    use source::Value;
+    use std::hash::Hash;
+    match &node.value {
+        Value::Null => 0u8.hash(h),
+        Value::Bool(b) => (1u8, b).hash(h),
+        Value::Int(i) => (2u8, i).hash(h),
+        Value::UInt(u) => (3u8, u).hash(h),
+        Value::Float(f) => (4u8, f.to_bits()).hash(h),
+        Value::Str(s) => (5u8, s).hash(h),
+        Value::Seq(items) => {
+            (6u8, items.len()).hash(h);
+            for item in items {
+                hash_node(item, ctx, h);
+            }
+        }
+        Value::Map(entries) => {
+            (7u8, entries.len()).hash(h);
+            for (key, value) in entries {
+                key.name.hash(h);
+                hash_node(value, ctx, h);
+                if let (true, Value::Str(path)) = (key.name.ends_with("_file"), &value.value) {
+                    // Unreadable now: the digest still differs from a readable file's.
+                    std::fs::read(ctx.resolve(Path::new(path)))
+                        .map_err(|e| e.kind())
+                        .hash(h);
+                }
+            }
+        }
     }
 }
 
@@ -473,5 +542,34 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s} {s:?}"), "*** ***");
+    }
+
+    #[test]
+    fn fingerprints_change_only_for_the_edited_target_or_a_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "one\n").unwrap();
+        let text = |timeout: &str| {
+            format!(
+                "redis:\n  - {{ name: a, address: redis://127.0.0.1:1, password_file: pw }}\n  - {{ name: b, address: redis://127.0.0.1:2, timeout: {timeout} }}\n"
+            )
+        };
+        let prints = |t: &str| {
+            let cfg = parse(t, "test.yml", dir.path()).unwrap();
+            let names: Vec<String> = cfg.targets.iter().map(|t| t.target().to_owned()).collect();
+            names.into_iter().zip(cfg.fingerprints).collect::<Vec<_>>()
+        };
+        let first = prints(&text("2s"));
+        assert_eq!(first, prints(&text("2s")), "same text, same digests");
+        let edited = prints(&text("3s"));
+        let find = |v: &[(String, Option<u64>)], n: &str| v.iter().find(|(t, _)| t == n).unwrap().1;
+        assert_eq!(find(&first, "a"), find(&edited, "a"), "`a` was not edited");
+        assert_ne!(find(&first, "b"), find(&edited, "b"));
+        std::fs::write(dir.path().join("pw"), "two\n").unwrap();
+        assert_ne!(
+            find(&first, "a"),
+            find(&prints(&text("2s")), "a"),
+            "password rotated"
+        );
+        assert!(first.iter().all(|(_, fp)| fp.is_some()));
     }
 }

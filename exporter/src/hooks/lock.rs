@@ -171,6 +171,15 @@ fn field<'a>(v: &'a Value, snake: &str, camel: &str) -> &'a Value {
     }
 }
 
+impl LockConfig {
+    /// What the running lock was built from, to tell whether a reload changes it (TLS files
+    /// are read into the client once, at start).
+    pub fn identity(&self) -> (Vec<&str>, &str, Duration, Duration) {
+        let endpoints = self.endpoints.iter().map(Url::as_str).collect();
+        (endpoints, &self.prefix, self.ttl, self.keep)
+    }
+}
+
 impl EtcdLock {
     /// A gate over the configured etcd; contacts nothing until the first disruptive run.
     pub fn new(cfg: LockConfig) -> EtcdLock {

@@ -12,7 +12,7 @@ pub mod receiver;
 pub mod runner;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -142,7 +142,8 @@ pub struct Receipt {
 
 /// The receiver and runner: configuration, journal, decision state and counters.
 pub struct Hooks {
-    cfg: HooksConfig,
+    /// Swapped whole by a reload; a decision and the runs it starts keep the one they saw.
+    cfg: RwLock<Arc<HooksConfig>>,
     journal: Journal,
     state: Mutex<State>,
     counters: Mutex<Counters>,
@@ -175,38 +176,76 @@ impl Hooks {
         journal.append(&found).await?;
         let hooks = Arc::new(Hooks {
             slots: Semaphore::new(cfg.max_concurrent_runs),
-            cfg,
+            cfg: RwLock::new(Arc::new(cfg)),
             journal,
             state: Mutex::new(state),
             counters: Mutex::new(Counters::default()),
             gate,
         });
+        let cfg = hooks.config();
         for (r, open) in interrupted {
             let Event::Unknown { .. } = r.event else {
                 continue;
             };
-            let Some(ri) = hooks.cfg.rules.iter().position(|x| x.name == open.hook) else {
+            let Some(ri) = cfg.rules.iter().position(|x| x.name == open.hook) else {
                 continue;
             };
-            if open.disruptive || !hooks.cfg.rules[ri].rerun_after_crash {
+            if open.disruptive || !cfg.rules[ri].rerun_after_crash {
                 continue;
             }
-            hooks.rerun(ri, open).await;
+            hooks.rerun(cfg.clone(), ri, open).await;
         }
         Ok(hooks)
     }
 
-    /// The checked configuration.
-    pub fn config(&self) -> &HooksConfig {
-        &self.cfg
+    /// The checked configuration in force now.
+    pub fn config(&self) -> Arc<HooksConfig> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Checks that `new` can replace the running configuration: what the process opened or
+    /// bound at start (listener, journal, lock, run slots) cannot change without a restart.
+    pub fn check_reconfigure(&self, new: &HooksConfig) -> Result<(), String> {
+        let old = self.config();
+        let fixed = [
+            ("hooks.listen", old.listen != new.listen),
+            ("hooks.state_dir", old.state_dir != new.state_dir),
+            (
+                "hooks.max_concurrent_runs",
+                old.max_concurrent_runs != new.max_concurrent_runs,
+            ),
+            (
+                "hooks.lock",
+                old.lock.as_ref().map(lock::LockConfig::identity)
+                    != new.lock.as_ref().map(lock::LockConfig::identity),
+            ),
+        ];
+        let changed: Vec<&str> = fixed
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let changed = changed.join(", ");
+        Err(format!(
+            "{changed} cannot change while clusterwatch runs; restart it to apply (the running configuration is kept)"
+        ))
+    }
+
+    /// Puts a configuration checked by [`Hooks::check_reconfigure`] in force for the next
+    /// notification; runs already decided finish under the one they started with.
+    pub fn reconfigure(&self, new: HooksConfig) {
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     }
 
     fn context(&self) -> Context {
-        context(&self.cfg)
+        context(&self.config())
     }
 
     fn payload_path(&self, notification: u64) -> PathBuf {
-        self.cfg
+        self.config()
             .state_dir
             .join("payloads")
             .join(format!("{notification}.json"))
@@ -227,10 +266,11 @@ impl Hooks {
     /// runs in the background. Returns once the journal is on disk.
     pub async fn receive(self: &Arc<Self>, body: bytes::Bytes) -> Result<Receipt, HookError> {
         let n = payload::decode(&body)?;
-        let ctx = self.context();
+        let cfg = self.config();
+        let ctx = context(&cfg);
         let (records, planned) = {
             let mut state = self.state.lock().unwrap();
-            policy::plan(&mut state, &self.cfg.rules, &n, &ctx)
+            policy::plan(&mut state, &cfg.rules, &n, &ctx)
         };
         let Some(Record {
             event: Event::Received { notification, .. },
@@ -252,7 +292,7 @@ impl Hooks {
                     ts: ctx.now,
                     event: Event::Abandoned {
                         run: p.run,
-                        hook: self.cfg.rules[p.rule].name.clone(),
+                        hook: cfg.rules[p.rule].name.clone(),
                         reason: "not stored".into(),
                     },
                 });
@@ -277,9 +317,10 @@ impl Hooks {
             let hooks = self.clone();
             let alert = n.alerts[p.alert].clone();
             let body = body.clone();
+            let cfg = cfg.clone();
             tokio::spawn(async move {
                 hooks
-                    .execute(p.rule, p.run, notification, &alert, body)
+                    .execute(&cfg, p.rule, p.run, notification, &alert, body)
                     .await;
             });
         }
@@ -309,7 +350,7 @@ impl Hooks {
         self.journal.append(records).await
     }
 
-    async fn rerun(self: &Arc<Self>, rule: usize, open: policy::OpenRun) {
+    async fn rerun(self: &Arc<Self>, cfg: Arc<HooksConfig>, rule: usize, open: policy::OpenRun) {
         let Ok(body) = std::fs::read(self.payload_path(open.notification)) else {
             tracing::warn!(hook = %open.hook, "cannot re-run: its payload file is gone");
             return;
@@ -344,7 +385,7 @@ impl Hooks {
         let notification = open.notification;
         tokio::spawn(async move {
             hooks
-                .execute(rule, run, notification, &alert, Arc::new(body))
+                .execute(&cfg, rule, run, notification, &alert, Arc::new(body))
                 .await;
         });
     }
@@ -401,13 +442,14 @@ impl Hooks {
     /// One accepted run: validation, the gate for disruptive runs, attempts with backoff.
     async fn execute(
         self: Arc<Self>,
+        cfg: &HooksConfig,
         ri: usize,
         run: u64,
         notification: u64,
         alert: &payload::Alert,
         body: Arc<Vec<u8>>,
     ) {
-        let rule = &self.cfg.rules[ri];
+        let rule = &cfg.rules[ri];
         let hook = rule.name.clone();
         let Ok(_slot) = self.slots.acquire().await else {
             return;
@@ -419,7 +461,7 @@ impl Hooks {
                 env: self.env(rule, run, 0, notification, alert, None),
                 stdin: body.clone(),
                 timeout: rule.timeout,
-                grace: self.cfg.kill_grace,
+                grace: cfg.kill_grace,
             })
             .await;
             if o.exit != Exit::Code(0) {
@@ -480,7 +522,7 @@ impl Hooks {
                 env: self.env(rule, run, attempt, notification, alert, token),
                 stdin: body.clone(),
                 timeout: rule.timeout,
-                grace: self.cfg.kill_grace,
+                grace: cfg.kill_grace,
             })
             .await;
             let retry = o.exit == Exit::Code(1) && attempt <= rule.retries;
@@ -643,7 +685,8 @@ impl Hooks {
     pub fn write_metrics(&self, out: &mut SampleBuffer) {
         let c = self.counters.lock().unwrap();
         let state = self.state.lock().unwrap();
-        metrics::write(&self.cfg, &c, &state, context(&self.cfg), out);
+        let cfg = self.config();
+        metrics::write(&cfg, &c, &state, context(&cfg), out);
     }
 }
 

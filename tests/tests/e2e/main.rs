@@ -15,5 +15,6 @@ mod packaging;
 mod postgres;
 mod probes;
 mod redis;
+mod reload;
 mod rules_pack;
 mod sre_stats;
