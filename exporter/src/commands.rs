@@ -18,7 +18,8 @@ use crate::http::{app, AppState};
 /// Runs the command the user asked for and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match &cli.command {
-        Some(Command::CheckConfig { file }) => check_config(file),
+        Some(Command::CheckConfig { file }) => check_config(file, cli.web_config_file.as_deref()),
+        Some(Command::HashPassword { cost }) => crate::web::hash_password(*cost),
         Some(Command::Once) => run_async(once(&cli)),
         Some(Command::Hooks { command }) => hooks_command(&cli, command),
         Some(Command::Serve) | None => run_async(serve(&cli)),
@@ -46,7 +47,14 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     }
 }
 
-fn check_config(file: &Path) -> ExitCode {
+fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
+    if let Some(web) = web_config {
+        if let Err(e) = crate::web::Security::load(web) {
+            eprintln!("{}", e.render());
+            eprintln!("{}: {} problem(s) found", e.file, e.problems.len());
+            return ExitCode::FAILURE;
+        }
+    }
     match config::load_file(file) {
         Ok(cfg) => {
             let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
@@ -100,6 +108,13 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     if !cli.telemetry_path.starts_with('/') || cli.telemetry_path.len() < 2 {
         anyhow::bail!("--web.telemetry-path must start with / and not be / itself");
     }
+    let security = match &cli.web_config_file {
+        Some(path) => Some(crate::web::Security::new(
+            crate::web::Security::load(path)
+                .map_err(|e| anyhow::anyhow!("invalid web configuration:\n{}", e.render()))?,
+        )),
+        None => None,
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %cfg.origin,
@@ -125,11 +140,13 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
             })?;
             tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), "webhook listening");
             let router = crate::hooks::receiver::routes(h.clone());
-            webhook_server = Some(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown_signal())
-                    .await
-            }));
+            let security = h.config().web.clone().map(crate::web::Security::new);
+            webhook_server = Some(tokio::spawn(crate::web::serve(
+                listener,
+                router,
+                security,
+                shutdown_signal(),
+            )));
         }
     }
     let state = AppState {
@@ -142,8 +159,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen_address))?;
     tracing::info!(address = %cli.listen_address, path = %cli.telemetry_path, "listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+    crate::web::serve(listener, app(state), security, shutdown_signal())
         .await
         .context("http server failed")?;
     if let Some(server) = webhook_server {

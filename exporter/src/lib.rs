@@ -14,3 +14,4 @@ pub mod logging;
 pub mod probe;
 pub mod snapshot;
 pub mod sre_csv;
+pub mod web;
