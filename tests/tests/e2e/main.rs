@@ -17,3 +17,4 @@ mod probes;
 mod redis;
 mod rules_pack;
 mod sre_stats;
+mod web_security;
