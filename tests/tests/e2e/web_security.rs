@@ -428,5 +428,15 @@ async fn a_broken_web_configuration_stops_startup_and_fails_check_config() -> Re
     std::fs::write(&web, TLS_BLOCK)?;
     let out = run(check(&web), CLI_TIMEOUT).await?;
     assert!(out.contains(": ok ("), "{out}");
+
+    // The examples shipped in the repository pass together.
+    let root = clusterwatch_tests::harness::repo_root();
+    let mut examples = Command::new(binary()?);
+    examples
+        .arg("check-config")
+        .arg(root.join("examples/clusterwatch.yml"))
+        .arg("--web.config.file")
+        .arg(root.join("examples/web.yml"));
+    run(examples, CLI_TIMEOUT).await?;
     Ok(())
 }
