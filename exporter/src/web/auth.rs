@@ -23,11 +23,16 @@ const CACHE_CAPACITY: usize = 64;
 /// Cost of the hash an unknown user is checked against: the default of `hash-password`.
 const DUMMY_COST: u32 = 10;
 
+/// bcrypt checks running at once. More wait their turn as tasks, so a flood of wrong
+/// passwords holds neither the blocking threads the collectors need nor every core.
+const MAX_CONCURRENT_CHECKS: usize = 2;
+
 /// Checks that passed, keyed by an HMAC of (user, password, hash) under a key made at start:
 /// a memory dump shows neither passwords nor something cheaper to guess than bcrypt.
 pub(super) struct Cache {
     key: hmac::Key,
     passed: Mutex<HashSet<Vec<u8>>>,
+    checks: tokio::sync::Semaphore,
 }
 
 impl Cache {
@@ -38,6 +43,7 @@ impl Cache {
         Cache {
             key,
             passed: Mutex::new(HashSet::new()),
+            checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         }
     }
 
@@ -109,6 +115,9 @@ pub(super) async fn verify(
     if tag.as_deref().is_some_and(|t| cache.contains(t)) {
         return true;
     }
+    let Ok(_permit) = cache.checks.acquire().await else {
+        return false;
+    };
     let checked = tokio::task::spawn_blocking(move || match hash {
         Some(h) => bcrypt::verify(&password, &h).unwrap_or(false),
         None => {

@@ -172,3 +172,82 @@ pub fn hash_password(cost: u32) -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+
+    fn users(user: &str, password: &str) -> Settings {
+        let hash = bcrypt::hash(password, 4).unwrap();
+        config::parse(
+            &format!("basic_auth_users:\n  {user}: '{hash}'\n"),
+            "w.yml",
+            Path::new("."),
+        )
+        .unwrap()
+    }
+
+    async fn status(url: &str, auth: (&str, &str)) -> u16 {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(url)
+            .basic_auth(auth.0, Some(auth.1))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test]
+    async fn replaced_settings_apply_to_the_next_request_and_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let security = Security::new(users("alice", "one"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let router = Router::new().route("/", get(|| async { "ok" }));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            Some(security.clone()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        assert_eq!(status(&url, ("alice", "one")).await, 200);
+        assert_eq!(status(&url, ("alice", "two")).await, 401);
+
+        security.replace(users("bob", "two"));
+        assert_eq!(status(&url, ("alice", "one")).await, 401);
+        assert_eq!(status(&url, ("bob", "two")).await, 200);
+
+        // With TLS swapped in, a new plain-HTTP connection no longer gets an answer.
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
+        let tls = config::parse(
+            "tls_server_config:\n  cert_file: c.pem\n  key_file: k.pem\n",
+            "w.yml",
+            dir.path(),
+        )
+        .unwrap();
+        security.replace(tls);
+        let plain = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        assert!(plain.get(&url).send().await.is_err());
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
