@@ -48,27 +48,36 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
 }
 
 fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
-    if let Some(web) = web_config {
-        if let Err(e) = crate::web::Security::load(web) {
-            eprintln!("{}", e.render());
-            eprintln!("{}: {} problem(s) found", e.file, e.problems.len());
-            return ExitCode::FAILURE;
-        }
+    // Both files are checked, so one run shows every problem.
+    let web_ok = web_config.is_none_or(|web| {
+        report(crate::web::Security::load(web).map(|_| format!("{}: ok", web.display())))
+    });
+    let config_ok = report(config::load_file(file).map(|cfg| {
+        let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
+        format!(
+            "{}: ok ({} targets, {hooks} hooks)",
+            file.display(),
+            cfg.targets.len()
+        )
+    }));
+    if web_ok && config_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
-    match config::load_file(file) {
-        Ok(cfg) => {
-            let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
-            println!(
-                "{}: ok ({} targets, {hooks} hooks)",
-                file.display(),
-                cfg.targets.len()
-            );
-            ExitCode::SUCCESS
+}
+
+/// Prints a checked file's summary, or its problems; whether it was fine.
+fn report(checked: Result<String, config::ConfigError>) -> bool {
+    match checked {
+        Ok(summary) => {
+            println!("{summary}");
+            true
         }
         Err(e) => {
             eprintln!("{}", e.render());
             eprintln!("{}: {} problem(s) found", e.file, e.problems.len());
-            ExitCode::FAILURE
+            false
         }
     }
 }

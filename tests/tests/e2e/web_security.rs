@@ -12,7 +12,8 @@ use clusterwatch_tests::harness::clusterwatch::{binary, START_TIMEOUT};
 use clusterwatch_tests::harness::process::run;
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab, TOKEN};
 use clusterwatch_tests::harness::{
-    free_port, temp_dir, wait_until, Alertmanager, ChildGuard, Clusterwatch,
+    free_port, temp_dir, wait_until, Alertmanager, ChildGuard, Clusterwatch, Prometheus,
+    PrometheusConfig,
 };
 use reqwest::StatusCode;
 use serde_json::json;
@@ -199,6 +200,59 @@ async fn mutual_tls_accepts_only_client_certificates_from_the_configured_ca() ->
     let response = good.get(cw.url("https", "/metrics")).send().await?;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.text().await?.contains("clusterwatch_target_up{"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_over_mutual_tls_with_basic_auth() -> Result<()> {
+    const PASSWORD: &str = "scrape-pw-41";
+    let hash = hash_password(PASSWORD).await?;
+    let site = Site::new(&format!(
+        "{TLS_BLOCK}  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n\
+         basic_auth_users:\n  prometheus: '{hash}'\n"
+    ))?;
+    let identity = site
+        .ca
+        .client(site.dir.path(), "prometheus", "prometheus")?;
+    std::fs::write(site.path("password"), PASSWORD)?;
+    let client = https_client(site.ca.cert_path(), Some(&identity))?;
+    let cw = Secured::start(
+        &site.path("web.yml"),
+        "https",
+        &[],
+        &client,
+        Some(("prometheus", PASSWORD)),
+    )
+    .await?;
+
+    // The job is written by hand: the harness' jobs are plain HTTP.
+    let prometheus = Prometheus::start(&PrometheusConfig::default()).await?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&PrometheusConfig::default().render())?;
+    config["scrape_configs"] = json!([{
+        "job_name": "cw-secured",
+        "scheme": "https",
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "static_configs": [{ "targets": [format!("127.0.0.1:{}", cw.port)] }],
+        "tls_config": {
+            "ca_file": site.ca.cert_path(),
+            "cert_file": identity.cert,
+            "key_file": identity.key,
+        },
+        "basic_auth": { "username": "prometheus", "password_file": site.path("password") },
+    }]);
+    std::fs::write(prometheus.config_path(), config.to_string())?;
+    prometheus.reload().await?;
+    prometheus.wait_for_target_up("cw-secured", WAIT).await?;
+    wait_until(WAIT, "clusterwatch series in Prometheus", async || {
+        Ok(prometheus
+            .query_f64("count(clusterwatch_target_up{job=\"cw-secured\"})")
+            .await?
+            .is_some_and(|n| n >= 1.0))
+    })
+    .await?;
+    assert!(!cw.guard.logs().contains(PASSWORD));
     Ok(())
 }
 
