@@ -457,11 +457,14 @@ fn check_tls(
 }
 
 fn check_users(at: &Located, problems: &mut Vec<Problem>) -> BTreeMap<String, PasswordHash> {
-    let Some(raw) = at.parse::<Option<BTreeMap<String, String>>>(problems) else {
+    // Values are taken as any YAML so that serde's "wrong type" message, which quotes the
+    // value, never prints what may be a password written where a hash belongs.
+    let Some(raw) = at.parse::<Option<BTreeMap<String, serde_json::Value>>>(problems) else {
         return BTreeMap::new();
     };
     let mut users = BTreeMap::new();
-    for (user, hash) in raw.unwrap_or_default() {
+    for (user, value) in raw.unwrap_or_default() {
+        let hash = value.as_str().unwrap_or_default().to_owned();
         if user.is_empty() || user.contains(':') {
             problems.push(
                 at.problem(&user, "a user name must be non-empty and without `:`")
@@ -691,9 +694,14 @@ mod tests {
     fn a_value_that_is_not_a_bcrypt_hash_is_refused_without_being_quoted() {
         let dir = files();
         let text = problems(
-            "basic_auth_users:\n  alice: hunter2\n  'b:c': '$2y$10$abc'\n",
+            "basic_auth_users:\n  alice: hunter2\n  'b:c': '$2y$10$abc'\n  carol: 987654\n",
             dir.path(),
         );
+        assert!(
+            text.contains("web.yml:4:3: basic_auth_users.carol: the value is not a bcrypt hash"),
+            "{text}"
+        );
+        assert!(!text.contains("987654"), "{text}");
         assert!(
             text.contains("web.yml:2:3: basic_auth_users.alice: the value is not a bcrypt hash"),
             "{text}"
