@@ -38,6 +38,11 @@ pub struct Cli {
     )]
     pub telemetry_path: String,
 
+    /// Web configuration file (exporter-toolkit format): TLS, client certificates and
+    /// basic-auth users for the main listener.
+    #[arg(long = "web.config.file", value_name = "FILE", global = true)]
+    pub web_config_file: Option<PathBuf>,
+
     /// Minimum log level.
     #[arg(long = "log.level", value_enum, default_value_t = LogLevel::Info, global = true)]
     pub log_level: LogLevel,
@@ -63,6 +68,12 @@ pub enum Command {
     },
     /// Run every collector once, print the exposition and exit.
     Once,
+    /// Read a password from stdin (one line) and print its bcrypt hash for `basic_auth_users`.
+    HashPassword {
+        /// bcrypt cost: each step doubles the work of a check.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+        cost: u32,
+    },
     /// The hook runner's offline tools (need --config.file with a `hooks:` section).
     Hooks {
         /// What to do.

@@ -19,7 +19,8 @@ use crate::reload::{reload_on_sighup, Reloader};
 /// Runs the command the user asked for and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match &cli.command {
-        Some(Command::CheckConfig { file }) => check_config(file),
+        Some(Command::CheckConfig { file }) => check_config(file, cli.web_config_file.as_deref()),
+        Some(Command::HashPassword { cost }) => crate::web::hash_password(*cost),
         Some(Command::Once) => run_async(once(&cli)),
         Some(Command::Hooks { command }) => hooks_command(&cli, command),
         Some(Command::Serve) | None => run_async(serve(&cli)),
@@ -47,21 +48,37 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     }
 }
 
-fn check_config(file: &Path) -> ExitCode {
-    match config::load_file(file) {
-        Ok(cfg) => {
-            let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
-            println!(
-                "{}: ok ({} targets, {hooks} hooks)",
-                file.display(),
-                cfg.targets.len()
-            );
-            ExitCode::SUCCESS
+fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
+    // Both files are checked, so one run shows every problem.
+    let web_ok = web_config.is_none_or(|web| {
+        report(crate::web::Security::load(web).map(|_| format!("{}: ok", web.display())))
+    });
+    let config_ok = report(config::load_file(file).map(|cfg| {
+        let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
+        format!(
+            "{}: ok ({} targets, {hooks} hooks)",
+            file.display(),
+            cfg.targets.len()
+        )
+    }));
+    if web_ok && config_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Prints a checked file's summary, or its problems; whether it was fine.
+fn report(checked: Result<String, config::ConfigError>) -> bool {
+    match checked {
+        Ok(summary) => {
+            println!("{summary}");
+            true
         }
         Err(e) => {
             eprintln!("{}", e.render());
             eprintln!("{}: {} problem(s) found", e.file, e.problems.len());
-            ExitCode::FAILURE
+            false
         }
     }
 }
@@ -103,6 +120,13 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     if !cli.telemetry_path.starts_with('/') || cli.telemetry_path.len() < 2 {
         anyhow::bail!("--web.telemetry-path must start with / and not be / itself");
     }
+    let security = match &cli.web_config_file {
+        Some(path) => Some(crate::web::Security::new(
+            crate::web::Security::load(path)
+                .map_err(|e| anyhow::anyhow!("invalid web configuration:\n{}", e.render()))?,
+        )),
+        None => None,
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %cfg.origin,
@@ -128,11 +152,13 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
             })?;
             tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), "webhook listening");
             let router = crate::hooks::receiver::routes(h.clone());
-            webhook_server = Some(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown_signal())
-                    .await
-            }));
+            let security = h.config().web.clone().map(crate::web::Security::new);
+            webhook_server = Some(tokio::spawn(crate::web::serve(
+                listener,
+                router,
+                security,
+                shutdown_signal(),
+            )));
         }
     }
     let engine = Arc::new(Engine::with_fingerprints(
@@ -157,8 +183,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen_address))?;
     tracing::info!(address = %cli.listen_address, path = %cli.telemetry_path, "listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+    crate::web::serve(listener, app(state), security, shutdown_signal())
         .await
         .context("http server failed")?;
     if let Some(server) = webhook_server {

@@ -15,3 +15,4 @@ pub mod probe;
 pub mod reload;
 pub mod snapshot;
 pub mod sre_csv;
+pub mod web;

@@ -106,24 +106,30 @@ impl ConfigError {
 
 /// Reads and checks a configuration file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = read_text(path, "--config.file")?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &path.display().to_string(), &base)
+}
+
+/// Reads a YAML file as text; `given_by` (a flag or key) says where the path came from.
+pub fn read_text(path: &Path, given_by: &str) -> Result<String, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read(path).map_err(|e| ConfigError {
         file: file.clone(),
         problems: vec![
-            Problem::new("", Pos::default(), format!("cannot read the file: {e}"))
-                .hint("check the path given to --config.file and its permissions"),
+            Problem::new("", Pos::default(), format!("cannot read the file: {e}")).hint(format!(
+                "check the path given to {given_by} and its permissions"
+            )),
         ],
     })?;
-    let text = String::from_utf8(text).map_err(|e| ConfigError {
-        file: file.clone(),
+    String::from_utf8(text).map_err(|e| ConfigError {
+        file,
         problems: vec![Problem::new(
             "",
             Pos::default(),
             format!("not UTF-8 text: {e}"),
         )],
-    })?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &file, &base)
+    })
 }
 
 /// The embedded default configuration, checked.

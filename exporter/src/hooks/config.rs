@@ -48,6 +48,8 @@ pub struct HooksConfig {
     pub rules: Vec<HookRule>,
     /// With several receivers: the etcd lock a disruptive run must take first.
     pub lock: Option<super::lock::LockConfig>,
+    /// TLS for the webhook's own listener (`web_config_file`).
+    pub web: Option<crate::web::Settings>,
 }
 
 /// Where the webhook listens.
@@ -160,6 +162,7 @@ struct RawHooks {
     dry_run: Option<bool>,
     max_concurrent_runs: Option<usize>,
     kill_grace: Option<HumanDuration>,
+    web_config_file: Option<PathBuf>,
     // Checked by `lock::parse`, so problems name `lock.<field>`.
     #[allow(dead_code)]
     lock: Option<serde::de::IgnoredAny>,
@@ -246,6 +249,11 @@ pub fn parse(
         }
     };
 
+    let web = raw
+        .web_config_file
+        .as_deref()
+        .and_then(|file| check_web_config(&at, listen, &ctx.resolve(file), problems));
+
     if raw.max_body_bytes == Some(0) {
         problems.push(at.problem("max_body_bytes", "must be greater than zero"));
     }
@@ -294,7 +302,44 @@ pub fn parse(
             .unwrap_or(Duration::from_secs(5)),
         rules,
         lock,
+        web,
     })
+}
+
+/// The webhook's own listener's web configuration: TLS only, since Alertmanager sends one
+/// `Authorization` header and it carries the webhook's own credentials.
+fn check_web_config(
+    at: &Located,
+    listen: Listen,
+    path: &Path,
+    problems: &mut Vec<Problem>,
+) -> Option<crate::web::Settings> {
+    if listen == Listen::Main {
+        problems.push(
+            at.problem("web_config_file", "the webhook shares the main listener (`listen: main`)")
+                .hint("the main listener's --web.config.file applies; remove web_config_file or give the webhook its own `listen: HOST:PORT`"),
+        );
+        return None;
+    }
+    match crate::web::Security::load(path) {
+        Ok(settings) if !settings.users.is_empty() => {
+            problems.push(
+                at.problem(
+                    "web_config_file",
+                    format!("{}: basic_auth_users cannot protect the webhook", path.display()),
+                )
+                .hint("Alertmanager sends one Authorization header, which carries bearer_token_file or basic_auth; remove basic_auth_users from that file"),
+            );
+            None
+        }
+        Ok(settings) => Some(settings),
+        Err(e) => {
+            for p in &e.problems {
+                problems.push(at.problem("web_config_file", p.render(&e.file)));
+            }
+            None
+        }
+    }
 }
 
 /// YAML 1.1 reads a bare `on` key as the boolean `true`; give the hooks' `on:` its name back
@@ -490,5 +535,55 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rules[1].rerun_after_crash"), "{text}");
+    }
+
+    #[test]
+    fn web_config_file_is_for_the_own_listener_and_tls_only() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let hook = "  rules:\n    - name: r\n      match: { a: b }\n      command: [/bin/true]\n";
+        let with = |listen: &str| {
+            format!("hooks:\n  listen: {listen}\n  bearer_token_file: t\n  state_dir: st\n  web_config_file: web.yml\n{hook}")
+        };
+        std::fs::write(dir.path().join("web.yml"), "").unwrap();
+        let cfg = parse_config(&with("127.0.0.1:0"), "c.yml", dir.path()).unwrap();
+        assert!(cfg.hooks.unwrap().web.is_some());
+
+        let text = parse_config(&with("main"), "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        assert!(
+            text.contains("c.yml:5:3: hooks.web_config_file: the webhook shares the main listener"),
+            "{text}"
+        );
+        assert!(text.contains("--web.config.file"), "{text}");
+
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        std::fs::write(
+            dir.path().join("web.yml"),
+            format!("basic_auth_users:\n  am: '{hash}'\n"),
+        )
+        .unwrap();
+        let text = parse_config(&with("127.0.0.1:0"), "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        assert!(
+            text.contains("basic_auth_users cannot protect the webhook"),
+            "{text}"
+        );
+
+        std::fs::write(
+            dir.path().join("web.yml"),
+            "tls_server_config:\n  cert_fil: x\n",
+        )
+        .unwrap();
+        let text = parse_config(&with("127.0.0.1:0"), "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        let web = dir.path().join("web.yml");
+        assert!(
+            text.contains(&format!("c.yml:5:3: hooks.web_config_file: {}:2:3: tls_server_config.cert_fil: unknown field", web.display())),
+            "{text}"
+        );
     }
 }

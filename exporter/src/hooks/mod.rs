@@ -765,6 +765,7 @@ mod tests {
             kill_grace: Duration::from_millis(100),
             rules,
             lock: None,
+            web: None,
         }
     }
 

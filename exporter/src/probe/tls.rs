@@ -156,7 +156,8 @@ impl RawTls {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SetupError> {
+/// Every certificate in a PEM file; the error names the file, never its content.
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SetupError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?
         .collect::<Result<_, _>>()

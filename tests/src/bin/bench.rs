@@ -4,7 +4,8 @@
 //! servers, and 100 HTTP probes against Debian's prometheus-blackbox-exporter on the same
 //! nginx, reported as ratios; the webhook receiver's sustained notifications per second,
 //! acknowledgement latency with the journal fsync'd, and journal records lost to a kill -9;
-//! and the SRE stats parser on a 1,000,000-line file against a plain read of the same file.
+//! the SRE stats parser on a 1,000,000-line file against a plain read of the same file; and
+//! scrapes over plain HTTP, TLS and TLS with bcrypt basic auth.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -894,6 +895,144 @@ async fn bench_sre() -> Result<()> {
     Ok(())
 }
 
+/// Starts clusterwatch on its embedded default with `--web.config.file web` (if any) and
+/// waits until `client` gets 200 from `/-/ready`; returns the guard, the PID and the base URL.
+async fn start_web(
+    web: Option<&std::path::Path>,
+    scheme: &str,
+    client: &reqwest::Client,
+    logs: &std::path::Path,
+) -> Result<(ChildGuard, u32, String)> {
+    let port = free_port()?;
+    let mut command = Command::new(clusterwatch_tests::harness::clusterwatch::binary()?);
+    command.args(["--web.listen-address", &format!("127.0.0.1:{port}")]);
+    if let Some(web) = web {
+        command.arg("--web.config.file").arg(web);
+    }
+    let mut guard = ChildGuard::spawn("clusterwatch", command, logs)?;
+    let base = format!("{scheme}://127.0.0.1:{port}");
+    let ready = format!("{base}/-/ready");
+    guard
+        .wait_ready(
+            Duration::from_secs(30),
+            "clusterwatch /-/ready",
+            async || Ok(client.get(&ready).send().await?.status() == reqwest::StatusCode::OK),
+        )
+        .await?;
+    let pid = guard.pid().context("clusterwatch has no pid")?;
+    Ok((guard, pid, base))
+}
+
+/// Scrapes of the embedded default over plain HTTP, TLS on a kept connection (as Prometheus
+/// scrapes), TLS with a new connection each time, and TLS with basic auth (the check cached
+/// after the first); then the time of a refused password, which always costs one bcrypt check.
+async fn bench_web(scrapes: usize) -> Result<()> {
+    use base64::Engine as _;
+    const PASSWORD: &str = "bench-password";
+    let dir = temp_dir("cw-bench-web-")?;
+    let ca = clusterwatch_tests::harness::certs::Ca::create(dir.path())?;
+    ca.leaf(dir.path(), "server", 86_400)?;
+    let mut hasher =
+        std::process::Command::new(clusterwatch_tests::harness::clusterwatch::binary()?)
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+    std::io::Write::write_all(
+        &mut hasher.stdin.take().context("stdin")?,
+        format!("{PASSWORD}\n").as_bytes(),
+    )?;
+    let hash = String::from_utf8(hasher.wait_with_output()?.stdout)?;
+    let tls = "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n";
+    std::fs::write(dir.path().join("tls.yml"), tls)?;
+    std::fs::write(
+        dir.path().join("auth.yml"),
+        format!("{tls}basic_auth_users:\n  bench: '{}'\n", hash.trim()),
+    )?;
+    let https = |pool: bool, auth: Option<&str>| -> Result<reqwest::Client> {
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+                ca.cert_path(),
+            )?)?);
+        if !pool {
+            b = b.pool_max_idle_per_host(0);
+        }
+        if let Some(password) = auth {
+            let value =
+                base64::engine::general_purpose::STANDARD.encode(format!("bench:{password}"));
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Basic {value}").parse()?,
+            );
+            b = b.default_headers(headers);
+        }
+        Ok(b.build()?)
+    };
+    let plain = clusterwatch_tests::harness::http::client()?;
+    let cases: [(&str, Option<&str>, &str, reqwest::Client); 4] = [
+        ("plain HTTP", None, "http", plain),
+        (
+            "TLS, kept connection",
+            Some("tls.yml"),
+            "https",
+            https(true, None)?,
+        ),
+        (
+            "TLS, new connection per scrape",
+            Some("tls.yml"),
+            "https",
+            https(false, None)?,
+        ),
+        (
+            "TLS + basic auth, kept connection",
+            Some("auth.yml"),
+            "https",
+            https(true, Some(PASSWORD))?,
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (label, web, scheme, client) in &cases {
+        let web = web.map(|w| dir.path().join(w));
+        let (guard, pid, base) = start_web(web.as_deref(), scheme, client, dir.path()).await?;
+        runs.push(measure(label, client, &format!("{base}/metrics"), pid, scrapes).await?);
+        drop(guard);
+    }
+    println!("\n== web security: {scrapes} sequential scrapes of the embedded default ==");
+    print(&runs.iter().collect::<Vec<_>>());
+
+    let client = https(true, Some("wrong-password"))?;
+    let (_guard, _pid, base) = start_web(
+        Some(&dir.path().join("auth.yml")),
+        "https",
+        &https(true, Some(PASSWORD))?,
+        dir.path(),
+    )
+    .await?;
+    let mut refused = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let status = client
+            .get(format!("{base}/-/healthy"))
+            .send()
+            .await?
+            .status();
+        refused.push(started.elapsed());
+        if status != reqwest::StatusCode::UNAUTHORIZED {
+            bail!("a wrong password got {status}");
+        }
+    }
+    refused.sort();
+    println!(
+        "  wrong password (one bcrypt check at cost 10, never cached): median {:.1} ms over 20",
+        refused[10].as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -915,16 +1054,18 @@ async fn main() -> Result<()> {
         "probes" => bench_probes(scrapes(300)).await,
         "hooks" => bench_hooks(10).await,
         "sre" => bench_sre().await,
+        "web" => bench_web(scrapes(500)).await,
         "all" => {
             bench_default(scrapes(1000)).await?;
             bench_postgres(scrapes(500)).await?;
             bench_redis(scrapes(500)).await?;
             bench_probes(scrapes(300)).await?;
             bench_hooks(10).await?;
-            bench_sre().await
+            bench_sre().await?;
+            bench_web(scrapes(500)).await
         }
         other => bail!(
-            "unknown benchmark `{other}`: use default, postgres, redis, probes, hooks, sre or all"
+            "unknown benchmark `{other}`: use default, postgres, redis, probes, hooks, sre, web or all"
         ),
     }
 }

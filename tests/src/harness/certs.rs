@@ -1,5 +1,5 @@
 //! Test certificates: a throwaway CA and leaf certificates for `localhost`/127.0.0.1 signed by
-//! it, valid, expired or about to expire, written as PEM files. Nothing here is trusted by
+//! it, valid, expired or about to expire, and client certificates, written as PEM files. Nothing here is trusted by
 //! anything but the test that made it.
 
 use std::path::{Path, PathBuf};
@@ -87,6 +87,27 @@ impl Ca {
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
             not_after: unix_now() + expires_in_secs,
+        };
+        std::fs::write(&leaf.cert, cert.pem())?;
+        std::fs::write(&leaf.key, key.serialize_pem())?;
+        Ok(leaf)
+    }
+
+    /// Signs a client certificate for `common_name` (client-auth usage, valid for a day),
+    /// written as `dir/NAME.pem` and `dir/NAME.key`.
+    pub fn client(&self, dir: &Path, name: &str, common_name: &str) -> Result<Leaf> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        set_validity(&mut params, -86_400, 86_400);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let leaf = Leaf {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+            not_after: unix_now() + 86_400,
         };
         std::fs::write(&leaf.cert, cert.pem())?;
         std::fs::write(&leaf.key, key.serialize_pem())?;

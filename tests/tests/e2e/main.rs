@@ -18,3 +18,4 @@ mod redis;
 mod reload;
 mod rules_pack;
 mod sre_stats;
+mod web_security;
