@@ -145,6 +145,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
     // The webhook's own listener is bound before the main one, so a ready main listener
     // means the webhook is reachable too.
     let mut webhook_server = None;
+    let mut hooks_security = None;
     if let Some(h) = &hooks {
         if let Listen::Own(addr) = h.config().listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -152,7 +153,8 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
             })?;
             tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), "webhook listening");
             let router = crate::hooks::receiver::routes(h.clone());
-            let security = h.config().web.clone().map(crate::web::Security::new);
+            hooks_security = h.config().web.clone().map(crate::web::Security::new);
+            let security = hooks_security.clone();
             webhook_server = Some(tokio::spawn(crate::web::serve(
                 listener,
                 router,
@@ -166,11 +168,14 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         cfg.fingerprints,
         cfg.global.timeout,
     ));
-    let reloader = Arc::new(Reloader::new(
-        cli.config_file.clone(),
-        engine.clone(),
-        hooks.clone(),
-    ));
+    let mut reloader = Reloader::new(cli.config_file.clone(), engine.clone(), hooks.clone());
+    if let (Some(path), Some(security)) = (&cli.web_config_file, &security) {
+        reloader = reloader.with_main_web(path.clone(), security.clone());
+    }
+    if let Some(security) = &hooks_security {
+        reloader = reloader.with_hooks_web(security.clone());
+    }
+    let reloader = Arc::new(reloader);
     reload_on_sighup(hangup, reloader.clone());
     let state = AppState {
         engine,

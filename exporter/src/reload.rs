@@ -1,6 +1,6 @@
-//! Live reload on SIGHUP and `POST /-/reload`: the configuration is read and checked whole
-//! first, and only then put in force; on any error the running one stays and the failure is a
-//! metric. Targets whose configuration did not change keep running (connections, caches, streaks).
+//! Live reload on SIGHUP and `POST /-/reload`: the configuration and the web configurations
+//! are read and checked whole first, and only then put in force; on any error the running ones
+//! stay and the failure is a metric. Unchanged targets keep running (connections, caches).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -9,6 +9,7 @@ use crate::collector::{Engine, TargetChanges};
 use crate::config::{self, Config};
 use crate::hooks::Hooks;
 use crate::snapshot::{Kind, SampleBuffer};
+use crate::web::Security;
 
 /// Reloads the configuration into the running engine and hook runner.
 pub struct Reloader {
@@ -16,6 +17,10 @@ pub struct Reloader {
     source: Option<PathBuf>,
     engine: Arc<Engine>,
     hooks: Option<Arc<Hooks>>,
+    /// `--web.config.file` and the main listener's settings, re-read by every reload.
+    main_web: Option<(PathBuf, Arc<Security>)>,
+    /// The webhook listener's settings (`hooks.web_config_file`).
+    hooks_web: Option<Arc<Security>>,
     /// One reload at a time: a SIGHUP that arrives during a `POST /-/reload` waits for it and
     /// then reads the file again, so the last edit always wins.
     running: tokio::sync::Mutex<()>,
@@ -37,6 +42,8 @@ impl Reloader {
             source,
             engine,
             hooks,
+            main_web: None,
+            hooks_web: None,
             running: tokio::sync::Mutex::new(()),
             status: Mutex::new(Status {
                 last_successful: true,
@@ -45,6 +52,18 @@ impl Reloader {
                 failed: 0,
             }),
         }
+    }
+
+    /// Also re-reads the main listener's web configuration file on every reload.
+    pub fn with_main_web(mut self, path: PathBuf, security: Arc<Security>) -> Self {
+        self.main_web = Some((path, security));
+        self
+    }
+
+    /// Also swaps the webhook listener's web settings from `hooks.web_config_file`.
+    pub fn with_hooks_web(mut self, security: Arc<Security>) -> Self {
+        self.hooks_web = Some(security);
+        self
     }
 
     /// Reads, checks and applies the configuration. `Err` carries every problem, in the words
@@ -76,14 +95,19 @@ impl Reloader {
 
     async fn load_and_apply(&self) -> Result<TargetChanges, String> {
         let source = self.source.clone();
+        let web_path = self.main_web.as_ref().map(|(path, _)| path.clone());
         // Loading reads files (passwords, certificates, CSVs' metadata): not on a runtime thread.
-        let loaded = tokio::task::spawn_blocking(move || match &source {
-            Some(path) => config::load_file(path),
-            None => config::load_embedded(),
+        let (loaded, web) = tokio::task::spawn_blocking(move || {
+            let cfg = match &source {
+                Some(path) => config::load_file(path),
+                None => config::load_embedded(),
+            };
+            (cfg, web_path.map(|path| Security::load(&path)))
         })
         .await
         .map_err(|e| format!("the configuration loader failed: {e}"))?;
         let cfg: Config = loaded.map_err(|e| e.render())?;
+        let web = web.transpose().map_err(|e| e.render())?;
 
         // Check everything before changing anything.
         match (&self.hooks, &cfg.hooks) {
@@ -101,7 +125,13 @@ impl Reloader {
             }
         }
 
+        if let (Some((_, security)), Some(settings)) = (&self.main_web, web) {
+            security.replace(settings);
+        }
         if let (Some(running), Some(new)) = (&self.hooks, cfg.hooks) {
+            if let (Some(security), Some(settings)) = (&self.hooks_web, new.web.clone()) {
+                security.replace(settings);
+            }
             running.reconfigure(new);
         }
         Ok(self

@@ -219,6 +219,11 @@ impl Hooks {
                 old.lock.as_ref().map(lock::LockConfig::identity)
                     != new.lock.as_ref().map(lock::LockConfig::identity),
             ),
+            // The listener was started plain or with TLS; its file's content can change.
+            (
+                "hooks.web_config_file (added or removed)",
+                old.web.is_some() != new.web.is_some(),
+            ),
         ];
         let changed: Vec<&str> = fixed
             .iter()

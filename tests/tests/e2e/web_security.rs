@@ -494,3 +494,76 @@ async fn a_broken_web_configuration_stops_startup_and_fails_check_config() -> Re
     run(examples, CLI_TIMEOUT).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_reload_rotates_the_password_and_keeps_the_old_one_when_the_new_file_is_broken(
+) -> Result<()> {
+    const OLD: &str = "old password 1";
+    const NEW: &str = "new password 2";
+    let site = Site::new(&format!(
+        "basic_auth_users:\n  prometheus: '{}'\n",
+        hash_password(OLD).await?
+    ))?;
+    let client = clusterwatch_tests::harness::http::client()?;
+    let cw = Secured::start(
+        &site.path("web.yml"),
+        "http",
+        &[],
+        &client,
+        Some(("prometheus", OLD)),
+    )
+    .await?;
+    let metrics = cw.url("http", "/metrics");
+    let status = |password: &'static str| {
+        let request = client
+            .get(&metrics)
+            .basic_auth("prometheus", Some(password));
+        async move { Ok::<_, anyhow::Error>(request.send().await?.status()) }
+    };
+
+    // A rotated password, put in force by SIGHUP: the old one stops working.
+    std::fs::write(
+        site.path("web.yml"),
+        format!(
+            "basic_auth_users:\n  prometheus: '{}'\n",
+            hash_password(NEW).await?
+        ),
+    )?;
+    cw.guard.signal(nix::sys::signal::Signal::SIGHUP)?;
+    wait_until(WAIT, "the new password accepted", async || {
+        Ok(status(NEW).await? == StatusCode::OK)
+    })
+    .await?;
+    assert_eq!(status(OLD).await?, StatusCode::UNAUTHORIZED);
+
+    // A broken web configuration: the reload is refused and names it; the new password stays.
+    std::fs::write(
+        site.path("web.yml"),
+        "basic_auth_users:\n  prometheus: plain-text\n",
+    )?;
+    let refused = client
+        .post(cw.url("http", "/-/reload"))
+        .basic_auth("prometheus", Some(NEW))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = refused.text().await?;
+    assert!(body.contains("web.yml:2:"), "{body}");
+    assert!(
+        !body.contains("plain-text"),
+        "the value is not quoted: {body}"
+    );
+    assert_eq!(status(NEW).await?, StatusCode::OK);
+    let exposition = client
+        .get(&metrics)
+        .basic_auth("prometheus", Some(NEW))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        exposition.contains("clusterwatch_config_last_reload_successful 0"),
+        "{exposition}"
+    );
+    Ok(())
+}
