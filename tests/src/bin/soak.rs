@@ -15,8 +15,9 @@ use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 
 use clusterwatch_tests::harness::nginx::Nginx;
-use clusterwatch_tests::harness::temp_dir;
+use clusterwatch_tests::harness::process::rss_bytes;
 use clusterwatch_tests::harness::webhook::{alert, notification};
+use clusterwatch_tests::harness::{temp_dir, wait_until};
 use clusterwatch_tests::lab::{ExtraConfig, Lab, LabSettings, PG_HOOK, REDIS_HOOK};
 
 /// How often RSS and descriptors are sampled, and the length of one row of the table.
@@ -87,6 +88,26 @@ struct Row {
     p99: Option<Duration>,
     series: Option<usize>,
     down: String,
+}
+
+impl Row {
+    const HEADER: &str =
+        "   time   RSS MiB   fds   scrapes  failed    p50 ms    p99 ms  series  down";
+
+    fn line(&self) -> String {
+        format!(
+            "{:>6.0}s {:>9.1} {:>5} {:>9} {:>7} {:>9} {:>9} {:>7}  {}",
+            self.at.as_secs_f64(),
+            mib(self.rss),
+            self.fds,
+            self.ok,
+            self.failed,
+            millis(self.p50),
+            millis(self.p99),
+            self.series.map_or("-".to_owned(), |s| s.to_string()),
+            self.down,
+        )
+    }
 }
 
 /// Counters shared by the load tasks.
@@ -221,6 +242,12 @@ async fn soak(cli: Cli) -> Result<bool> {
         let _ = task.await;
     }
     let rows = sampler.await.unwrap_or_default();
+    // An interrupted disruption may have left a server down: nothing to check then.
+    let targets_down = if interrupted {
+        Vec::new()
+    } else {
+        targets_still_down(&client, &lab.clusterwatch.url("/metrics")).await
+    };
     let journal = journal_counts(&info.hook_state_dir.join("journal.jsonl"));
     drop(lab);
     drop(nginx);
@@ -231,6 +258,7 @@ async fn soak(cli: Cli) -> Result<bool> {
         rows: &rows,
         shared: &shared,
         journal,
+        targets_down,
     };
     report.print();
     if let Some(out) = &cli.out {
@@ -588,6 +616,7 @@ async fn disrupt(shared: &Shared, lab: &mut Lab, which: &str, down_for: Duration
 /// Every [`SAMPLE_EVERY`]: clusterwatch's RSS and descriptors, and the scrapes since the last.
 async fn sample_loop(shared: Arc<Shared>, pid: u32) -> Vec<Row> {
     let mut rows = Vec::new();
+    println!("{}", Row::HEADER);
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
@@ -607,7 +636,7 @@ async fn sample_loop(shared: Arc<Shared>, pid: u32) -> Vec<Row> {
         };
         let mut latencies = window.latencies;
         latencies.sort();
-        rows.push(Row {
+        let row = Row {
             at: shared.started.elapsed(),
             rss,
             fds,
@@ -617,20 +646,12 @@ async fn sample_loop(shared: Arc<Shared>, pid: u32) -> Vec<Row> {
             p99: percentile(&latencies, 99),
             series: window.series,
             down: shared.down.lock().expect("down lock").clone(),
-        });
+        };
+        // Live, so a long run can be watched (or its log tailed) while it goes.
+        println!("{}", row.line());
+        rows.push(row);
     }
     rows
-}
-
-fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.split_whitespace().next())
-        .context("no VmRSS in /proc/PID/status")?
-        .parse()?;
-    Ok(kib * 1024)
 }
 
 fn fd_count(pid: u32) -> Result<u64> {
@@ -644,6 +665,23 @@ fn percentile(values: &[Duration], p: usize) -> Option<Duration> {
     }
     let rank = (values.len() * p).div_ceil(100).max(1);
     Some(values[rank - 1])
+}
+
+/// Every target must come back once its server is back: polls `/metrics` until no
+/// `clusterwatch_target_up` is 0, and returns those still down at the deadline.
+async fn targets_still_down(client: &reqwest::Client, url: &str) -> Vec<String> {
+    let mut down = vec!["no scrape answered".to_owned()];
+    let _ = wait_until(RECOVERY_TIMEOUT, "every target up", async || {
+        let body = client.get(url).send().await?.text().await?;
+        down = body
+            .lines()
+            .filter(|line| line.starts_with("clusterwatch_target_up{") && line.ends_with(" 0"))
+            .map(|line| line.trim_end_matches(" 0").to_owned())
+            .collect();
+        Ok(down.is_empty())
+    })
+    .await;
+    down
 }
 
 /// What the hook journal says the soak's notifications caused.
@@ -675,6 +713,8 @@ fn journal_counts(path: &Path) -> JournalCounts {
 }
 
 struct Report<'a> {
+    /// Targets clusterwatch still reported down after the last restart had time to heal.
+    targets_down: Vec<String>,
     cli: &'a Cli,
     build: &'a str,
     rows: &'a [Row],
@@ -722,23 +762,9 @@ impl Report<'_> {
 
     fn print(&self) {
         println!();
-        println!(
-            "{:>7} {:>9} {:>5} {:>9} {:>7} {:>9} {:>9} {:>7}  down",
-            "time", "RSS MiB", "fds", "scrapes", "failed", "p50 ms", "p99 ms", "series"
-        );
+        println!("{}", Row::HEADER);
         for row in self.rows {
-            println!(
-                "{:>6.0}s {:>9.1} {:>5} {:>9} {:>7} {:>9} {:>9} {:>7}  {}",
-                row.at.as_secs_f64(),
-                mib(row.rss),
-                row.fds,
-                row.ok,
-                row.failed,
-                millis(row.p50),
-                millis(row.p99),
-                row.series.map_or("-".to_owned(), |s| s.to_string()),
-                row.down,
-            );
+            println!("{}", row.line());
         }
         let totals = &self.shared.totals;
         let mut all = self
@@ -778,6 +804,14 @@ impl Report<'_> {
             load(&totals.starts),
             load(&totals.disruption_errors),
         );
+        if self.targets_down.is_empty() {
+            println!("targets: every target up again at the end");
+        } else {
+            println!(
+                "targets still down at the end: {}",
+                self.targets_down.join(", ")
+            );
+        }
         println!(
             "growth = (mean of the samples in the last {w} - mean of the samples in the {w} after \
              a {wu} warm-up) / the latter x 100; samples every {s}s",
@@ -800,8 +834,8 @@ impl Report<'_> {
         println!("verdict: {}", if self.verdict() { "PASS" } else { "FAIL" });
     }
 
-    /// Pass: RSS and descriptors grew less than the limit, every scrape answered, and no
-    /// real hook ran.
+    /// Pass: RSS and descriptors grew less than the limit, every scrape answered, every
+    /// target came back, and no real hook ran.
     fn verdict(&self) -> bool {
         let under =
             |growth: Option<Growth>| growth.is_some_and(|g| g.percent < self.cli.max_growth);
@@ -809,6 +843,7 @@ impl Report<'_> {
             && under(self.growth(|row| row.fds as f64))
             && load(&self.shared.totals.scrapes_failed) == 0
             && self.journal.real_runs == 0
+            && self.targets_down.is_empty()
     }
 }
 
