@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio::time::MissedTickBehavior;
 
 use clusterwatch_tests::harness::nginx::Nginx;
-use clusterwatch_tests::harness::process::rss_bytes;
+use clusterwatch_tests::harness::process::{rss_bytes, status_bytes};
 use clusterwatch_tests::harness::webhook::{alert, notification};
 use clusterwatch_tests::harness::{temp_dir, wait_until};
 use clusterwatch_tests::lab::{ExtraConfig, Lab, LabSettings, PG_HOOK, REDIS_HOOK};
@@ -81,6 +81,9 @@ struct ScrapeWindow {
 struct Row {
     at: Duration,
     rss: u64,
+    /// The anonymous part of `rss` (heap and stacks): file pages of the binary that are
+    /// read in as new code paths run (a debug build's are large) are not in it.
+    anon: u64,
     fds: u64,
     ok: u64,
     failed: u64,
@@ -92,13 +95,14 @@ struct Row {
 
 impl Row {
     const HEADER: &str =
-        "   time   RSS MiB   fds   scrapes  failed    p50 ms    p99 ms  series  down";
+        "   time   RSS MiB  anon MiB   fds   scrapes  failed    p50 ms    p99 ms  series  down";
 
     fn line(&self) -> String {
         format!(
-            "{:>6.0}s {:>9.1} {:>5} {:>9} {:>7} {:>9} {:>9} {:>7}  {}",
+            "{:>6.0}s {:>9.1} {:>9.1} {:>5} {:>9} {:>7} {:>9} {:>9} {:>7}  {}",
             self.at.as_secs_f64(),
             mib(self.rss),
+            mib(self.anon),
             self.fds,
             self.ok,
             self.failed,
@@ -129,8 +133,8 @@ struct Totals {
 struct Shared {
     started: Instant,
     deadline: Instant,
-    /// Set on Ctrl-C: every loop ends at its next tick.
-    stopped: AtomicBool,
+    /// Set on Ctrl-C: every loop ends at once, even one waiting for a long tick.
+    stopped: tokio::sync::watch::Sender<bool>,
     totals: Totals,
     window: Mutex<ScrapeWindow>,
     all_latencies: Mutex<Vec<Duration>>,
@@ -140,7 +144,16 @@ struct Shared {
 
 impl Shared {
     fn running(&self) -> bool {
-        Instant::now() < self.deadline && !self.stopped.load(Ordering::Relaxed)
+        Instant::now() < self.deadline && !*self.stopped.borrow()
+    }
+
+    /// Waits for the next tick; `false` if the soak was stopped meanwhile.
+    async fn tick(&self, interval: &mut tokio::time::Interval) -> bool {
+        let mut stopped = self.stopped.subscribe();
+        tokio::select! {
+            _ = interval.tick() => true,
+            _ = stopped.wait_for(|stopped| *stopped) => false,
+        }
     }
 }
 
@@ -199,7 +212,7 @@ async fn soak(cli: Cli) -> Result<bool> {
     let shared = Arc::new(Shared {
         started,
         deadline: started + cli.duration,
-        stopped: AtomicBool::new(false),
+        stopped: tokio::sync::watch::Sender::new(false),
         totals: Totals::default(),
         window: Mutex::default(),
         all_latencies: Mutex::default(),
@@ -236,7 +249,7 @@ async fn soak(cli: Cli) -> Result<bool> {
     };
     if interrupted {
         println!("interrupted: reporting what was measured so far");
-        shared.stopped.store(true, Ordering::Relaxed);
+        shared.stopped.send_replace(true);
     }
     for task in tasks {
         let _ = task.await;
@@ -384,8 +397,7 @@ async fn scrape_loop(shared: Arc<Shared>, client: reqwest::Client, url: String, 
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut inflight = tokio::task::JoinSet::new();
-    while shared.running() {
-        tick.tick().await;
+    while shared.running() && shared.tick(&mut tick).await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             record_scrape(&shared, None);
             continue;
@@ -452,8 +464,7 @@ async fn webhook_loop(
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut incidents = Incidents::new();
-    while shared.running() {
-        tick.tick().await;
+    while shared.running() && shared.tick(&mut tick).await {
         let body = incidents.next_notification();
         let status = client
             .post(&url)
@@ -537,11 +548,7 @@ async fn reload_loop(shared: Arc<Shared>, client: reqwest::Client, url: String, 
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
-    loop {
-        tick.tick().await;
-        if !shared.running() {
-            break;
-        }
+    while shared.tick(&mut tick).await && shared.running() {
         let counter = match client.post(&url).send().await.map(|r| r.status().as_u16()) {
             Ok(200..=299) => &shared.totals.reloads_ok,
             Ok(404 | 405) => &shared.totals.reloads_unavailable,
@@ -555,8 +562,7 @@ async fn rewrite_loop(shared: Arc<Shared>, files: SoakFiles) {
     let mut tick = tokio::time::interval(REWRITE_EVERY);
     tick.tick().await;
     let mut round = 1;
-    while shared.running() {
-        tick.tick().await;
+    while shared.running() && shared.tick(&mut tick).await {
         if let Err(err) = files.rewrite(round) {
             eprintln!("soak: {err:#}");
         }
@@ -620,17 +626,19 @@ async fn sample_loop(shared: Arc<Shared>, pid: u32) -> Vec<Row> {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tick.tick().await;
-    while shared.running() {
-        tick.tick().await;
+    while shared.running() && shared.tick(&mut tick).await {
         let window = std::mem::take(&mut *shared.window.lock().expect("scrape window lock"));
-        let (rss, fds) = match (rss_bytes(pid), fd_count(pid)) {
-            (Ok(rss), Ok(fds)) => (rss, fds),
-            (rss, fds) => {
-                eprintln!(
-                    "soak: could not sample clusterwatch (pid {pid}): {:?} {:?}",
-                    rss.err(),
-                    fds.err()
-                );
+        let sample = (|| {
+            anyhow::Ok((
+                rss_bytes(pid)?,
+                status_bytes(pid, "RssAnon")?,
+                fd_count(pid)?,
+            ))
+        })();
+        let (rss, anon, fds) = match sample {
+            Ok(sample) => sample,
+            Err(err) => {
+                eprintln!("soak: could not sample clusterwatch (pid {pid}): {err:#}");
                 break;
             }
         };
@@ -639,6 +647,7 @@ async fn sample_loop(shared: Arc<Shared>, pid: u32) -> Vec<Row> {
         let row = Row {
             at: shared.started.elapsed(),
             rss,
+            anon,
             fds,
             ok: window.ok,
             failed: window.failed,
@@ -820,7 +829,8 @@ impl Report<'_> {
             s = SAMPLE_EVERY.as_secs(),
         );
         for (name, growth) in [
-            ("RSS", self.growth(|row| mib(row.rss))),
+            ("RSS MiB", self.growth(|row| mib(row.rss))),
+            ("anon MiB", self.growth(|row| mib(row.anon))),
             ("fds", self.growth(|row| row.fds as f64)),
         ] {
             match growth {
@@ -865,6 +875,7 @@ fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
     out.write_record([
         "seconds",
         "rss_bytes",
+        "anon_bytes",
         "fds",
         "scrapes_ok",
         "scrapes_failed",
@@ -877,6 +888,7 @@ fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
         out.write_record([
             format!("{:.0}", row.at.as_secs_f64()),
             row.rss.to_string(),
+            row.anon.to_string(),
             row.fds.to_string(),
             row.ok.to_string(),
             row.failed.to_string(),
