@@ -47,7 +47,7 @@ struct Cli {
     /// Scrapes of `/metrics` per second, evenly paced.
     #[arg(long, default_value_t = 10.0)]
     scrape_rate: f64,
-    /// Webhook notifications per second, evenly paced.
+    /// Webhook notifications per second, evenly paced (0: none).
     #[arg(long, default_value_t = 2.0)]
     webhook_rate: f64,
     /// `POST /-/reload` this often.
@@ -461,6 +461,10 @@ async fn webhook_loop(
     token: String,
     rate: f64,
 ) {
+    // 0 turns webhooks off, to tell their share of memory growth from the scrapes'.
+    if rate <= 0.0 {
+        return;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut incidents = Incidents::new();
