@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clusterwatch_tests::harness::nginx::Nginx;
-use clusterwatch_tests::harness::process::ChildGuard;
+use clusterwatch_tests::harness::process::{rss_bytes, ChildGuard};
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab};
 use clusterwatch_tests::harness::{free_port, temp_dir, Clusterwatch, PgNode, RedisPair};
 
@@ -29,17 +29,6 @@ struct Run {
     rss_before: u64,
     rss_after: u64,
     samples: usize,
-}
-
-fn proc_rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS")?
-        .parse()?;
-    Ok(kb * 1024)
 }
 
 /// utime + stime of a process, from /proc/PID/stat.
@@ -75,7 +64,7 @@ async fn measure(
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .count();
     }
-    let rss_before = proc_rss(pid)?;
+    let rss_before = rss_bytes(pid)?;
     let cpu_before = proc_cpu(pid)?;
     let mut times = Vec::with_capacity(scrapes);
     for _ in 0..scrapes {
@@ -99,7 +88,7 @@ async fn measure(
         p99: times[(times.len() * 99 / 100).min(times.len() - 1)],
         cpu_per_scrape: cpu / scrapes as u32,
         rss_before,
-        rss_after: proc_rss(pid)?,
+        rss_after: rss_bytes(pid)?,
         samples,
     })
 }
@@ -164,7 +153,7 @@ async fn bench_default(scrapes: usize) -> Result<()> {
         .send()
         .await?
         .error_for_status()?;
-    let idle = proc_rss(pid)?;
+    let idle = rss_bytes(pid)?;
     let run = measure(
         "clusterwatch (embedded default)",
         &client,
@@ -503,7 +492,7 @@ async fn measure_blackbox(
             bail!("{label}: only {ok} of {} probes succeeded", urls.len());
         }
     }
-    let rss_before = proc_rss(pid)?;
+    let rss_before = rss_bytes(pid)?;
     let cpu_before = proc_cpu(pid)?;
     let mut times = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -520,7 +509,7 @@ async fn measure_blackbox(
         p99: times[(times.len() * 99 / 100).min(times.len() - 1)],
         cpu_per_scrape: cpu / rounds as u32,
         rss_before,
-        rss_after: proc_rss(pid)?,
+        rss_after: rss_bytes(pid)?,
         samples: urls.len(),
     })
 }

@@ -379,6 +379,24 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// The resident set size of `pid` in bytes (`VmRSS` of `/proc/PID/status`).
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// A memory field of `/proc/PID/status` (`VmRSS`, `RssAnon`, …) in bytes.
+pub fn status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("could not read /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.split_whitespace().next())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
 /// The PIDs of the live direct children of `pid`, from `/proc`. Used for servers that fork a
 /// process per connection (PostgreSQL), whose children the harness started indirectly.
 pub fn children_of(pid: i32) -> Vec<i32> {

@@ -63,6 +63,11 @@ impl HttpServer {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The PID of its process, or `None` once it has been stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.pid()
+    }
+
     /// The temporary directory holding its configuration, data and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()

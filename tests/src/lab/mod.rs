@@ -8,6 +8,7 @@
 pub mod drill;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +44,23 @@ pub struct LabSettings {
     pub scrape_interval: Duration,
     /// Alertmanager's `group_wait` on the failover route.
     pub group_wait: Duration,
+    /// More configuration for clusterwatch, merged into the lab's own.
+    pub extra_config: Option<ExtraConfig>,
+}
+
+/// Builds extra clusterwatch configuration once the pairs run (so it can use their ports).
+/// Merged into the lab's configuration: maps key by key, lists appended (so extra hook rules
+/// join the lab's two), anything else replaced.
+#[derive(Clone)]
+pub struct ExtraConfig(pub Arc<BuildConfig>);
+
+/// What an [`ExtraConfig`] calls: the running pairs in, configuration sections out.
+pub type BuildConfig = dyn Fn(&PgCluster, &RedisPair) -> Value + Send + Sync;
+
+impl std::fmt::Debug for ExtraConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraConfig(..)")
+    }
 }
 
 impl Default for LabSettings {
@@ -50,6 +68,7 @@ impl Default for LabSettings {
         LabSettings {
             scrape_interval: Duration::from_secs(2),
             group_wait: Duration::from_secs(0),
+            extra_config: None,
         }
     }
 }
@@ -89,7 +108,12 @@ impl Lab {
         let token_file = dir.path().join("hook.token");
         write_private(&token_file, &token)?;
         let hooks_port = free_port()?;
-        let config = clusterwatch_config(&pg, &redis, dir.path(), hooks_port)?;
+        let mut config = clusterwatch_config(&pg, &redis, dir.path(), hooks_port)?;
+        if let Some(extra) = &settings.extra_config {
+            merge(&mut config, (extra.0)(&pg, &redis));
+        }
+        // JSON is YAML.
+        let config = serde_json::to_string_pretty(&config)?;
         std::fs::write(dir.path().join("clusterwatch.yml"), &config)?;
         let clusterwatch = Clusterwatch::start(Some(&config), &["--log.level", "info"])
             .await
@@ -129,6 +153,11 @@ impl Lab {
             settings,
             hooks_port,
         })
+    }
+
+    /// The file holding the bearer token Alertmanager presents to the hook receiver.
+    pub fn hook_token_file(&self) -> PathBuf {
+        self.dir.path().join("hook.token")
     }
 
     /// Everything a person or a drill needs to reach the lab, as JSON (`lab.json`).
@@ -344,7 +373,7 @@ fn clusterwatch_config(
     redis: &RedisPair,
     lab_dir: &Path,
     hooks_port: u16,
-) -> Result<String> {
+) -> Result<Value> {
     let state_dir = hook_state_dir(lab_dir);
     std::fs::create_dir_all(&state_dir)?;
     let pg_promote = example_hook("pg-promote");
@@ -402,8 +431,24 @@ fn clusterwatch_config(
             ],
         },
     });
-    // JSON is YAML.
-    Ok(serde_json::to_string_pretty(&config)?)
+    Ok(config)
+}
+
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(base), Value::Object(extra)) => {
+            for (key, value) in extra {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (Value::Array(base), Value::Array(extra)) => base.extend(extra),
+        (base, extra) => *base = extra,
+    }
 }
 
 /// Alertmanager for the lab: the example's failover route, nothing sent anywhere else.

@@ -17,6 +17,7 @@ fn test_settings() -> LabSettings {
     LabSettings {
         scrape_interval: Duration::from_secs(1),
         group_wait: Duration::from_secs(0),
+        ..LabSettings::default()
     }
 }
 
