@@ -54,8 +54,9 @@ struct Cli {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     reload_every: Duration,
     /// Samples from the first this-long are left out of the growth figure (capped at a
-    /// quarter of the run).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// quarter of the run). The default is one round of disruptions (four servers, one a
+    /// minute) and a minute more, so every reconnect path has run once before the start window.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Length of the start and end windows the growth compares (shortened to fit short runs).
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
