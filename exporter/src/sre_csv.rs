@@ -17,7 +17,7 @@ pub enum Reject {
     TooFewFields,
     /// Host or stat name empty.
     EmptyName,
-    /// The unix timestamp is not a number.
+    /// The unix timestamp is not a number, or more than 10^15 seconds from 1970.
     BadTimestamp,
     /// The newest value is present but not a finite number.
     BadValue,
@@ -271,12 +271,17 @@ fn trim(field: &[u8]) -> &[u8] {
 fn parse_timestamp(field: &[u8]) -> Option<i64> {
     let text = std::str::from_utf8(field).ok()?;
     if let Ok(v) = text.parse::<i64>() {
-        return Some(v);
+        // The floats' bound below holds for integers too: past it a timestamp is garbage,
+        // and near i64::MIN flooring it to the minute would overflow.
+        return (v.unsigned_abs() < MAX_TIMESTAMP as u64).then_some(v);
     }
     // Some writers print the epoch as a float (`1652193121.0`).
     let v = text.parse::<f64>().ok()?;
-    (v.is_finite() && v.abs() < 1e15).then_some(v.floor() as i64)
+    (v.is_finite() && v.abs() < MAX_TIMESTAMP as f64).then_some(v.floor() as i64)
 }
+
+/// 10^15 seconds, some 31 million years either side of 1970.
+const MAX_TIMESTAMP: i64 = 1_000_000_000_000_000;
 
 fn parse_number(field: &[u8]) -> Option<f64> {
     let v = std::str::from_utf8(field).ok()?.parse::<f64>().ok()?;
@@ -436,6 +441,20 @@ sre32-em1-testbed,system.disk./data/sre/db/backups,2022-05-10T16:32:01,165219312
         let p = parse_str("cp1,ok,t,1652193060,1\ncp1,\"broken,t,1652193060,1\n");
         assert_eq!(p.accepted, 1);
         assert!(p.rejected(Reject::Malformed) + p.rejected(Reject::TooFewFields) >= 1);
+    }
+
+    /// Found by fuzzing with overflow checks on: a timestamp near i64::MIN overflowed when
+    /// floored to the minute (a panic in debug builds, a minute near i64::MAX in release).
+    #[test]
+    fn timestamp_near_i64_min_is_rejected_not_overflowed() {
+        let p = parse_str(
+            "c,r,,-9223372036854775808\n\
+             cp1,b,t,1000000000000000,1\n\
+             cp1,c,t,-999999999999999,1\n",
+        );
+        assert_eq!(p.rejected(Reject::BadTimestamp), 2);
+        assert_eq!(p.accepted, 1);
+        assert_eq!(p.stats[0].minute, -1_000_000_000_000_020);
     }
 
     #[test]
