@@ -38,6 +38,7 @@ const EXPECTED: &[&str] = &[
     "etc/default/clusterwatch",
     "usr/share/clusterwatch/alertmanager/alertmanager.yml",
     "usr/share/clusterwatch/examples/clusterwatch.yml",
+    "usr/share/clusterwatch/examples/web.yml",
     "usr/share/clusterwatch/rules/README.md",
     "usr/share/man/man1/clusterwatch.1",
     "usr/share/bash-completion/completions/clusterwatch",
