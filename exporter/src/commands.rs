@@ -84,11 +84,8 @@ fn report(checked: Result<String, config::ConfigError>) -> bool {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    let loaded = match &cli.config_file {
-        Some(path) => config::load_file(path),
-        None => config::load_embedded(),
-    };
-    loaded.map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))
+    config::load(cli.config_file.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))
 }
 
 async fn once(cli: &Cli) -> anyhow::Result<()> {

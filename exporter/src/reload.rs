@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::collector::{Engine, TargetChanges};
 use crate::config::{self, Config};
 use crate::hooks::Hooks;
-use crate::snapshot::{Kind, SampleBuffer};
+use crate::snapshot::SampleBuffer;
 use crate::web::Security;
 
 /// Reloads the configuration into the running engine and hook runner.
@@ -98,10 +98,7 @@ impl Reloader {
         let web_path = self.main_web.as_ref().map(|(path, _)| path.clone());
         // Loading reads files (passwords, certificates, CSVs' metadata): not on a runtime thread.
         let (loaded, web) = tokio::task::spawn_blocking(move || {
-            let cfg = match &source {
-                Some(path) => config::load_file(path),
-                None => config::load_embedded(),
-            };
+            let cfg = config::load(source.as_deref());
             (cfg, web_path.map(|path| Security::load(&path)))
         })
         .await
@@ -153,11 +150,6 @@ impl Reloader {
             "When the configuration was last loaded successfully, at start or by a reload (unix time).",
             &[],
             status.last_success,
-        );
-        out.declare(
-            "clusterwatch_config_reloads_total",
-            HELP_RELOADS,
-            Kind::Counter,
         );
         for (result, n) in [("success", status.succeeded), ("failure", status.failed)] {
             out.counter(

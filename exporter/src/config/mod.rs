@@ -137,6 +137,15 @@ pub fn load_embedded() -> Result<Config, ConfigError> {
     parse(EMBEDDED_DEFAULT, EMBEDDED_NAME, Path::new("."))
 }
 
+/// The configuration `--config.file` names, or the embedded default without one: what
+/// `serve` starts with and what every reload reads again.
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    match file {
+        Some(path) => load_file(path),
+        None => load_embedded(),
+    }
+}
+
 /// Checks configuration text. `file` is used in messages; `base_dir` resolves relative paths.
 pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
     let fail = |problems| ConfigError {
@@ -263,11 +272,7 @@ fn fingerprint(kind: &CollectorKind, target: &str, section: &Node, ctx: &Section
     let item = match &section.value {
         source::Value::Seq(items) => items
             .iter()
-            .find(|item| {
-                Located::new(item, "")
-                    .field("name")
-                    .is_some_and(|n| matches!(&n.node.value, source::Value::Str(s) if s == target))
-            })
+            .find(|item| item_name(item) == Some(target))
             .unwrap_or(section),
         _ => section,
     };
@@ -335,10 +340,7 @@ fn check_unique_targets(
     let mut seen: Vec<&str> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let at = Located::new(item, format!("{section}[{i}]"));
-        let Some(name) = at.field("name").and_then(|n| match &n.node.value {
-            source::Value::Str(s) => Some(s.as_str()),
-            _ => None,
-        }) else {
+        let Some(name) = item_name(item) else {
             continue;
         };
         if seen.contains(&name) {
@@ -351,6 +353,15 @@ fn check_unique_targets(
             );
         }
         seen.push(name);
+    }
+}
+
+/// The `name` of a list item, when it is a string: the `target` label it will have.
+fn item_name(item: &Node) -> Option<&str> {
+    let (_, value) = item.as_map()?.iter().find(|(key, _)| key.name == "name")?;
+    match &value.value {
+        source::Value::Str(s) => Some(s.as_str()),
+        _ => None,
     }
 }
 
