@@ -9,7 +9,8 @@ use anyhow::Context;
 
 use crate::cli::{Cli, Command, HooksCommand};
 use crate::collector::Engine;
-use crate::config::{self, Config};
+use crate::config;
+use crate::configuration::{self, Config};
 use crate::hooks::config::{Listen, WEBHOOK_PATH};
 use crate::hooks::lock::EtcdLock;
 use crate::hooks::{Hooks, LocalGate, RunGate};
@@ -53,7 +54,7 @@ fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
     let web_ok = web_config.is_none_or(|web| {
         report(crate::web::Security::load(web).map(|_| format!("{}: ok", web.display())))
     });
-    let config_ok = report(config::load_file(file).map(|cfg| {
+    let config_ok = report(configuration::load_file(file).map(|cfg| {
         let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
         format!(
             "{}: ok ({} targets, {hooks} hooks)",
@@ -84,7 +85,7 @@ fn report(checked: Result<String, config::ConfigError>) -> bool {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    config::load(cli.config_file.as_deref())
+    configuration::load(cli.config_file.as_deref())
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))
 }
 

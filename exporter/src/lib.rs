@@ -6,6 +6,7 @@ pub mod cli;
 pub mod collector;
 pub mod commands;
 pub mod config;
+pub mod configuration;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hooks;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::collector::{Engine, TargetChanges};
-use crate::config::{self, Config};
+use crate::configuration::{self, Config};
 use crate::hooks::Hooks;
 use crate::snapshot::SampleBuffer;
 use crate::web::Security;
@@ -98,7 +98,7 @@ impl Reloader {
         let web_path = self.main_web.as_ref().map(|(path, _)| path.clone());
         // Loading reads files (passwords, certificates, CSVs' metadata): not on a runtime thread.
         let (loaded, web) = tokio::task::spawn_blocking(move || {
-            let cfg = config::load(source.as_deref());
+            let cfg = configuration::load(source.as_deref());
             (cfg, web_path.map(|path| Security::load(&path)))
         })
         .await

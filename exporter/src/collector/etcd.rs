@@ -478,7 +478,7 @@ impl Collector for EtcdCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     const METRICS_TEXT: &str = "\

@@ -236,7 +236,7 @@ impl Collector for FileCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
     use std::path::Path;
 
     const SOUNZ: &[&str] = &[

@@ -433,7 +433,7 @@ impl Collector for FsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
 
     const MOUNTS: &str = "\
 /dev/vda / ext4 rw,relatime 0 0

@@ -446,7 +446,7 @@ fn backend_samples(row: &Row, servers: usize, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     // Captured from Debian's HAProxy 2.6 in front of a Redis master (r1) and replica (r2),

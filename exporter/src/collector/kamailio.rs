@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn only_http_urls() {
-        let err = crate::config::parse(
+        let err = crate::configuration::parse(
             "kamailio:\n  - { name: k, url: 'unix:/run/kamailio/kamailio_rpc.sock' }\n",
             "c.yml",
             std::path::Path::new("."),

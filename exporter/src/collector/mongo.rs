@@ -699,7 +699,7 @@ fn write_status(s: &ReplSetStatus, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use mongodb::bson::{DateTime, Timestamp};
     use std::path::Path;
 

@@ -193,7 +193,7 @@ impl Collector for NetworkCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
     use std::path::Path;
 
     #[test]

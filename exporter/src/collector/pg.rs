@@ -1022,7 +1022,7 @@ fn write_standby(row: &Row, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     #[test]

@@ -218,7 +218,7 @@ impl Collector for ProbeCollector {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     #[test]

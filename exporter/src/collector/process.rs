@@ -259,7 +259,7 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
     use std::path::Path;
 
     #[test]

@@ -576,7 +576,7 @@ fn write(info: &Info, state: &mut State, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     const MASTER: &str = include_str!("testdata/redis-7.0-master-healthy.info");

@@ -513,7 +513,7 @@ impl SreCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
 
     /// The `(target, cluster)` of every sre target, or the rendered problems.
     fn targets(yaml: &str) -> Result<Vec<(String, Option<String>)>, String> {

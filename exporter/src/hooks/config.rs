@@ -490,7 +490,7 @@ fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse as parse_config;
+    use crate::configuration::parse as parse_config;
 
     fn write_token(dir: &Path) {
         std::fs::write(dir.join("t"), "tok\n").unwrap();

@@ -381,7 +381,7 @@ impl RunGate for EtcdLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse as parse_config;
+    use crate::configuration::parse as parse_config;
 
     #[test]
     fn keys_name_the_incident_and_differ_by_start() {
