@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::collector::{Collector, CollectorKind, KINDS};
+use crate::collector::{CollectorKind, Target, KINDS};
 use crate::config::source::{suggest, Node, Value};
 use crate::config::{
     read_text, ConfigError, Global, Located, Pos, Problem, SectionContext, DEFAULT_TIMEOUT,
@@ -25,7 +25,7 @@ pub struct Config {
     /// Settings that apply to every target.
     pub global: Global,
     /// Every configured target, in file order.
-    pub targets: Vec<Arc<dyn Collector>>,
+    pub targets: Vec<Arc<Target>>,
     /// Per target, a digest of the configuration it was built from (its list item, or its
     /// whole section, plus the content of every `*_file` named there): a reload keeps a
     /// running target whose digest did not change.
@@ -97,7 +97,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         base_dir,
     };
 
-    let mut targets: Vec<Arc<dyn Collector>> = Vec::new();
+    let mut targets: Vec<Arc<Target>> = Vec::new();
     let mut fingerprints: Vec<Option<u64>> = Vec::new();
     let mut hooks = None;
     let known: Vec<&str> = ["global", crate::hooks::config::SECTION]

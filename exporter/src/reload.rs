@@ -47,7 +47,7 @@ impl Reloader {
             running: tokio::sync::Mutex::new(()),
             status: Mutex::new(Status {
                 last_successful: true,
-                last_success: crate::hooks::now(),
+                last_success: crate::clock::unix_now().as_secs_f64(),
                 succeeded: 0,
                 failed: 0,
             }),
@@ -71,11 +71,11 @@ impl Reloader {
     pub async fn reload(&self) -> Result<TargetChanges, String> {
         let _one_at_a_time = self.running.lock().await;
         let outcome = self.load_and_apply().await;
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = crate::sync::lock(&self.status);
         match &outcome {
             Ok(changes) => {
                 status.last_successful = true;
-                status.last_success = crate::hooks::now();
+                status.last_success = crate::clock::unix_now().as_secs_f64();
                 status.succeeded += 1;
                 tracing::info!(
                     kept = changes.kept,
@@ -138,7 +138,7 @@ impl Reloader {
 
     /// Writes the `clusterwatch_config_*` families.
     pub fn write_metrics(&self, out: &mut SampleBuffer) {
-        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let status = crate::sync::lock(&self.status);
         out.gauge(
             "clusterwatch_config_last_reload_successful",
             "Whether the last configuration reload succeeded (1) or failed and the previous configuration is still running (0).",

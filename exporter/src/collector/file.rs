@@ -12,7 +12,8 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::clock;
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -43,12 +44,8 @@ struct RawFile {
     max_bytes: Option<u64>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawFile>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -77,21 +74,23 @@ fn configure(
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(FileCollector {
+        out.push(Target::new(
+            &KIND,
             id,
-            path: ctx.resolve(&raw.path),
-            states,
-            matches,
-            max_bytes: raw.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
-            inflight: InFlight::new(),
-        }));
+            FileCollector {
+                path: ctx.resolve(&raw.path),
+                states,
+                matches,
+                max_bytes: raw.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
+                inflight: InFlight::new(),
+            },
+        ));
     }
     out
 }
 
 /// One watched file.
 pub struct FileCollector {
-    id: TargetId,
     path: PathBuf,
     states: Vec<String>,
     matches: Option<Regex>,
@@ -140,14 +139,6 @@ fn state_of<'a>(content: &str, states: &'a [String]) -> Option<&'a str> {
 
 #[async_trait]
 impl Collector for FileCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -182,10 +173,7 @@ impl Collector for FileCollector {
                 s.size as f64,
             );
             if let Some(m) = s.modified {
-                let age = SystemTime::now()
-                    .duration_since(m)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
+                let age = clock::age_seconds(m);
                 out.gauge(
                     "clusterwatch_file_modified_age_seconds",
                     "Seconds since the file was last modified.",
@@ -299,7 +287,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sounz.status");
         let c = FileCollector {
-            id: TargetId::local("sounz"),
             path: p.clone(),
             states: states(),
             matches: Some(Regex::new("^production").unwrap()),

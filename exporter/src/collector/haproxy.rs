@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use url::Url;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext, TargetId,
 };
@@ -40,12 +40,8 @@ struct RawHaproxy {
     password_file: Option<PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawHaproxy>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -75,17 +71,20 @@ fn configure(
             problems.push(item.problem("username", "a stats socket takes no credentials"));
             continue;
         }
-        out.push(Arc::new(HaproxyCollector {
+        out.push(Target::new(
+            &KIND,
             id,
-            source,
-            auth,
-            // The stats page is on the cluster's network: never through an `http_proxy`.
-            client: reqwest::Client::builder()
-                .use_rustls_tls()
-                .no_proxy()
-                .build()
-                .expect("a client without custom certificates always builds"),
-        }));
+            HaproxyCollector {
+                source,
+                auth,
+                // The stats page is on the cluster's network: never through an `http_proxy`.
+                client: reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .no_proxy()
+                    .build()
+                    .expect("a client without custom certificates always builds"),
+            },
+        ));
     }
     out
 }
@@ -134,7 +133,6 @@ fn check_source(text: &str, at: &Located, problems: &mut Vec<Problem>) -> Option
 
 /// One HAProxy instance.
 pub struct HaproxyCollector {
-    id: TargetId,
     source: Source,
     auth: Option<(String, Secret)>,
     client: reqwest::Client,
@@ -285,20 +283,12 @@ fn server_state(status: &str) -> Option<&'static str> {
 
 #[async_trait]
 impl Collector for HaproxyCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
-        _ctx: &ScrapeContext,
+        ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        let text = self.fetch().await?;
+        let text = ctx.within(self.fetch()).await?;
         let rows = parse_stats(&text).map_err(CollectError::Protocol)?;
         let mut servers_per_backend: Vec<(&str, usize)> = Vec::new();
         for row in rows.iter().filter(|r| r.kind == RowKind::Server) {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -58,11 +58,7 @@ struct RawPacemaker {
     crm_mon: Option<PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let Some(raw) = at.parse::<Option<RawPacemaker>>(problems) else {
         return Vec::new();
     };
@@ -90,12 +86,11 @@ fn configure(
     if problems.len() > before {
         return Vec::new();
     }
-    vec![Arc::new(PacemakerCollector { id, crm_mon })]
+    vec![Target::new(&KIND, id, PacemakerCollector { crm_mon })]
 }
 
 /// The Pacemaker cluster as seen from this node.
 pub struct PacemakerCollector {
-    id: TargetId,
     crm_mon: PathBuf,
 }
 
@@ -392,14 +387,6 @@ fn write_samples(state: &ClusterState, out: &mut SampleBuffer) {
 
 #[async_trait]
 impl Collector for PacemakerCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -550,10 +537,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_crm_mon_is_a_connect_error_and_a_hung_one_is_killed_at_the_deadline() {
-        let collector = |path: PathBuf| PacemakerCollector {
-            id: TargetId::local("local"),
-            crm_mon: path,
-        };
+        let collector = |path: PathBuf| PacemakerCollector { crm_mon: path };
         let within = |d: u64| ScrapeContext {
             deadline: tokio::time::Instant::now() + std::time::Duration::from_millis(d),
         };

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_password_file, HumanDuration, Located, Problem, SectionContext, TargetId,
 };
@@ -44,12 +44,8 @@ struct RawPostgres {
     sizes_interval: Option<HumanDuration>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawPostgres>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -77,16 +73,20 @@ fn configure(
             continue;
         }
         pg_config.application_name("clusterwatch");
-        out.push(Arc::new(PgCollector {
-            id,
-            pg_config,
-            expected_standbys: raw.expected_standbys,
-            sizes_interval: raw
-                .sizes_interval
-                .map(|d| d.0)
-                .unwrap_or(DEFAULT_SIZES_INTERVAL),
-            state: Mutex::new(State::default()),
-        }));
+        out.push(Target::new(
+            &KIND,
+            id.clone(),
+            PgCollector {
+                id,
+                pg_config,
+                expected_standbys: raw.expected_standbys,
+                sizes_interval: raw
+                    .sizes_interval
+                    .map(|d| d.0)
+                    .unwrap_or(DEFAULT_SIZES_INTERVAL),
+                state: Mutex::new(State::default()),
+            },
+        ));
     }
     out
 }
@@ -393,14 +393,6 @@ const H_REPMGR_UPSTREAM: &str = "Always 1; labels name a node's upstream in repm
 
 #[async_trait]
 impl Collector for PgCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,

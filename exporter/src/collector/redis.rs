@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_password_file, HumanDuration, Located, Problem, SectionContext, TargetId,
 };
@@ -51,12 +51,8 @@ struct RawRedis {
     tls_ca_file: Option<std::path::PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawRedis>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -116,11 +112,14 @@ fn configure(
                 None => Client::open(info),
             });
         match client {
-            Ok(client) => out.push(Arc::new(RedisCollector {
+            Ok(client) => out.push(Target::new(
+                &KIND,
                 id,
-                client,
-                state: Mutex::new(State::default()),
-            })),
+                RedisCollector {
+                    client,
+                    state: Mutex::new(State::default()),
+                },
+            )),
             // The address was checked above and holds no credentials, but the library's
             // message is not echoed all the same.
             Err(_) => problems.push(
@@ -177,7 +176,6 @@ fn check_address(address: &str, item: &Located, problems: &mut Vec<Problem>) -> 
 
 /// One Redis instance.
 pub struct RedisCollector {
-    id: TargetId,
     client: Client,
     state: Mutex<State>,
 }
@@ -241,14 +239,6 @@ impl RedisCollector {
 
 #[async_trait]
 impl Collector for RedisCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,

@@ -12,7 +12,7 @@ use quick_xml::Reader;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext, TargetId,
 };
@@ -92,12 +92,8 @@ fn parse_url(url: &str) -> Result<Endpoint, String> {
     })
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawSupervisord>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -125,14 +121,17 @@ fn configure(
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(SupervisordCollector { id, endpoint, auth }));
+        out.push(Target::new(
+            &KIND,
+            id,
+            SupervisordCollector { endpoint, auth },
+        ));
     }
     out
 }
 
 /// One supervisord instance.
 pub struct SupervisordCollector {
-    id: TargetId,
     endpoint: Endpoint,
     auth: Option<(String, Secret)>,
 }
@@ -461,14 +460,6 @@ pub fn parse_process_info(xml: &[u8]) -> Result<Vec<ProgramInfo>, RpcError> {
 
 #[async_trait]
 impl Collector for SupervisordCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,

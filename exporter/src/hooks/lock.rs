@@ -23,8 +23,8 @@ use url::Url;
 
 use super::journal::AlertRef;
 use super::{Pass, Refusal, RunGate};
-use crate::collector::etcd::{build_client, check_endpoints, TlsFiles};
 use crate::config::{HumanDuration, Located, Problem, SectionContext};
+use crate::etcd_v3::{build_client, check_endpoints, TlsFiles};
 
 const DEFAULT_PREFIX: &str = "/clusterwatch/hooks/";
 const DEFAULT_TTL: Duration = Duration::from_secs(15);
