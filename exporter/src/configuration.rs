@@ -371,4 +371,65 @@ mod tests {
         );
         assert!(first.iter().all(|(_, fp)| fp.is_some()));
     }
+
+    #[test]
+    fn a_timeout_of_500000000000y_is_a_config_error_not_a_panic_at_scrape() {
+        let err = parse(
+            "global:\n  timeout: 500000000000y\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .render();
+        assert!(err.starts_with("c.yml:2:"), "{err}");
+        assert!(err.contains("too long: the limit is 1y"), "{err}");
+
+        let err = parse(
+            "global:\n  timeout: 2h\nredis:\n  - { name: a, address: 'redis://127.0.0.1:1', timeout: 61m }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{}", err.render());
+        assert!(err
+            .problems
+            .iter()
+            .all(|p| p.message == "timeout must be at most 1h"));
+        assert!(parse("global:\n  timeout: 1h\n", "c.yml", Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn a_status_file_read_cap_beyond_16_mib_is_refused_with_the_limit() {
+        let err = parse(
+            "files:\n  - { name: s, path: /tmp/s, max_bytes: 18446744073709551615 }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .render();
+        assert!(err.contains("max_bytes must be at most 16777216"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_a_probe_url_are_refused_and_never_printed() {
+        let err = parse(
+            "probes:\n  - { name: web, http: { url: 'http://monitor:hunter2@127.0.0.1:8080/' } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .render();
+        assert!(
+            err.contains("probes[0].http.url: credentials in the URL"),
+            "{err}"
+        );
+        assert!(
+            err.contains("Authorization"),
+            "the hint says what to do: {err}"
+        );
+        assert!(
+            !err.contains("hunter2") && !err.contains("monitor"),
+            "{err}"
+        );
+    }
 }

@@ -27,6 +27,8 @@ pub const KIND: CollectorKind = CollectorKind {
 
 /// How much of a file is read by default for `states:` and `match:`: status files are a word.
 const DEFAULT_MAX_BYTES: u64 = 64 * 1024;
+/// The most `max_bytes` may be: the read happens on every scrape.
+const MAX_MAX_BYTES: u64 = 16 << 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +72,11 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
         }
         if raw.max_bytes == Some(0) {
             problems.push(item.problem("max_bytes", "max_bytes must be greater than zero"));
+        } else if raw.max_bytes.is_some_and(|n| n > MAX_MAX_BYTES) {
+            problems.push(
+                item.problem("max_bytes", "max_bytes must be at most 16777216 (16 MiB)")
+                    .hint("only the start of a status file is read on every scrape"),
+            );
         }
         if problems.len() > before {
             continue;

@@ -35,9 +35,7 @@ impl Global {
             .and_then(|r| r.timeout)
             .map(|d| d.0)
             .unwrap_or(DEFAULT_TIMEOUT);
-        if timeout.is_zero() {
-            problems.push(at.problem("timeout", "timeout must be greater than zero"));
-        }
+        check_timeout(timeout, &at, problems);
         Global { timeout }
     }
 }
@@ -107,6 +105,25 @@ pub fn read_text(path: &Path, given_by: &str) -> Result<String, ConfigError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration any setting accepts (1 year): beyond it a deadline or an expiry
+/// would overflow the clock, or never come.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// The longest per-target timeout: one collection is never worth more than an hour.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Checks a `timeout` field: more than zero and at most [`MAX_TIMEOUT`].
+fn check_timeout(timeout: Duration, at: &Located, problems: &mut Vec<Problem>) {
+    if timeout.is_zero() {
+        problems.push(at.problem("timeout", "timeout must be greater than zero"));
+    } else if timeout > MAX_TIMEOUT {
+        problems.push(
+            at.problem("timeout", "timeout must be at most 1h")
+                .hint("it bounds one collection of one target, e.g. `5s`"),
+        );
+    }
+}
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d).map_err(|_| {
@@ -114,13 +131,17 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 "expected a duration with a unit, like `5s`, `250ms` or `1m30s`",
             )
         })?;
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration `{s}`: {e} (write e.g. `5s`, `250ms`, `1m30s`)"
-                ))
-            })
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{s}`: {e} (write e.g. `5s`, `250ms`, `1m30s`)"
+            ))
+        })?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration `{s}` is too long: the limit is 1y"
+            )));
+        }
+        Ok(HumanDuration(d))
     }
 }
 
@@ -236,8 +257,8 @@ impl TargetId {
         if cluster.as_deref().is_some_and(|cl| cl.trim().is_empty()) {
             problems.push(at.problem("cluster", "cluster must not be empty when given"));
         }
-        if timeout.is_some_and(|t| t.0.is_zero()) {
-            problems.push(at.problem("timeout", "timeout must be greater than zero"));
+        if let Some(t) = timeout {
+            check_timeout(t.0, at, problems);
         }
         TargetId {
             name,
