@@ -290,30 +290,35 @@ impl Collector for HaproxyCollector {
     ) -> Result<(), CollectError> {
         let text = ctx.within(self.fetch()).await?;
         let rows = parse_stats(&text).map_err(CollectError::Protocol)?;
-        let mut servers_per_backend: Vec<(&str, usize)> = Vec::new();
-        for row in rows.iter().filter(|r| r.kind == RowKind::Server) {
-            match servers_per_backend
-                .iter_mut()
-                .find(|(b, _)| *b == row.proxy)
-            {
-                Some((_, n)) => *n += 1,
-                None => servers_per_backend.push((&row.proxy, 1)),
-            }
-        }
-        for row in &rows {
-            match row.kind {
-                RowKind::Server => server_samples(row, out),
-                RowKind::Backend => {
-                    let servers = servers_per_backend
-                        .iter()
-                        .find(|(b, _)| *b == row.proxy)
-                        .map_or(0, |(_, n)| *n);
-                    backend_samples(row, servers, out)
-                }
-                RowKind::Frontend | RowKind::Other => {}
-            }
-        }
+        write_rows(&rows, out);
         Ok(())
+    }
+}
+
+/// The samples of every backend and server row; frontends and the rest are skipped.
+fn write_rows(rows: &[Row], out: &mut SampleBuffer) {
+    let mut servers_per_backend: Vec<(&str, usize)> = Vec::new();
+    for row in rows.iter().filter(|r| r.kind == RowKind::Server) {
+        match servers_per_backend
+            .iter_mut()
+            .find(|(b, _)| *b == row.proxy)
+        {
+            Some((_, n)) => *n += 1,
+            None => servers_per_backend.push((&row.proxy, 1)),
+        }
+    }
+    for row in rows {
+        match row.kind {
+            RowKind::Server => server_samples(row, out),
+            RowKind::Backend => {
+                let servers = servers_per_backend
+                    .iter()
+                    .find(|(b, _)| *b == row.proxy)
+                    .map_or(0, |(_, n)| *n);
+                backend_samples(row, servers, out)
+            }
+            RowKind::Frontend | RowKind::Other => {}
+        }
     }
 }
 
@@ -554,5 +559,17 @@ mod tests {
             .map(|s| s.labels[1].1.as_str())
             .collect();
         assert_eq!(up, vec!["r1"]);
+    }
+
+    #[test]
+    fn golden_exposition_of_captured_csv() {
+        for (name, text) in [
+            ("haproxy-2.6-going-down", GOING_DOWN),
+            ("haproxy-2.6-drain", DRAIN),
+        ] {
+            let mut out = SampleBuffer::new();
+            write_rows(&parse_stats(text).unwrap(), &mut out);
+            crate::collector::golden::assert_golden(name, out);
+        }
     }
 }

@@ -7,6 +7,8 @@ pub mod etcd;
 pub mod exporter;
 pub mod file;
 pub mod fs;
+#[cfg(test)]
+mod golden;
 pub mod haproxy;
 pub mod kamailio;
 pub mod mongo;

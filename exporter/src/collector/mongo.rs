@@ -874,4 +874,21 @@ mod tests {
         assert_eq!(t.cluster(), Some("sre_location"));
         assert_eq!(t.timeout(), Some(Duration::from_secs(2)));
     }
+
+    /// A three-member set shaped like MongoDB 7.0's reply: the primary, a secondary 5 s
+    /// behind it, and a member that is down.
+    #[test]
+    fn golden_exposition_of_a_replsetgetstatus_reply() {
+        let mut down = member(2, "db3:27017", 8, 1_700_000_000);
+        down.insert("health", 0.0);
+        let reply = reply(vec![
+            member(0, "db1:27017", 1, 1_700_000_095),
+            member(1, "db2:27017", 2, 1_700_000_090),
+            down,
+        ]);
+        let status = parse_status(&reply).unwrap();
+        let mut out = SampleBuffer::new();
+        write_status(&status, &mut out);
+        crate::collector::golden::assert_golden("mongo-7.0-three-members", out);
+    }
 }

@@ -580,4 +580,14 @@ mod tests {
             .await
             .expect("the hung crm_mon was killed");
     }
+
+    #[test]
+    fn golden_exposition_of_captured_crm_mon() {
+        for name in ["crm_mon-2.1.5-mixed", "crm_mon-2.1.5-no-quorum"] {
+            let xml = crate::collector::golden::input(&format!("{name}.xml"));
+            let mut out = SampleBuffer::new();
+            write_samples(&parse_crm_mon(&xml).unwrap(), &mut out);
+            crate::collector::golden::assert_golden(name, out);
+        }
+    }
 }

@@ -800,4 +800,18 @@ mod tests {
         assert_eq!(targets[0].cluster(), Some("redis-9001"));
         assert_eq!(targets[0].timeout(), Some(Duration::from_secs(2)));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn golden_exposition_of_captured_info() {
+        for name in [
+            "redis-7.0-master-healthy",
+            "redis-7.0-replica-healthy",
+            "redis-7.0-replica-connecting",
+            "redis-7.0-replica-link-down",
+        ] {
+            let text = crate::collector::golden::input(&format!("{name}.info"));
+            let info = Info::parse(&text).unwrap();
+            crate::collector::golden::assert_golden(name, render(&info));
+        }
+    }
 }

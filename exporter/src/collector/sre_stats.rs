@@ -429,65 +429,69 @@ impl SreCollector {
             &[],
             *lock(&self.shared.read_errors) as f64,
         );
-        let Some(cached) = latest else {
-            return;
-        };
-        let p = &cached.parsed;
+        if let Some(cached) = latest {
+            write_parse(self.kind, cached, out);
+        }
+    }
+}
+
+/// The samples of one finished parse: line counts, timing and the newest value per stat.
+fn write_parse(kind: FileKind, cached: &Cached, out: &mut SampleBuffer) {
+    let p = &cached.parsed;
+    out.gauge(
+        "clusterwatch_sre_file_lines_parsed",
+        "Lines used by the last parse of the stats file.",
+        &[],
+        p.accepted as f64,
+    );
+    for reason in REJECT_REASONS {
         out.gauge(
-            "clusterwatch_sre_file_lines_parsed",
-            "Lines used by the last parse of the stats file.",
-            &[],
-            p.accepted as f64,
-        );
-        for reason in REJECT_REASONS {
-            out.gauge(
                 "clusterwatch_sre_file_lines_rejected",
                 "Lines the last parse of the stats file could not use, by reason (line numbers are logged at debug level).",
                 &[("reason", reason.label())],
                 p.rejected(*reason) as f64,
             );
-        }
-        out.gauge(
-            "clusterwatch_sre_file_duplicate_lines",
-            "Lines of the last parse that repeated an earlier (host, stat); the last one wins.",
-            &[],
-            p.duplicates as f64,
-        );
-        out.gauge(
-            "clusterwatch_sre_file_parse_duration_seconds",
-            "How long the last parse of the stats file took, in seconds.",
-            &[],
-            cached.duration.as_secs_f64(),
-        );
-        out.gauge(
-            "clusterwatch_sre_file_last_parse_timestamp_seconds",
-            "Unix time the last parse of the stats file finished.",
-            &[],
-            cached.finished,
-        );
-        for s in &p.stats {
-            let labels = [("host", &*s.host), ("stat", s.stat.as_str())];
-            match self.kind {
-                FileKind::Events => {
-                    out.gauge(
-                        "clusterwatch_sre_counter_events",
-                        HELP_EVENTS,
-                        &labels,
-                        s.value.unwrap_or(0.0),
-                    );
-                }
-                FileKind::Averages => {
-                    let Some(v) = s.value else { continue };
-                    out.gauge("clusterwatch_sre_sample_average", HELP_AVERAGE, &labels, v);
-                }
+    }
+    out.gauge(
+        "clusterwatch_sre_file_duplicate_lines",
+        "Lines of the last parse that repeated an earlier (host, stat); the last one wins.",
+        &[],
+        p.duplicates as f64,
+    );
+    out.gauge(
+        "clusterwatch_sre_file_parse_duration_seconds",
+        "How long the last parse of the stats file took, in seconds.",
+        &[],
+        cached.duration.as_secs_f64(),
+    );
+    out.gauge(
+        "clusterwatch_sre_file_last_parse_timestamp_seconds",
+        "Unix time the last parse of the stats file finished.",
+        &[],
+        cached.finished,
+    );
+    for s in &p.stats {
+        let labels = [("host", &*s.host), ("stat", s.stat.as_str())];
+        match kind {
+            FileKind::Events => {
+                out.gauge(
+                    "clusterwatch_sre_counter_events",
+                    HELP_EVENTS,
+                    &labels,
+                    s.value.unwrap_or(0.0),
+                );
             }
-            out.gauge(
-                "clusterwatch_sre_stat_minute_timestamp_seconds",
-                HELP_MINUTE,
-                &labels,
-                s.minute as f64,
-            );
+            FileKind::Averages => {
+                let Some(v) = s.value else { continue };
+                out.gauge("clusterwatch_sre_sample_average", HELP_AVERAGE, &labels, v);
+            }
         }
+        out.gauge(
+            "clusterwatch_sre_stat_minute_timestamp_seconds",
+            HELP_MINUTE,
+            &labels,
+            s.minute as f64,
+        );
     }
 }
 
@@ -629,5 +633,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(seen, Some(40.0));
+    }
+
+    #[test]
+    fn golden_exposition_of_the_runbook_csv_examples() {
+        for (name, kind) in [
+            ("sre-counters-runbook", FileKind::Events),
+            ("sre-samples-runbook", FileKind::Averages),
+        ] {
+            let text = crate::collector::golden::input(&format!("{name}.csv"));
+            let cached = Cached {
+                identity: None,
+                parsed: sre_csv::parse(text.as_bytes(), true, name),
+                duration: Duration::from_millis(2),
+                finished: 1_652_193_125.0,
+            };
+            let mut out = SampleBuffer::new();
+            write_parse(kind, &cached, &mut out);
+            crate::collector::golden::assert_golden(name, out);
+        }
     }
 }

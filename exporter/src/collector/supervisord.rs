@@ -458,6 +458,39 @@ pub fn parse_process_info(xml: &[u8]) -> Result<Vec<ProgramInfo>, RpcError> {
         .collect()
 }
 
+/// The samples of every program in a `getAllProcessInfo` answer.
+fn write_programs(programs: &[ProgramInfo], out: &mut SampleBuffer) {
+    for p in programs {
+        let labels = [("program", p.program.as_str())];
+        out.state_set(
+            "clusterwatch_supervisord_program_state",
+            "State of a supervisord program, as a state-set.",
+            &labels,
+            "state",
+            STATES,
+            Some(p.state),
+        );
+        out.gauge(
+            "clusterwatch_supervisord_program_pid",
+            "Process id of the program (0 when not running).",
+            &labels,
+            p.pid as f64,
+        );
+        out.gauge(
+            "clusterwatch_supervisord_program_uptime_seconds",
+            "Seconds since the program was started (0 when not running).",
+            &labels,
+            p.uptime as f64,
+        );
+        out.gauge(
+            "clusterwatch_supervisord_program_exit_status",
+            "Exit status of the program's last exit.",
+            &labels,
+            p.exit_status as f64,
+        );
+    }
+}
+
 #[async_trait]
 impl Collector for SupervisordCollector {
     async fn collect(
@@ -472,35 +505,7 @@ impl Collector for SupervisordCollector {
             RpcError::Fault(code, _) => CollectError::Query(format!("XML-RPC fault {code}")),
             RpcError::Malformed(m) => CollectError::Protocol(m),
         })?;
-        for p in &programs {
-            let labels = [("program", p.program.as_str())];
-            out.state_set(
-                "clusterwatch_supervisord_program_state",
-                "State of a supervisord program, as a state-set.",
-                &labels,
-                "state",
-                STATES,
-                Some(p.state),
-            );
-            out.gauge(
-                "clusterwatch_supervisord_program_pid",
-                "Process id of the program (0 when not running).",
-                &labels,
-                p.pid as f64,
-            );
-            out.gauge(
-                "clusterwatch_supervisord_program_uptime_seconds",
-                "Seconds since the program was started (0 when not running).",
-                &labels,
-                p.uptime as f64,
-            );
-            out.gauge(
-                "clusterwatch_supervisord_program_exit_status",
-                "Exit status of the program's last exit.",
-                &labels,
-                p.exit_status as f64,
-            );
-        }
+        write_programs(&programs, out);
         Ok(())
     }
 }
@@ -604,5 +609,16 @@ mod tests {
             http_body(b"HTTP/1.0 401 Unauthorized\r\n\r\n"),
             Err(CollectError::Auth(_))
         ));
+    }
+
+    /// Captured from supervisord 4.2.5: a running program, one that crashed until FATAL, and
+    /// a stopped program of a group.
+    #[test]
+    fn golden_exposition_of_captured_process_info() {
+        let name = "supervisord-4.2.5-getAllProcessInfo";
+        let xml = crate::collector::golden::input(&format!("{name}.xml"));
+        let mut out = SampleBuffer::new();
+        write_programs(&parse_process_info(xml.as_bytes()).unwrap(), &mut out);
+        crate::collector::golden::assert_golden(name, out);
     }
 }
