@@ -50,7 +50,7 @@ struct SelfStats {
 
 fn read_self(system: &Mutex<Option<System>>) -> Option<SelfStats> {
     let pid = Pid::from_u32(std::process::id());
-    let mut guard = crate::sync::lock(&system);
+    let mut guard = crate::sync::lock(system);
     if guard.is_none() {
         *guard = System::new().ok();
     }

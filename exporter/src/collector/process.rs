@@ -142,7 +142,7 @@ impl Table {
 }
 
 fn read_table(system: &Mutex<Option<System>>) -> Vec<Proc> {
-    let mut guard = crate::sync::lock(&system);
+    let mut guard = crate::sync::lock(system);
     if guard.is_none() {
         *guard = System::new().ok();
     }

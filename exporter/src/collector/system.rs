@@ -59,7 +59,7 @@ struct Reading {
 }
 
 fn read(system: &Mutex<Option<System>>) -> Result<Reading, String> {
-    let mut guard = crate::sync::lock(&system);
+    let mut guard = crate::sync::lock(system);
     if guard.is_none() {
         let kinds = RefreshKind::nothing()
             .with_cpu(CpuRefreshKind::nothing().with_usage())
