@@ -107,10 +107,13 @@ impl PacemakerCollector {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| CollectError::Io(format!("cannot run {}: {e}", self.crm_mon.display())))?;
-        let output = tokio::time::timeout_at(ctx.deadline, child.wait_with_output())
-            .await
-            .map_err(|_| CollectError::Timeout)?
-            .map_err(|e| CollectError::Io(format!("{}: {e}", self.crm_mon.display())))?;
+        let wait = async {
+            child
+                .wait_with_output()
+                .await
+                .map_err(|e| CollectError::Io(format!("{}: {e}", self.crm_mon.display())))
+        };
+        let output = ctx.within(wait).await?;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);

@@ -253,12 +253,8 @@ impl Collector for RedisCollector {
         for section in INFO_SECTIONS {
             cmd.arg(*section);
         }
-        let text: String =
-            match tokio::time::timeout_at(ctx.deadline, cmd.query_async(&mut conn)).await {
-                Ok(Ok(text)) => text,
-                Ok(Err(e)) => return Err(classify(&e)),
-                Err(_) => return Err(CollectError::Timeout),
-            };
+        let query = async { cmd.query_async(&mut conn).await.map_err(|e| classify(&e)) };
+        let text: String = ctx.within(query).await?;
         let info = Info::parse(&text)?;
         write(&info, &mut state, out);
         state.conn = Some(conn);

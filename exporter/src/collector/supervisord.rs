@@ -498,9 +498,7 @@ impl Collector for SupervisordCollector {
         ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        let body = tokio::time::timeout_at(ctx.deadline, self.call())
-            .await
-            .map_err(|_| CollectError::Timeout)??;
+        let body = ctx.within(self.call()).await?;
         let programs = parse_process_info(&body).map_err(|e| match e {
             RpcError::Fault(code, _) => CollectError::Query(format!("XML-RPC fault {code}")),
             RpcError::Malformed(m) => CollectError::Protocol(m),
