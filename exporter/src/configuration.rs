@@ -432,4 +432,51 @@ mod tests {
             "{err}"
         );
     }
+
+    /// A server that accepts connections and never answers: each network collector must end
+    /// at the scrape deadline with reason `timeout`, not wait for its client's own timeouts
+    /// (the configured timeout here is 30s; mongo's driver sizes its own from it).
+    #[tokio::test]
+    async fn network_collectors_end_at_the_scrape_deadline_against_a_silent_server() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        // Accepted connections are kept open and never written to.
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                open.push(conn);
+            }
+        });
+        let yaml = format!(
+            "global:\n  timeout: 30s\n\
+             haproxy:\n  - {{ name: h, url: 'http://{addr}/stats' }}\n\
+             kamailio:\n  - {{ name: k, url: 'http://{addr}/RPC' }}\n\
+             mongodb:\n  - {{ name: m, uri: 'mongodb://{addr}/?directConnection=true' }}\n\
+             redis:\n  - {{ name: r, address: 'redis://{addr}' }}\n\
+             supervisord:\n  - {{ name: s, url: 'http://{addr}/RPC2' }}\n"
+        );
+        let cfg = parse(&yaml, "c.yml", Path::new(".")).unwrap();
+        let network: Vec<_> = cfg
+            .targets
+            .iter()
+            .filter(|t| t.name() != "exporter")
+            .collect();
+        assert_eq!(network.len(), 5);
+        for t in network {
+            let started = tokio::time::Instant::now();
+            let ctx = crate::collector::ScrapeContext {
+                deadline: started + std::time::Duration::from_millis(300),
+            };
+            let mut out = crate::snapshot::SampleBuffer::new();
+            let err = t.collect(&ctx, &mut out).await.unwrap_err();
+            assert_eq!(err.reason(), "timeout", "{}: {err}", t.name());
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(3),
+                "{} took {:?}",
+                t.name(),
+                started.elapsed()
+            );
+        }
+        held.abort();
+    }
 }
