@@ -1,11 +1,12 @@
 //! The whole configuration file put together: `global` first, then each section handed to its
-//! owner (a collector kind from `collector::KINDS`, or the hook runner), giving a checked
+//! owner (a collector kind from `collector::registry::KINDS`, or the hook runner), giving a checked
 //! [`Config`] or every problem at once. The vocabulary the sections share lives in `config`.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::collector::{CollectorKind, Target, KINDS};
+use crate::collector::registry::KINDS;
+use crate::collector::{CollectorKind, Target};
 use crate::config::source::{suggest, Node, Value};
 use crate::config::{
     read_text, ConfigError, Global, Located, Pos, Problem, SectionContext, DEFAULT_TIMEOUT,

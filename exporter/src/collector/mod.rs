@@ -1,6 +1,7 @@
-//! The collector trait, the explicit list of collector kinds, and the scrape engine that runs
-//! every target concurrently under its own deadline. Collectors only query and fill a buffer;
-//! concurrency, deadlines, up/duration/error metrics and merging are owned here.
+//! The collector trait, the target that binds it to a configured thing, and the scrape engine
+//! that runs every target concurrently under its own deadline. Collectors only query and fill
+//! a buffer; concurrency, deadlines, up/duration/error metrics and merging are owned here. The
+//! list of kinds is `registry`.
 
 pub mod dir;
 pub mod etcd;
@@ -18,6 +19,7 @@ pub mod pg;
 pub mod probe;
 pub mod process;
 pub mod redis;
+pub mod registry;
 pub mod sre_stats;
 pub mod supervisord;
 pub mod system;
@@ -35,28 +37,6 @@ use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::logging::OnChange;
 use crate::snapshot::{Kind, Label, SampleBuffer};
 use crate::sync;
-
-/// Every collector kind, in exposition order. Adding a collector = one file + one line here.
-pub const KINDS: &[CollectorKind] = &[
-    exporter::KIND,
-    system::KIND,
-    fs::KIND,
-    dir::KIND,
-    pg::KIND,
-    etcd::KIND,
-    haproxy::KIND,
-    pacemaker::KIND,
-    probe::KIND,
-    kamailio::KIND,
-    redis::KIND,
-    sre_stats::KIND,
-    file::KIND,
-    process::KIND,
-    supervisord::KIND,
-    network::KIND,
-    textfile::KIND,
-    mongo::KIND,
-];
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
 /// section it reads, and how it builds targets from that section.
