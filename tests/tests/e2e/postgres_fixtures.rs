@@ -76,9 +76,7 @@ async fn capture(name: &str, dsn: &str, check: impl Fn(&Value) -> bool) -> Resul
 }
 
 async fn grant_repmgr_and_wait(pair: &PgCluster) -> Result<()> {
-    pair.primary
-        .psql("GRANT USAGE ON SCHEMA repmgr TO monitor; GRANT SELECT ON repmgr.nodes TO monitor")
-        .await?;
+    pair.primary.grant_repmgr().await?;
     let standby: &PgNode = &pair.standby;
     wait_until(WAIT, "the grant to reach the standby", async || {
         Ok(standby
@@ -133,14 +131,7 @@ async fn capture_pg_fixtures() -> Result<()> {
 
     // repmgr's node table, as `repmgr primary register` / `standby register` fill it: first
     // unreadable by pg_monitor, then granted.
-    pair.primary.psql("CREATE EXTENSION repmgr").await?;
-    pair.primary
-        .psql(
-            "INSERT INTO repmgr.nodes (node_id, upstream_node_id, active, node_name, type, conninfo, repluser, config_file) VALUES \
-             (1, NULL, true, 'node1', 'primary', 'host=node1 user=repmgr', 'repmgr', '/etc/repmgr.conf'), \
-             (2, 1, true, 'node2', 'standby', 'host=node2 user=repmgr', 'repmgr', '/etc/repmgr.conf')",
-        )
-        .await?;
+    pair.primary.create_repmgr_nodes().await?;
     capture("primary-repmgr-not-granted", &primary, |s| {
         s["repmgr"].get("Err").is_some()
     })
