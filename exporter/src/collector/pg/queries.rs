@@ -79,6 +79,24 @@ const REPMGR_SQL: &str = "SELECT n.node_id::int8 AS node_id, n.node_name::text A
     n.type::text AS node_type, n.active, coalesce(u.node_name::text, '') AS upstream_node_name \
     FROM repmgr.nodes n LEFT JOIN repmgr.nodes u ON u.node_id = n.upstream_node_id";
 
+/// Each group's SQL by its field name in [`Scrape`], so tests can check that every field of
+/// its row type is a column the SQL names.
+#[cfg(test)]
+pub(super) const SQL_BY_GROUP: &[(&str, &str)] = &[
+    ("status", STATUS_SQL),
+    ("control", CONTROL_SQL),
+    ("replication", REPLICATION_SQL),
+    ("wal_receiver", WAL_RECEIVER_SQL),
+    ("archiver", ARCHIVER_SQL),
+    ("archive_status", ARCHIVE_STATUS_SQL),
+    ("wal_dir", WAL_DIR_SQL),
+    ("slots", SLOTS_SQL),
+    ("connections", CONNECTIONS_SQL),
+    ("sizes", DATABASE_SIZES_SQL),
+    ("sizes", TABLESPACE_SIZES_SQL),
+    ("repmgr", REPMGR_SQL),
+];
+
 /// Every prepared statement, in the order of [`Session::statements`].
 #[derive(Clone, Copy)]
 enum Query {

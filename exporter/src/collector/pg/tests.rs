@@ -508,6 +508,36 @@ fn connections_are_counted_by_database_user_and_state() {
     );
 }
 
+/// The first row of group `name` in a capture, as JSON (sizes: a database row).
+fn first_row(
+    capture: &serde_json::Value,
+    name: &str,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let rows = match name {
+        "status" => return capture["status"].as_object().cloned(),
+        "sizes" => &capture["sizes"]["Ok"]["databases"],
+        _ => &capture[name]["Ok"],
+    };
+    rows.get(0)?.as_object().cloned()
+}
+
+#[test]
+fn every_row_field_is_a_column_its_sql_names() {
+    let text = std::fs::read_to_string(testdata().join("primary-repmgr.json")).unwrap();
+    let primary: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let text = std::fs::read_to_string(testdata().join("standby-streaming.json")).unwrap();
+    let standby: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (group, sql) in super::queries::SQL_BY_GROUP {
+        let row = first_row(&primary, group)
+            .or_else(|| first_row(&standby, group))
+            .unwrap_or_else(|| panic!("no captured row of {group}"));
+        for field in row.keys() {
+            let named = regex::Regex::new(&format!(r"(AS|\bn\.|SELECT|,) *{field}\b")).unwrap();
+            assert!(named.is_match(sql), "{group}: no column `{field}` in {sql}");
+        }
+    }
+}
+
 /// Every capture's exposition, byte for byte, against `NAME.prom` (OpenMetrics, first scrape
 /// of a fresh collector with `expected_standbys: 1`). `UPDATE_GOLDEN=1` rewrites them instead.
 #[test]
