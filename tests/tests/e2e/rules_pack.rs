@@ -502,6 +502,9 @@ fn postable(labels: &[(&str, &str)]) -> Value {
     })
 }
 
+/// A case of the inhibition test: (what it is, its labels, whether it must be muted).
+type InhibitionCase = (&'static str, &'static [(&'static str, &'static str)], bool);
+
 /// `k=v,...` of a JSON label object, sorted, to find an alert again whatever the key order.
 fn label_key(labels: &Value) -> String {
     let sorted: BTreeMap<&str, &str> = labels
@@ -538,7 +541,7 @@ async fn example_inhibitions_mute_symptoms_and_nothing_else() -> Result<()> {
     // (name, labels, muted). A node's services may be watched by another node's clusterwatch
     // (instance em2:9469 watching em1's uwsgi): the `nodename` label, not `instance`, says
     // which host they are on.
-    let cases: &[(&str, &[(&str, &str)], bool)] = &[
+    let cases: &[InhibitionCase] = &[
         // Causes: they always speak.
         (
             "no primary",
