@@ -206,35 +206,32 @@ fn expand_with(
 fn queries(file: &str, dashboard: &Value, problems: &mut Vec<String>) -> Vec<Query> {
     let variables = query_variables(dashboard);
     let mut out = Vec::new();
-    for panel in panels(dashboard) {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let at = format!(
-                "{file}: {} ({})",
-                title(panel),
-                target["refId"].as_str().unwrap_or("?")
-            );
-            let Some(expr) = target["expr"].as_str() else {
-                problems.push(format!("{at}: a target without `expr`"));
-                continue;
-            };
-            match expand(expr, &variables) {
-                Ok(promql) => out.push(Query {
-                    at,
-                    expr: expr.to_owned(),
-                    promql,
-                    needs_data: true,
-                }),
-                Err(e) => problems.push(format!("{at}: {e}")),
-            }
-        }
-    }
-    for annotation in annotations(dashboard) {
+    // Panel targets must return data on the test stack; annotation queries (a failover, a
+    // hook run in the last minutes) only have to be valid.
+    let panel_targets = panels(dashboard).into_iter().flat_map(|panel| {
+        panel["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(move |target| {
+                let at = format!(
+                    "{file}: {} ({})",
+                    title(panel),
+                    target["refId"].as_str().unwrap_or("?")
+                );
+                (at, target, true)
+            })
+    });
+    let annotation_queries = annotations(dashboard).into_iter().map(|annotation| {
         let at = format!(
             "{file}: annotation {}",
             annotation["name"].as_str().unwrap_or("?")
         );
-        let Some(expr) = annotation["expr"].as_str() else {
-            problems.push(format!("{at}: an annotation without `expr`"));
+        (at, annotation, false)
+    });
+    for (at, holder, needs_data) in panel_targets.chain(annotation_queries) {
+        let Some(expr) = holder["expr"].as_str() else {
+            problems.push(format!("{at}: no `expr`"));
             continue;
         };
         match expand(expr, &variables) {
@@ -242,7 +239,7 @@ fn queries(file: &str, dashboard: &Value, problems: &mut Vec<String>) -> Vec<Que
                 at,
                 expr: expr.to_owned(),
                 promql,
-                needs_data: false,
+                needs_data,
             }),
             Err(e) => problems.push(format!("{at}: {e}")),
         }

@@ -303,6 +303,45 @@ fn amtool_accepts_the_example_configuration() {
     assert!(ran.ok, "{}", ran.report);
 }
 
+/// The receivers `amtool config routes test` picks for `labels`, as it prints them
+/// (comma-separated, in route order).
+fn routed_to(amtool: &Path, labels: &[String]) -> Result<String, String> {
+    let mut command = Command::new(amtool);
+    command.args([
+        "config",
+        "routes",
+        "test",
+        &format!("--config.file={ALERTMANAGER_CONFIG}"),
+    ]);
+    command.args(labels);
+    let ran = run(command);
+    if !ran.ok {
+        return Err(ran.report);
+    }
+    Ok(ran
+        .stdout
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+/// An alert's own labels for `amtool config routes test`, with a cluster.
+fn route_labels(alert: &Alert) -> Vec<String> {
+    let mut labels = vec![
+        format!("alertname={}", alert.name),
+        "cluster=example".to_owned(),
+    ];
+    labels.extend(
+        alert
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", unquote(v))),
+    );
+    labels
+}
+
 /// Every alert labelled `action: failover` reaches the hook receiver, with its own labels and
 /// a cluster; an alert without the label never does.
 #[test]
@@ -311,25 +350,14 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
     let mut problems = Vec::new();
     let mut failover_alerts = 0;
     for alert in alerts() {
-        let mut command = Command::new(&amtool);
-        command.args([
-            "config",
-            "routes",
-            "test",
-            "--config.file=alertmanager/alertmanager.yml",
-        ]);
-        command.arg(format!("alertname={}", alert.name));
-        command.arg("cluster=example");
-        for (k, v) in &alert.labels {
-            command.arg(format!("{k}={}", unquote(v)));
-        }
-        let ran = run(command);
-        if !ran.ok {
-            problems.push(ran.report);
-            continue;
-        }
-        // amtool prints the receivers, comma-separated, on its last line of stdout.
-        let receivers = ran.stdout.lines().last().unwrap_or_default();
+        let receivers = match routed_to(&amtool, &route_labels(&alert)) {
+            Ok(receivers) => receivers,
+            Err(report) => {
+                problems.push(report);
+                continue;
+            }
+        };
+        let receivers = receivers.as_str();
         let to_hooks = receivers.split(',').any(|r| r.trim() == HOOK_RECEIVER);
         let failover = alert.labels.get("action").map(|v| unquote(v)) == Some("failover");
         failover_alerts += usize::from(failover);
@@ -357,30 +385,6 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
         "no alert carries action=failover (PostgresNoPrimary must)"
     );
     assert_no_problems("routing", &problems);
-}
-
-/// The receivers `amtool config routes test` picks for `labels`, as it prints them
-/// (comma-separated, in route order).
-fn routed_to(amtool: &Path, labels: &[String]) -> Result<String, String> {
-    let mut command = Command::new(amtool);
-    command.args([
-        "config",
-        "routes",
-        "test",
-        &format!("--config.file={ALERTMANAGER_CONFIG}"),
-    ]);
-    command.args(labels);
-    let ran = run(command);
-    if !ran.ok {
-        return Err(ran.report);
-    }
-    Ok(ran
-        .stdout
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
 }
 
 /// Hand-written cases of the example routing tree: the dead man's switch, the info route,
@@ -445,17 +449,7 @@ fn every_alert_reaches_the_receiver_its_severity_calls_for() {
     let mut problems = Vec::new();
     let mut watchdogs = 0;
     for alert in alerts() {
-        let mut labels = vec![
-            format!("alertname={}", alert.name),
-            "cluster=example".to_owned(),
-        ];
-        labels.extend(
-            alert
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={}", unquote(v))),
-        );
-        let got = match routed_to(&amtool, &labels) {
+        let got = match routed_to(&amtool, &route_labels(&alert)) {
             Ok(got) => got,
             Err(report) => {
                 problems.push(report);
