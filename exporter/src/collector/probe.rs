@@ -119,10 +119,10 @@ impl Collector for ProbeCollector {
         ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
+        let started = Instant::now();
         // Ends before the engine's deadline, so a probe that runs out of time still reports
         // `reason="timeout"` itself instead of being aborted with nothing to show.
         let deadline = ctx.item_deadline();
-        let started = Instant::now();
         let outcome: Outcome = match &self.kind {
             Kind::Http(p) => p.run(deadline).await,
             Kind::Tcp(p) => p.run(deadline).await,
