@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use crate::snapshot::SampleBuffer;
 use config::{HookRule, HooksConfig};
-use journal::{AlertRef, Event, Journal, JournalError, Record};
+use journal::{AlertRef, Event, Journal, JournalError, Record, RunResult};
 use metrics::Counters;
 use payload::{Notification, PayloadError};
 use policy::{Context, State};
@@ -49,6 +49,7 @@ pub const SKIP_REASONS: &[&str] = &[
     "abandoned",
     "lock_held_elsewhere",
     "lock_unavailable",
+    "journal_damaged",
 ];
 
 /// Lock outcomes, the `result` label of `clusterwatch_hook_lock_total`.
@@ -165,7 +166,7 @@ impl Hooks {
     pub async fn start(cfg: HooksConfig, gate: Box<dyn RunGate>) -> anyhow::Result<Arc<Hooks>> {
         let (journal, records) = Journal::open(&cfg.state_dir)?;
         let mut state = State::replay(&records);
-        let interrupted = state.interrupted(now());
+        let interrupted = state.interrupted(now(), 0.0);
         let found: Vec<Record> = interrupted.iter().map(|(r, _)| r.clone()).collect();
         for r in &found {
             state.apply(r);
@@ -532,11 +533,11 @@ impl Hooks {
             .await;
             let retry = o.exit == Exit::Code(1) && attempt <= rule.retries;
             let result = match &o.exit {
-                Exit::Code(0) => "ok",
-                _ if retry => "retry",
-                Exit::Code(_) | Exit::Signal(_) => "failed",
-                Exit::Timeout => "timeout",
-                Exit::SpawnFailed(_) => "error",
+                Exit::Code(0) => RunResult::Ok,
+                _ if retry => RunResult::Retry,
+                Exit::Code(_) | Exit::Signal(_) => RunResult::Failed,
+                Exit::Timeout => RunResult::Timeout,
+                Exit::SpawnFailed(_) => RunResult::Error,
             };
             {
                 let mut c = self.counters.lock().unwrap();
@@ -544,10 +545,10 @@ impl Hooks {
                 c.last_duration
                     .insert(hook.clone(), o.duration.as_secs_f64());
                 if !retry {
-                    *c.runs.entry((hook.clone(), result)).or_default() += 1;
+                    *c.runs.entry((hook.clone(), result.as_str())).or_default() += 1;
                 }
             }
-            tracing::info!(hook = %hook, run, attempt, result, outcome = %o.exit, seconds = o.duration.as_secs_f64(), "hook finished");
+            tracing::info!(hook = %hook, run, attempt, result = result.as_str(), outcome = %o.exit, seconds = o.duration.as_secs_f64(), "hook finished");
             let exit_code = match o.exit {
                 Exit::Code(c) => Some(c),
                 _ => None,
@@ -558,7 +559,7 @@ impl Hooks {
                     run,
                     hook: hook.clone(),
                     attempt,
-                    result: result.to_owned(),
+                    result,
                     exit_code,
                     duration_seconds: o.duration.as_secs_f64(),
                     stdout_tail: o.stdout_tail,
@@ -721,6 +722,7 @@ fn skip_of(e: &Event) -> Option<(&str, &'static str)> {
         Event::BudgetSkipped { hook, .. } => Some((hook, "budget")),
         Event::KillSwitch { hook, .. } => Some((hook, "kill_switch")),
         Event::DryRun { hook, .. } => Some((hook, "dry_run")),
+        Event::JournalDamaged { hook, .. } => Some((hook, "journal_damaged")),
         _ => None,
     }
 }
@@ -733,6 +735,72 @@ fn write_durably(path: &std::path::Path, body: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
     f.write_all(body)?;
     f.sync_data()
+}
+
+/// `clusterwatch hooks journal [--check | --accept-damage]`: the journal as lines (damaged
+/// lines in place), only its damage, or the damage dropped. `Err` when a check finds damage.
+pub fn journal_command(
+    cfg: &HooksConfig,
+    check: bool,
+    accept: bool,
+) -> Result<Vec<String>, String> {
+    let dir = &cfg.state_dir;
+    let file = dir.join(journal::FILE_NAME);
+    if accept {
+        let dropped = journal::accept_damage(dir, now(), |records| {
+            State::replay(records).close_all_unknown(now())
+        })
+        .map_err(|e| e.to_string())?;
+        if dropped.is_empty() {
+            return Ok(vec![format!(
+                "{}: no damaged line; nothing changed",
+                file.display()
+            )]);
+        }
+        let mut lines: Vec<String> = dropped.iter().map(|d| format!("dropped {d}")).collect();
+        lines.push(format!(
+            "{}: {} damaged line(s) dropped; incidents that began before now will not run automatically",
+            file.display(),
+            dropped.len()
+        ));
+        return Ok(lines);
+    }
+    let scan = journal::scan(dir).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if check {
+        if scan.damage.is_empty() {
+            let torn = scan.len - scan.good_len;
+            return Ok(vec![format!(
+                "{}: {} records, no damage{}",
+                file.display(),
+                scan.records.len(),
+                if torn > 0 {
+                    format!(" ({torn} bytes of torn tail, cut at the next start)")
+                } else {
+                    String::new()
+                }
+            )]);
+        }
+        let mut msg: Vec<String> = scan
+            .damage
+            .iter()
+            .map(|d| format!("{}: damaged {d}", file.display()))
+            .collect();
+        msg.push("clusterwatch will not start on this journal; see `hooks journal --accept-damage` in the README".into());
+        return Err(msg.join("\n"));
+    }
+    let mut out: Vec<(u64, String)> = scan
+        .records
+        .iter()
+        .zip(&scan.lines)
+        .map(|(r, l)| (*l, journal::render(r)))
+        .collect();
+    out.extend(
+        scan.damage
+            .iter()
+            .map(|d| (d.line, format!("!! damaged {d}"))),
+    );
+    out.sort_by_key(|(l, _)| *l);
+    Ok(out.into_iter().map(|(_, l)| l).collect())
 }
 
 /// `clusterwatch hooks replay`: the decisions for `body` against the current journal, as
@@ -838,7 +906,7 @@ mod tests {
         until("both runs to end", || {
             finished(dir.path())
                 .iter()
-                .filter(|f| f.2 != "retry")
+                .filter(|f| f.2 != RunResult::Retry)
                 .count()
                 == 2
         })
@@ -848,9 +916,9 @@ mod tests {
         assert_eq!(
             f,
             vec![
-                ("flaky".into(), 1, "retry".into()),
-                ("flaky".into(), 2, "ok".into()),
-                ("hard".into(), 1, "failed".into()),
+                ("flaky".into(), 1, RunResult::Retry),
+                ("flaky".into(), 2, RunResult::Ok),
+                ("hard".into(), 1, RunResult::Failed),
             ]
         );
     }
