@@ -21,8 +21,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use url::Url;
 
+use super::gate::{Pass, Refusal, RunGate};
 use super::journal::AlertRef;
-use super::{Pass, Refusal, RunGate};
 use crate::collector::etcd::{build_client, check_endpoints, TlsFiles};
 use crate::config::{HumanDuration, Located, Problem, SectionContext};
 
