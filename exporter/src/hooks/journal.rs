@@ -442,26 +442,35 @@ pub struct Journal {
     path: PathBuf,
 }
 
-fn lock_file(dir: &Path, path: &Path) -> Result<Flock<File>, JournalError> {
-    let io = |source| JournalError::Io {
-        path: path.display().to_string(),
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> JournalError {
+    let path = path.display().to_string();
+    move |source| JournalError::Io {
+        path: path.clone(),
         source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
+    }
+}
+
+/// Opens (creating) the journal in `dir` under its lock and reads it whole.
+fn locked_scan(dir: &Path) -> Result<(Flock<File>, Scan, PathBuf), JournalError> {
+    let path = dir.join(FILE_NAME);
+    let io = io_error(&path);
+    std::fs::create_dir_all(dir).map_err(&io)?;
     let file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
-        .open(path)
-        .map_err(io)?;
+        .open(&path)
+        .map_err(&io)?;
     // One writer per journal: a second clusterwatch on the same state_dir would decide
     // without seeing the first one's runs, and could run a disruptive hook twice.
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+    let mut file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         io(std::io::Error::new(
             std::io::ErrorKind::WouldBlock,
             format!("locked by another process ({errno}); is another clusterwatch using this state_dir?"),
         ))
-    })
+    })?;
+    let scan = scan_file(&mut file).map_err(&io)?;
+    Ok((file, scan, path))
 }
 
 impl Journal {
@@ -469,13 +478,8 @@ impl Journal {
     /// torn tail (a crash during a write, never acknowledged) is cut off; a damaged line
     /// before an intact record is [`JournalError::Damaged`].
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
-        let path = dir.join(FILE_NAME);
-        let io = |source| JournalError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let mut file = lock_file(dir, &path)?;
-        let scan = scan_file(&mut file).map_err(io)?;
+        let (file, scan, path) = locked_scan(dir)?;
+        let io = io_error(&path);
         if !scan.damage.is_empty() {
             return Err(JournalError::Damaged {
                 path: path.display().to_string(),
@@ -484,8 +488,8 @@ impl Journal {
         }
         if scan.good_len < scan.len {
             tracing::warn!(journal = %path.display(), bytes = scan.len - scan.good_len, "cutting off a torn journal tail (a write that was never acknowledged)");
-            file.set_len(scan.good_len).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            file.set_len(scan.good_len).map_err(&io)?;
+            file.sync_all().map_err(&io)?;
         }
         let (tx, rx) = mpsc::channel::<Pending>();
         let thread_path = path.clone();
@@ -493,7 +497,7 @@ impl Journal {
         std::thread::Builder::new()
             .name("hook-journal".into())
             .spawn(move || writer(file, good_len, rx, &thread_path))
-            .map_err(io)?;
+            .map_err(&io)?;
         Ok((Journal { tx, path }, scan.records))
     }
 
@@ -593,10 +597,7 @@ impl End {
 /// Reads a journal without opening it for writing (for `hooks replay`); damage is an error.
 pub fn read(dir: &Path) -> Result<Vec<Record>, JournalError> {
     let path = dir.join(FILE_NAME);
-    let scan = scan(dir).map_err(|source| JournalError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let scan = scan(dir).map_err(io_error(&path))?;
     if !scan.damage.is_empty() {
         return Err(JournalError::Damaged {
             path: path.display().to_string(),
@@ -615,18 +616,13 @@ pub fn accept_damage(
     now: f64,
     closing: impl FnOnce(&[Record]) -> Vec<Record>,
 ) -> Result<Vec<Damage>, JournalError> {
-    let path = dir.join(FILE_NAME);
-    let io = |source| JournalError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut file = lock_file(dir, &path)?;
-    let scan = scan_file(&mut file).map_err(io)?;
+    let (mut file, scan, path) = locked_scan(dir)?;
+    let io = io_error(&path);
     if scan.damage.is_empty() {
         return Ok(Vec::new());
     }
     let saved = dir.join(format!("{FILE_NAME}.damaged-{}", now as u64));
-    std::fs::copy(&path, &saved).map_err(io)?;
+    std::fs::copy(&path, &saved).map_err(&io)?;
     let mut bytes = Vec::new();
     for r in &scan.records {
         encode(r, &mut bytes);
@@ -644,9 +640,9 @@ pub fn accept_damage(
     }
     // Rewritten in place under the lock: a rename would leave a running writer's lock on the
     // old inode.
-    file.set_len(0).map_err(io)?;
-    file.write_all(&bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    file.set_len(0).map_err(&io)?;
+    file.write_all(&bytes).map_err(&io)?;
+    file.sync_all().map_err(&io)?;
     Ok(scan.damage)
 }
 

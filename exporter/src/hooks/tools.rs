@@ -2,6 +2,8 @@
 //! `hooks replay` (the decisions a payload would get). They read the journal and decide with
 //! `policy`; they never run a hook.
 
+use std::path::Path;
+
 use super::config::HooksConfig;
 use super::policy::State;
 use super::{context, journal, now, payload, policy};
@@ -14,48 +16,13 @@ pub fn journal_command(
     accept: bool,
 ) -> Result<Vec<String>, String> {
     let dir = &cfg.state_dir;
-    let file = dir.join(journal::FILE_NAME);
     if accept {
-        let dropped = journal::accept_damage(dir, now(), |records| {
-            State::replay(records).close_all_unknown(now())
-        })
-        .map_err(|e| e.to_string())?;
-        if dropped.is_empty() {
-            return Ok(vec![format!(
-                "{}: no damaged line; nothing changed",
-                file.display()
-            )]);
-        }
-        let mut lines: Vec<String> = dropped.iter().map(|d| format!("dropped {d}")).collect();
-        lines.push(format!(
-            "{}: {} damaged line(s) dropped; incidents that began before now will not run automatically",
-            file.display(),
-            dropped.len()
-        ));
-        return Ok(lines);
+        return accept_damage(dir);
     }
+    let file = dir.join(journal::FILE_NAME);
     let scan = journal::scan(dir).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     if check {
-        if scan.damage.is_empty() {
-            let torn = scan.len - scan.good_len;
-            return Ok(vec![format!(
-                "{}: {} records, no damage{}",
-                file.display(),
-                scan.records.len(),
-                if torn > 0 {
-                    format!(" ({torn} bytes of torn tail, cut at the next start)")
-                } else {
-                    String::new()
-                }
-            )]);
-        }
-        let mut msg: Vec<String> = scan
-            .damage
-            .iter()
-            .map(|d| format!("{}: damaged {d}", file.display()))
-            .collect();
-        msg.push("clusterwatch will not start on this journal; see `hooks journal --accept-damage` in the README".into());
-        return Err(msg.join("\n"));
+        return check_scan(&file, &scan);
     }
     let mut out: Vec<(u64, String)> = scan
         .records
@@ -63,13 +30,54 @@ pub fn journal_command(
         .zip(&scan.lines)
         .map(|(r, l)| (*l, journal::render(r)))
         .collect();
-    out.extend(
-        scan.damage
-            .iter()
-            .map(|d| (d.line, format!("!! damaged {d}"))),
-    );
+    let damaged = scan.damage.iter();
+    out.extend(damaged.map(|d| (d.line, format!("!! damaged {d}"))));
     out.sort_by_key(|(l, _)| *l);
     Ok(out.into_iter().map(|(_, l)| l).collect())
+}
+
+/// `--check`: one line when the journal is sound, every damaged line as the error otherwise.
+fn check_scan(file: &Path, scan: &journal::Scan) -> Result<Vec<String>, String> {
+    if scan.damage.is_empty() {
+        let torn = match scan.len - scan.good_len {
+            0 => String::new(),
+            n => format!(" ({n} bytes of torn tail, cut at the next start)"),
+        };
+        let records = scan.records.len();
+        return Ok(vec![format!(
+            "{}: {records} records, no damage{torn}",
+            file.display()
+        )]);
+    }
+    let mut msg: Vec<String> = scan
+        .damage
+        .iter()
+        .map(|d| format!("{}: damaged {d}", file.display()))
+        .collect();
+    msg.push("clusterwatch will not start on this journal; see `hooks journal --accept-damage` in the README".into());
+    Err(msg.join("\n"))
+}
+
+/// `--accept-damage`: drops the damaged lines; every run still open becomes `unknown`.
+fn accept_damage(dir: &Path) -> Result<Vec<String>, String> {
+    let file = dir.join(journal::FILE_NAME);
+    let dropped = journal::accept_damage(dir, now(), |records| {
+        State::replay(records).close_all_unknown(now())
+    })
+    .map_err(|e| e.to_string())?;
+    if dropped.is_empty() {
+        return Ok(vec![format!(
+            "{}: no damaged line; nothing changed",
+            file.display()
+        )]);
+    }
+    let mut lines: Vec<String> = dropped.iter().map(|d| format!("dropped {d}")).collect();
+    lines.push(format!(
+        "{}: {} damaged line(s) dropped; incidents that began before now will not run automatically",
+        file.display(),
+        dropped.len()
+    ));
+    Ok(lines)
 }
 
 /// `clusterwatch hooks replay`: the decisions for `body` against the current journal, as
