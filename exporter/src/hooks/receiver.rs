@@ -1,6 +1,6 @@
 //! The webhook's HTTP side: authenticate (constant-time), cap the body, hand it to
-//! [`Hooks::receive`], map the result to a status. Bad input is a 4xx (Alertmanager does not
-//! retry it); a journal failure is a 500 (it retries). Bodies sent back are generic.
+//! [`Hooks::receive`], map the result to a status. Bad input is a 4xx (over the cap 413, cut
+//! short 400; Alertmanager does not retry it); a journal failure is a 500 (it retries).
 
 use std::sync::Arc;
 
