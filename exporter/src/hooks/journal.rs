@@ -347,6 +347,12 @@ pub fn encode(r: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\"}\n");
 }
 
+fn unreadable(e: serde_json::Error) -> String {
+    let msg = e.to_string();
+    let what = msg.split(" at line ").next().unwrap_or(&msg);
+    format!("not a readable record ({what} at column {})", e.column())
+}
+
 /// Decodes one line (without its newline). `Ok((record, had_sum))`.
 fn decode(line: &[u8]) -> Result<(Record, bool), String> {
     if line.contains(&0) {
@@ -357,7 +363,15 @@ fn decode(line: &[u8]) -> Result<(Record, bool), String> {
         && line[suffix_at..].starts_with(SUM_KEY)
         && line.ends_with(b"\"}");
     if !has_sum {
-        let r = serde_json::from_slice(line).map_err(|e| format!("unreadable: {e}"))?;
+        let r = serde_json::from_slice(line).map_err(unreadable)?;
+        // A record from before checksums has only fields a record has: a checksummed record
+        // whose `sum` key was hit (`"sun"`) must not pass for an old one.
+        let as_read: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(line).map_err(unreadable)?;
+        let known = serde_json::to_value(&r).unwrap_or_default();
+        if let Some(k) = as_read.keys().find(|k| known.get(k.as_str()).is_none()) {
+            return Err(format!("unknown field `{k}`"));
+        }
         return Ok((r, false));
     }
     let mut json = line[..suffix_at].to_vec();
@@ -366,7 +380,7 @@ fn decode(line: &[u8]) -> Result<(Record, bool), String> {
     if given != sum_of(&json).as_bytes() {
         return Err("checksum mismatch (the record was changed)".into());
     }
-    let r = serde_json::from_slice(&json).map_err(|e| format!("unreadable: {e}"))?;
+    let r = serde_json::from_slice(&json).map_err(unreadable)?;
     Ok((r, true))
 }
 
@@ -836,6 +850,19 @@ mod tests {
         let mut mixed = old.to_vec();
         mixed.extend_from_slice(&new);
         assert!(scan_bytes(&mixed).damage.is_empty());
+        // A checksummed line whose `sum` key was hit is no old record.
+        let mut hit = new.clone();
+        let at = hit.windows(5).position(|w| w == b"\"sum\"").unwrap();
+        hit[at + 3] = b'n';
+        let mut first = hit.clone();
+        first.extend_from_slice(&new);
+        let s = scan_bytes(&first);
+        assert_eq!(s.damage.len(), 1, "{:?}", s.damage);
+        assert!(
+            s.damage[0].why.contains("unknown field `sun`"),
+            "{:?}",
+            s.damage
+        );
         // ... but an unchecked line after a checked one is damage.
         let mut bad = new.clone();
         bad.extend_from_slice(&old[..]);

@@ -54,7 +54,7 @@ fn check_scan(file: &Path, scan: &journal::Scan) -> Result<Vec<String>, String> 
         .iter()
         .map(|d| format!("{}: damaged {d}", file.display()))
         .collect();
-    msg.push("clusterwatch will not start on this journal; see `hooks journal --accept-damage` in the README".into());
+    msg.push("clusterwatch will not start on this journal: recover with `hooks journal --accept-damage` (keeps the readable records) or by moving it aside (README, \"The journal\")".into());
     Err(msg.join("\n"))
 }
 
