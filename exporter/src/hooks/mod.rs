@@ -227,19 +227,7 @@ impl Hooks {
             .store(notification, &body, &records, !planned.is_empty())
             .await
         {
-            // Alertmanager will retry after the 500: give the accepted runs back, so the retry
-            // is decided afresh instead of being taken for a repeat of a run that never came.
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &planned {
-                let hook = cfg.rules[p.rule].name.clone();
-                let reason = "not stored".into();
-                let event = Event::Abandoned {
-                    run: p.run,
-                    hook,
-                    reason,
-                };
-                state.apply(&Record { ts: ctx.now, event });
-            }
+            self.give_back(&cfg, &planned, ctx.now);
             return Err(e.into());
         }
         {
@@ -265,6 +253,23 @@ impl Hooks {
             .spawn();
         }
         Ok(receipt)
+    }
+
+    /// Alertmanager will retry after the 500: the accepted runs are given back (in memory; the
+    /// journal never had them), so the retry is decided afresh instead of being taken for a
+    /// repeat of a run that never came.
+    fn give_back(&self, cfg: &HooksConfig, planned: &[policy::Planned], now: f64) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for p in planned {
+            let hook = cfg.rules[p.rule].name.clone();
+            let reason = "not stored".into();
+            let event = Event::Abandoned {
+                run: p.run,
+                hook,
+                reason,
+            };
+            state.apply(&Record { ts: now, event });
+        }
     }
 
     /// Makes a notification's decisions durable: the payload file first when runs will need
