@@ -531,3 +531,76 @@ async fn a_short_body_is_400_and_a_huge_label_set_still_runs_the_hook() -> Resul
     assert!(dropped > 400.0, "dropped {dropped}");
     Ok(())
 }
+
+/// Kills the child when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_relative_config_file_runs_a_relative_command_with_an_absolute_payload_file() -> Result<()>
+{
+    let lab = HookLab::new()?;
+    let seen = lab.dir().join("payload.seen");
+    lab.recorder(
+        "promote",
+        &format!("cat \"$CW_PAYLOAD_FILE\" > {}", seen.display()),
+    )?;
+    // Relative to the configuration file, which is given relative to the working directory.
+    let rules = "    - { name: promote, match: { alertname: NoPrimary }, command: [./promote] }\n";
+    let yaml = lab
+        .config("", rules)
+        .replace(&format!("{}/state", lab.dir().display()), "state");
+    std::fs::create_dir_all(lab.dir().join("etc"))?;
+    std::fs::write(lab.dir().join("clusterwatch.yml"), yaml)?;
+    let port = clusterwatch_tests::harness::ports::free_port()?;
+    let (ok, out) = {
+        let out = std::process::Command::new(clusterwatch_tests::harness::clusterwatch::binary()?)
+            .current_dir(lab.dir().join("etc"))
+            .args(["check-config", "../clusterwatch.yml"])
+            .output()?;
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "{out}");
+    let _cw = Killed(
+        std::process::Command::new(clusterwatch_tests::harness::clusterwatch::binary()?)
+            .current_dir(lab.dir().join("etc"))
+            .args(["--config.file", "../clusterwatch.yml"])
+            .args(["--web.listen-address", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    wait_until(WAIT, "the webhook listener", async || {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", lab.port))
+            .await
+            .is_ok())
+    })
+    .await?;
+    let body = incident("rel");
+    assert_eq!(lab.post(body.clone()).await?, 200);
+    wait_for("the hook to finish", || !lab.events("finished").is_empty()).await?;
+    assert_eq!(
+        lab.events("finished")[0]["result"],
+        "ok",
+        "{:?}",
+        lab.journal()
+    );
+    let env = String::from_utf8(lab.read("promote.env.0")?)?;
+    let payload = env
+        .split('\0')
+        .find_map(|v| v.strip_prefix("CW_PAYLOAD_FILE="))
+        .context("CW_PAYLOAD_FILE")?;
+    assert!(Path::new(payload).is_absolute(), "{payload}");
+    // The hook runs in `/`: it read the file by that absolute name.
+    assert_eq!(std::fs::read_to_string(&seen)?, body);
+    Ok(())
+}
