@@ -516,33 +516,25 @@ fn check_rule(
             .hint("remove rerun_after_crash or make the hook non-disruptive"),
         );
     }
-    let timeout = duration(
-        at,
-        "timeout",
-        r.timeout,
-        Duration::from_secs(60),
-        limits::TIMEOUT,
-        problems,
-    );
+    let [timeout, cooldown, retry_backoff] = [
+        (
+            "timeout",
+            r.timeout,
+            Duration::from_secs(60),
+            limits::TIMEOUT,
+        ),
+        ("cooldown", r.cooldown, Duration::ZERO, limits::COOLDOWN),
+        (
+            "retry_backoff",
+            r.retry_backoff,
+            Duration::from_secs(10),
+            limits::RETRY_BACKOFF,
+        ),
+    ]
+    .map(|(field, value, default, max)| duration(at, field, value, default, max, problems));
     if timeout.is_zero() {
         problems.push(at.problem("timeout", "timeout must be greater than zero"));
     }
-    let cooldown = duration(
-        at,
-        "cooldown",
-        r.cooldown,
-        Duration::ZERO,
-        limits::COOLDOWN,
-        problems,
-    );
-    let retry_backoff = duration(
-        at,
-        "retry_backoff",
-        r.retry_backoff,
-        Duration::from_secs(10),
-        limits::RETRY_BACKOFF,
-        problems,
-    );
     let retries = r.retries.unwrap_or(0);
     in_range(at, "retries", retries, 0, limits::RETRIES, problems);
     let mut env = Vec::new();

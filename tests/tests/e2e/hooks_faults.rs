@@ -294,7 +294,13 @@ async fn a_damaged_journal_stops_the_start_naming_the_line_and_no_handled_incide
         assert!(logs.contains(&named), "{how:?}: {named:?} not in\n{logs}");
         assert!(logs.contains("hooks journal --check"), "{logs}");
 
-        // --check names it too and fails; --accept-damage keeps what is readable.
+        // The plain listing marks it in place; --check names it too and fails;
+        // --accept-damage keeps what is readable.
+        let (ok, out) = cli(&config, &["hooks", "journal"])?;
+        assert!(
+            ok && out.contains(&format!("!! damaged line {line} ")),
+            "{how:?}: {out}"
+        );
         let (ok, out) = cli(&config, &["hooks", "journal", "--check"])?;
         assert!(
             !ok && out.contains(&format!("damaged line {line} ")),
@@ -512,13 +518,7 @@ async fn a_short_body_is_400_and_a_huge_label_set_still_runs_the_hook() -> Resul
             .await?,
         200
     );
-    wait_for("the hook to finish", || !lab.events("finished").is_empty()).await?;
-    assert_eq!(
-        lab.events("finished")[0]["result"],
-        "ok",
-        "{:?}",
-        lab.journal()
-    );
+    first_run_ok(&lab).await?;
     let env = lab.read("promote.env.0")?;
     assert!(env.len() < 256 << 10, "environment of {} bytes", env.len());
     let m = scrape(&cw).await?;
@@ -529,6 +529,14 @@ async fn a_short_body_is_400_and_a_huge_label_set_still_runs_the_hook() -> Resul
         )
         .unwrap_or(0.0);
     assert!(dropped > 400.0, "dropped {dropped}");
+    Ok(())
+}
+
+/// Waits for the first run to finish and checks it ended `ok`.
+async fn first_run_ok(lab: &HookLab) -> Result<()> {
+    wait_for("the hook to finish", || !lab.events("finished").is_empty()).await?;
+    let result = lab.events("finished")[0]["result"].clone();
+    anyhow::ensure!(result == "ok", "result {result}: {:?}", lab.journal());
     Ok(())
 }
 
@@ -587,13 +595,7 @@ async fn a_relative_config_file_runs_a_relative_command_with_an_absolute_payload
     .await?;
     let body = incident("rel");
     assert_eq!(lab.post(body.clone()).await?, 200);
-    wait_for("the hook to finish", || !lab.events("finished").is_empty()).await?;
-    assert_eq!(
-        lab.events("finished")[0]["result"],
-        "ok",
-        "{:?}",
-        lab.journal()
-    );
+    first_run_ok(&lab).await?;
     let env = String::from_utf8(lab.read("promote.env.0")?)?;
     let payload = env
         .split('\0')
