@@ -630,17 +630,16 @@ pub fn accept_damage(
     now: f64,
     closing: impl FnOnce(&[Record]) -> Vec<Record>,
 ) -> Result<Vec<Damage>, JournalError> {
-    let (mut file, scan, path) = locked_scan(dir)?;
+    // The lock is held until the new file is in place: no clusterwatch starts on either.
+    let (_lock, scan, path) = locked_scan(dir)?;
     let io = io_error(&path);
     if scan.damage.is_empty() {
         return Ok(Vec::new());
     }
     let saved = dir.join(format!("{FILE_NAME}.damaged-{}", now as u64));
     std::fs::copy(&path, &saved).map_err(&io)?;
+    File::open(&saved).and_then(|f| f.sync_all()).map_err(&io)?;
     let mut bytes = Vec::new();
-    for r in &scan.records {
-        encode(r, &mut bytes);
-    }
     let mut tail = closing(&scan.records);
     tail.push(Record {
         ts: now,
@@ -649,14 +648,17 @@ pub fn accept_damage(
             saved_as: saved.display().to_string(),
         },
     });
-    for r in &tail {
+    for r in scan.records.iter().chain(&tail) {
         encode(r, &mut bytes);
     }
-    // Rewritten in place under the lock: a rename would leave a running writer's lock on the
-    // old inode.
-    file.set_len(0).map_err(&io)?;
-    file.write_all(&bytes).map_err(&io)?;
-    file.sync_all().map_err(&io)?;
+    // A new file renamed over the old one: a crash leaves the one or the other, whole.
+    let fresh = dir.join(format!("{FILE_NAME}.new"));
+    let mut f = File::create(&fresh).map_err(&io)?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(&io)?;
+    std::fs::rename(&fresh, &path).map_err(&io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
     Ok(scan.damage)
 }
 

@@ -175,6 +175,8 @@ async fn disk_full_under_the_journal_then_kill_9_never_runs_a_disruptive_hook_tw
 
     // Space again; the validation passes; the hook starts; the process is killed.
     std::fs::remove_file(&filler)?;
+    // Alertmanager's retry of the refused notification is stored now.
+    assert_eq!(lab.post(big.to_string()).await?, 200);
     std::fs::write(lab.dir().join("go"), "")?;
     wait_for("the disruptive hook to start", || {
         lab.invocations("promote").len() == 1
