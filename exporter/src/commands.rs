@@ -214,14 +214,10 @@ fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
         HooksCommand::Replay { payload } => std::fs::read(payload)
             .map_err(|e| format!("cannot read {}: {e}", payload.display()))
             .and_then(|body| crate::hooks::replay(&hooks, &body)),
-        HooksCommand::Journal => crate::hooks::journal::read(&hooks.state_dir)
-            .map(|records| records.iter().map(crate::hooks::journal::render).collect())
-            .map_err(|e| {
-                format!(
-                    "cannot read the journal in {}: {e}",
-                    hooks.state_dir.display()
-                )
-            }),
+        HooksCommand::Journal {
+            check,
+            accept_damage,
+        } => crate::hooks::journal_command(&hooks, *check, *accept_damage),
     };
     match lines {
         Ok(lines) => {

@@ -49,7 +49,12 @@ impl std::fmt::Debug for Config {
 /// Reads and checks a configuration file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let text = read_text(path, "--config.file")?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Absolute, so relative paths stay right whatever directory a hook or a reload runs in.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     parse(&text, &path.display().to_string(), &base)
 }
 

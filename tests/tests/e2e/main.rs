@@ -7,6 +7,7 @@ mod failover;
 mod foundation;
 mod harness_selftest;
 mod hooks;
+mod hooks_faults;
 mod hooks_lock;
 mod mongo;
 mod network;
