@@ -15,6 +15,7 @@ pub mod pacemaker;
 pub mod pg;
 pub mod probe;
 pub mod process;
+pub mod program;
 pub mod redis;
 pub mod sre_stats;
 pub mod supervisord;
@@ -48,6 +49,7 @@ pub const KINDS: &[CollectorKind] = &[
     sre_stats::KIND,
     file::KIND,
     process::KIND,
+    program::KIND,
     supervisord::KIND,
     network::KIND,
     textfile::KIND,
