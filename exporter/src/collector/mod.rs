@@ -9,6 +9,7 @@ pub mod file;
 pub mod fs;
 pub mod haproxy;
 pub mod kamailio;
+pub mod log;
 pub mod mongo;
 pub mod network;
 pub mod pacemaker;
@@ -50,6 +51,7 @@ pub const KINDS: &[CollectorKind] = &[
     file::KIND,
     process::KIND,
     program::KIND,
+    log::KIND,
     supervisord::KIND,
     network::KIND,
     textfile::KIND,
