@@ -15,4 +15,5 @@ pub mod probe;
 pub mod reload;
 pub mod snapshot;
 pub mod sre_csv;
+pub mod status;
 pub mod web;
