@@ -60,6 +60,9 @@ pub struct TargetStatus {
     pub up: bool,
     /// Why it is down: the error reason that grew last (or the most frequent one).
     pub reason: Option<String>,
+    /// Collected fine, but what it checks fails: a program check's result, a probe's failure
+    /// reason, too few processes.
+    pub failing: Option<String>,
     /// Its role or state where the collector has one (`primary`, `master`, `production`, ...).
     pub role: Option<String>,
     /// The value that matters for this kind of target, in words.
@@ -121,6 +124,11 @@ pub fn summarize(series: &[Series]) -> Vec<TargetStatus> {
             cluster: up.label("cluster").map(str::to_owned),
             up: is_up,
             reason,
+            failing: if is_up {
+                failing(collector, &mine)
+            } else {
+                None
+            },
             role: if is_up { role(collector, &mine) } else { None },
             value: if is_up { value(collector, &mine) } else { None },
             since: None,
@@ -140,6 +148,30 @@ fn role(collector: &str, mine: &[&Series]) -> Option<String> {
         }
     }
     None
+}
+
+/// What fails in a target that was collected fine, for the kinds that check something.
+fn failing(collector: &str, mine: &[&Series]) -> Option<String> {
+    let one = |name: &str, label: &str| {
+        mine.iter()
+            .find(|s| s.name == name && s.value == 1.0)
+            .and_then(|s| s.label(label))
+            .map(str::to_owned)
+    };
+    match collector {
+        "program" => one("clusterwatch_program_result", "result").filter(|r| r != "ok"),
+        "probe" if get(mine, "clusterwatch_probe_success") == Some(0.0) => Some(
+            one("clusterwatch_probe_failure_reason", "reason").unwrap_or_else(|| "failed".into()),
+        ),
+        "process" => {
+            let (count, min) = (
+                get(mine, "clusterwatch_process_count")?,
+                get(mine, "clusterwatch_process_min")?,
+            );
+            (count < min).then(|| "too few".to_owned())
+        }
+        _ => None,
+    }
 }
 
 fn get(mine: &[&Series], name: &str) -> Option<f64> {
@@ -289,7 +321,7 @@ fn value(collector: &str, mine: &[&Series]) -> Option<String> {
 /// What the tracker remembers of a target: the state it was in, since when, whether that
 /// start was seen, and the error counts of the last look.
 struct Seen {
-    state: (bool, Option<String>),
+    state: (bool, Option<String>, Option<String>),
     since: SystemTime,
     change_seen: bool,
     errors: Vec<(String, f64)>,
@@ -313,7 +345,7 @@ impl Tracker {
         });
         for line in lines.iter_mut() {
             let key = (line.collector.clone(), line.target.clone());
-            let state = (line.up, line.role.clone());
+            let state = (line.up, line.role.clone(), line.failing.clone());
             let entry = seen.entry(key).or_insert_with(|| Seen {
                 state: state.clone(),
                 since: now,
@@ -359,7 +391,10 @@ pub fn observe(buffer: &SampleBuffer) -> Vec<TargetStatus> {
 
 fn state_word(l: &TargetStatus) -> String {
     match (&l.up, &l.reason) {
-        (true, _) => "up".to_owned(),
+        (true, _) => match &l.failing {
+            Some(why) => format!("failing ({why})"),
+            None => "up".to_owned(),
+        },
         (false, Some(r)) => format!("down ({r})"),
         (false, None) => "down".to_owned(),
     }
@@ -457,7 +492,11 @@ pub fn render_html(lines: &[TargetStatus], decisions: Option<&[String]>) -> Stri
     }
     out.push_str("</tr>\n");
     for l in lines {
-        let class = if l.up { "up" } else { "down" };
+        let class = match (l.up, &l.failing) {
+            (true, None) => "up",
+            (true, Some(_)) => "failing",
+            (false, _) => "down",
+        };
         let _ = write!(out, "<tr class=\"{class}\">");
         for c in cells(l) {
             let _ = write!(out, "<td>{}</td>", escape(&c));
@@ -564,6 +603,22 @@ mod tests {
                 &[("target", "local"), ("mountpoint", "/var/log")],
                 0.91,
             ),
+            up("program", "sync", 1.0),
+            s(
+                "clusterwatch_program_result",
+                &[("target", "sync"), ("result", "ok")],
+                0.0,
+            ),
+            s(
+                "clusterwatch_program_result",
+                &[("target", "sync"), ("result", "timeout")],
+                1.0,
+            ),
+            s(
+                "clusterwatch_program_result_age_seconds",
+                &[("target", "sync")],
+                75.0,
+            ),
         ]
     }
 
@@ -571,7 +626,10 @@ mod tests {
     fn one_line_per_target_with_role_value_and_reason() {
         let lines = summarize(&scrape(5.0, 1.0, "standby"));
         let text = render_text(&lines, None);
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[3].failing.as_deref(), Some("timeout"));
+        assert_eq!(lines[3].value.as_deref(), Some("timeout, 1m 15s ago"));
+        assert!(text.contains("failing (timeout)"), "{text}");
         assert_eq!(lines[0].role.as_deref(), Some("standby"));
         assert_eq!(lines[0].value.as_deref(), Some("replay lag 3s"));
         assert!(!lines[1].up);

@@ -133,6 +133,7 @@ async fn status_once_runs_the_collectors_here_and_a_missing_instance_is_explaine
     let table = String::from_utf8(out.stdout)?;
     assert!(out.status.success(), "{table}");
     let program = row(&table, "program", "fails").context(table.clone())?;
+    assert_eq!(program[3], "failing (exit_nonzero)", "{table}");
     assert!(program[5].starts_with("exit_nonzero"), "{table}");
     let fs = row(&table, "fs", "local").context(table.clone())?;
     assert!(fs[5].contains("1 configured path(s) not found"), "{table}");
