@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
+use crate::collector::file::{check_states, state_of};
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
 use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::hooks::runner::{self, Exit, Spec, HOOK_PATH};
@@ -210,20 +211,7 @@ fn judge(
     problems: &mut Vec<Problem>,
 ) -> Judge {
     let states = states.unwrap_or_default();
-    if states.iter().any(|s| s.trim().is_empty() || s.trim() != s) {
-        problems.push(
-            at.problem(
-                "states",
-                "a state must be a word without surrounding spaces",
-            )
-            .hint("output lines are compared after trimming whitespace"),
-        );
-    }
-    for (i, s) in states.iter().enumerate() {
-        if states[..i].iter().any(|o| o.eq_ignore_ascii_case(s)) {
-            problems.push(at.problem("states", format!("state `{s}` is listed twice")));
-        }
-    }
+    check_states(&states, at, problems);
     let matches = matches.and_then(|p| compile_regex(&p, at, "match", problems));
     let value = match value {
         None | Some(RawValue::First(false)) => None,
@@ -263,12 +251,10 @@ impl Judge {
     ) -> (&'static str, Option<String>, Option<bool>, Option<f64>) {
         let state = (!self.states.is_empty())
             .then(|| {
-                stdout.lines().find_map(|line| {
-                    self.states
-                        .iter()
-                        .find(|s| s.eq_ignore_ascii_case(line.trim()))
-                        .cloned()
-                })
+                stdout
+                    .lines()
+                    .find_map(|line| state_of(line, &self.states))
+                    .map(str::to_owned)
             })
             .flatten();
         let matched = self.matches.as_ref().map(|re| re.is_match(stdout));
