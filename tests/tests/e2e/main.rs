@@ -1,6 +1,7 @@
 //! The single end-to-end test binary: each module drives real servers started by
 //! `clusterwatch_tests::harness` on loopback. Add one `mod` line per test module.
 
+mod checks;
 mod cluster_managers;
 mod dashboards;
 mod failover;
