@@ -241,7 +241,7 @@ fn value(collector: &str, mine: &[&Series]) -> Option<String> {
         }
         "pg" => n("replay_lag_seconds")
             .map(|v| format!("replay lag {}", secs(v)))
-            .or_else(|| n("wal_senders").map(|v| format!("{v} WAL sender(s)"))),
+            .or_else(|| n("walsenders").map(|v| format!("{v} WAL sender(s)"))),
         "redis" => match n("master_link_up") {
             Some(up) => Some(format!(
                 "master link {}",
@@ -697,6 +697,25 @@ mod tests {
         let html = render_html(&then, None);
         assert!(html.contains("<tr class=\"down\"><td>redis</td>"), "{html}");
         assert!(!html.contains("<script"));
+    }
+
+    #[test]
+    fn a_primary_shows_its_wal_senders() {
+        let lines = summarize(&[
+            s(
+                "clusterwatch_target_up",
+                &[("collector", "pg"), ("target", "em1")],
+                1.0,
+            ),
+            s(
+                "clusterwatch_pg_role",
+                &[("target", "em1"), ("role", "primary")],
+                1.0,
+            ),
+            s("clusterwatch_pg_walsenders", &[("target", "em1")], 2.0),
+        ]);
+        assert_eq!(lines[0].role.as_deref(), Some("primary"));
+        assert_eq!(lines[0].value.as_deref(), Some("2 WAL sender(s)"));
     }
 
     #[test]

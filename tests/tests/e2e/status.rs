@@ -154,3 +154,28 @@ async fn status_once_runs_the_collectors_here_and_a_missing_instance_is_explaine
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn status_shows_a_real_primary_and_standby_in_their_roles() -> Result<()> {
+    let pair = clusterwatch_tests::harness::PgCluster::start_pair().await?;
+    let config = format!(
+        "postgres:\n  - {{ name: db1, cluster: sre-db, dsn: '{}' }}\n  - {{ name: db2, cluster: sre-db, dsn: '{}' }}\n",
+        pair.primary.monitor_dsn(),
+        pair.standby.monitor_dsn()
+    );
+    let cw = Clusterwatch::start(Some(&config), &[]).await?;
+    let table = status(&cw)?;
+    let primary = row(&table, "pg", "db1").context(table.clone())?;
+    assert_eq!(
+        primary[2..6],
+        ["sre-db", "up", "primary", "1 WAL sender(s)"],
+        "{table}"
+    );
+    let standby = row(&table, "pg", "db2").context(table.clone())?;
+    assert_eq!(standby[3..5], ["up", "standby"], "{table}");
+    assert!(standby[5].starts_with("replay lag "), "{table}");
+    for secret in [pair.primary.monitor_dsn(), "monitorpass".to_owned()] {
+        assert!(!table.contains(&secret), "{table}");
+    }
+    Ok(())
+}
