@@ -5,12 +5,31 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clusterwatch_tests::exposition::{scrape, scrape_until};
+use clusterwatch_tests::exposition::{scrape, scrape_until, Exposition};
 use clusterwatch_tests::harness::postgres::{MONITOR_PASSWORD, MONITOR_USER};
 use clusterwatch_tests::harness::process::find_program;
-use clusterwatch_tests::harness::{temp_dir, Clusterwatch, PgNode};
+use clusterwatch_tests::harness::{repo_root, temp_dir, Clusterwatch, PgNode};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Every metric of `subsystem` in a real scrape is in the README's metric reference.
+fn documented(m: &Exposition, subsystem: &str) -> Result<()> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    let prefix = format!("clusterwatch_{subsystem}_");
+    let names: Vec<&str> = m
+        .samples
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    anyhow::ensure!(names.len() >= 5, "only {names:?}");
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("`{n}`")))
+        .collect();
+    anyhow::ensure!(missing.is_empty(), "not in README.md: {missing:?}");
+    Ok(())
+}
 
 #[tokio::test]
 async fn the_data_version_query_runs_through_psql_with_a_password_file() -> Result<()> {
@@ -35,9 +54,8 @@ async fn the_data_version_query_runs_through_psql_with_a_password_file() -> Resu
         pgpass = pgpass.display(),
     );
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
-    let value = |m: &clusterwatch_tests::exposition::Exposition| {
-        m.value("clusterwatch_program_value", &[("target", "data-version")])
-    };
+    let value =
+        |m: &Exposition| m.value("clusterwatch_program_value", &[("target", "data-version")]);
     scrape_until(&cw, WAIT, "the data version is read", |m| {
         Ok(value(m) == Some(41.0))
     })
@@ -79,6 +97,7 @@ async fn the_data_version_query_runs_through_psql_with_a_password_file() -> Resu
         ),
         Some(1.0)
     );
+    documented(&m, "program")?;
     let (_, _, body) = cw.get("/metrics").await?;
     for text in [body, cw.logs()] {
         assert!(!text.contains(MONITOR_PASSWORD), "the password leaked");
@@ -102,7 +121,7 @@ async fn a_log_is_followed_across_logrotate_create_and_copytruncate() -> Result<
         log.display()
     );
     let cw = Clusterwatch::start(Some(&config), &[]).await?;
-    let errors = |m: &clusterwatch_tests::exposition::Exposition| {
+    let errors = |m: &Exposition| {
         m.value(
             "clusterwatch_log_matches_total",
             &[("target", "app"), ("pattern", "error")],
@@ -183,5 +202,6 @@ async fn a_log_is_followed_across_logrotate_create_and_copytruncate() -> Result<
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs_f64();
     assert!((now - last).abs() < 60.0, "last match at {last}, now {now}");
+    documented(&m, "log")?;
     Ok(())
 }
