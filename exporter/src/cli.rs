@@ -68,6 +68,14 @@ pub enum Command {
     },
     /// Run every collector once, print the exposition and exit.
     Once,
+    /// What this node's clusterwatch sees now: one line per target, and the hook runner's
+    /// last decisions. Asks the instance at --web.listen-address (plain HTTP).
+    Status {
+        /// Run the collectors here once instead of asking the running instance (no "for"
+        /// column: it takes a running instance to see how long a state has lasted).
+        #[arg(long)]
+        once: bool,
+    },
     /// Read a password from stdin (one line) and print its bcrypt hash for `basic_auth_users`.
     HashPassword {
         /// bcrypt cost: each step doubles the work of a check.

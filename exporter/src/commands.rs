@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Command::CheckConfig { file }) => check_config(file, cli.web_config_file.as_deref()),
         Some(Command::HashPassword { cost }) => crate::web::hash_password(*cost),
         Some(Command::Once) => run_async(once(&cli)),
+        Some(Command::Status { once }) => run_async(status(&cli, *once)),
         Some(Command::Hooks { command }) => hooks_command(&cli, command),
         Some(Command::Serve) | None => run_async(serve(&cli)),
     }
@@ -100,6 +101,52 @@ async fn once(cli: &Cli) -> anyhow::Result<()> {
             .into_snapshot()
             .encode_openmetrics()
     );
+    Ok(())
+}
+
+/// `clusterwatch status`: the running instance's status page as text, or a one-time run.
+async fn status(cli: &Cli, once: bool) -> anyhow::Result<()> {
+    if once {
+        let cfg = load(cli)?;
+        let engine = Engine::new(cfg.targets, cfg.global.timeout);
+        let buffer = engine.scrape(None).await;
+        let lines = crate::status::summarize(&crate::status::from_buffer(&buffer));
+        let decisions = cfg
+            .hooks
+            .as_ref()
+            .map(|h| crate::status::last_decisions(&h.state_dir));
+        print!(
+            "{}",
+            crate::status::render_text(&lines, decisions.as_deref())
+        );
+        return Ok(());
+    }
+    // A wildcard listen address is reached on loopback.
+    let mut addr = cli.listen_address;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/");
+    let answer = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .context("cannot build an HTTP client")?
+        .get(&url)
+        .header(reqwest::header::ACCEPT, "text/plain")
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach clusterwatch at {url} (is it running there? `clusterwatch status --once` runs the collectors here instead)")
+        })?;
+    let code = answer.status();
+    let body = answer.text().await.context("reading the status page")?;
+    if !code.is_success() {
+        anyhow::bail!("{url} answered {code}: {}", body.trim());
+    }
+    print!("{body}");
     Ok(())
 }
 

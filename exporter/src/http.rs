@@ -73,6 +73,7 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut buffer = state.engine.scrape(scrape_timeout(&headers)).await;
+    crate::status::observe(&buffer);
     if let Some(hooks) = &state.hooks {
         hooks.write_metrics(&mut buffer);
     }
@@ -120,27 +121,26 @@ async fn reload(State(state): State<AppState>) -> (StatusCode, String) {
     }
 }
 
-/// Lists collectors and targets by name only: never a DSN, URI or password.
-async fn landing(State(state): State<AppState>) -> Html<String> {
-    let mut rows = String::new();
-    for t in state.engine.targets() {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            escape_html(t.name()),
-            escape_html(t.target()),
-            escape_html(t.cluster().unwrap_or("")),
-        ));
+/// What this node sees now, one line per target (by name only: never a DSN, URI or
+/// password), and the hook runner's last decisions; plain text for `clusterwatch status`.
+async fn landing(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let lines = crate::status::observe(&state.engine.scrape(scrape_timeout(&headers)).await);
+    let decisions =
+        (state.hooks.as_ref()).map(|h| crate::status::last_decisions(&h.config().state_dir));
+    if headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) == Some("text/plain") {
+        return crate::status::render_text(&lines, decisions.as_deref()).into_response();
     }
     Html(format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clusterwatch</title></head>\n<body>\n\
          <h1>clusterwatch {version}</h1>\n\
          <p><a href=\"{path}\">Metrics</a> · <a href=\"/-/healthy\">health</a> · <a href=\"/-/ready\">ready</a> · reload: <code>POST /-/reload</code> or SIGHUP</p>\n\
-         <p>Configuration: {origin}</p>\n\
-         <table>\n<tr><th>collector</th><th>target</th><th>cluster</th></tr>\n{rows}</table>\n</body></html>\n",
+         <p>Configuration: {origin}</p>\n{table}</body></html>\n",
         version = env!("CARGO_PKG_VERSION"),
         path = escape_html(&state.telemetry_path),
         origin = escape_html(&state.config_origin),
+        table = crate::status::render_html(&lines, decisions.as_deref()),
     ))
+    .into_response()
 }
 
 fn escape_html(s: &str) -> String {

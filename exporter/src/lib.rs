@@ -18,5 +18,6 @@ pub mod probe;
 pub mod reload;
 pub mod snapshot;
 pub mod sre_csv;
+pub mod status;
 pub mod sync;
 pub mod web;

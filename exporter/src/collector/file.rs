@@ -56,20 +56,7 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
             .as_deref()
             .and_then(|p| compile_regex(p, &item, "match", problems));
         let states = raw.states.unwrap_or_default();
-        if states.iter().any(|s| s.trim().is_empty() || s.trim() != s) {
-            problems.push(
-                item.problem(
-                    "states",
-                    "a state must be a word without surrounding spaces",
-                )
-                .hint("content is compared after trimming whitespace"),
-            );
-        }
-        for (i, s) in states.iter().enumerate() {
-            if states[..i].iter().any(|o| o.eq_ignore_ascii_case(s)) {
-                problems.push(item.problem("states", format!("state `{s}` is listed twice")));
-            }
-        }
+        check_states(&states, &item, problems);
         if raw.max_bytes == Some(0) {
             problems.push(item.problem("max_bytes", "max_bytes must be greater than zero"));
         } else if raw.max_bytes.is_some_and(|n| n > MAX_MAX_BYTES) {
@@ -135,8 +122,27 @@ fn look(path: &std::path::Path, max_bytes: u64, read: bool) -> std::io::Result<O
     }))
 }
 
+/// Checks declared `states:` (of a status file, of a program check's output): words without
+/// surrounding spaces, none listed twice ignoring ASCII case.
+pub(crate) fn check_states(states: &[String], at: &Located, problems: &mut Vec<Problem>) {
+    if states.iter().any(|s| s.trim().is_empty() || s.trim() != s) {
+        problems.push(
+            at.problem(
+                "states",
+                "a state must be a word without surrounding spaces",
+            )
+            .hint("content is compared after trimming whitespace"),
+        );
+    }
+    for (i, s) in states.iter().enumerate() {
+        if states[..i].iter().any(|o| o.eq_ignore_ascii_case(s)) {
+            problems.push(at.problem("states", format!("state `{s}` is listed twice")));
+        }
+    }
+}
+
 /// The declared state the content names, compared trimmed and ignoring ASCII case.
-fn state_of<'a>(content: &str, states: &'a [String]) -> Option<&'a str> {
+pub(crate) fn state_of<'a>(content: &str, states: &'a [String]) -> Option<&'a str> {
     let word = content.trim();
     states
         .iter()

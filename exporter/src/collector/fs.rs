@@ -236,9 +236,9 @@ struct Usage {
     readonly: bool,
 }
 
-fn statvfs(path: &Path) -> Result<Usage, String> {
+fn statvfs(path: &Path) -> Result<Usage, nix::errno::Errno> {
     use nix::sys::statvfs::{statvfs, FsFlags};
-    let s = statvfs(path).map_err(|e| e.to_string())?;
+    let s = statvfs(path)?;
     let frsize = s.fragment_size() as f64;
     Ok(Usage {
         size: s.blocks() as f64 * frsize,
@@ -309,7 +309,10 @@ const HELP_INODES_FREE: &str = "Free inodes.";
 const HELP_INODES_USED: &str = "Used fraction of inodes, 0..1.";
 const HELP_RO: &str = "1 if the filesystem is mounted read-only.";
 const HELP_THRESHOLD: &str = "Configured alert threshold for the used ratio of this mount, 0..1.";
-const HELP_STAT: &str = "1 if statvfs on the mount succeeded in time; 0 if it failed, timed out or an earlier call is still stuck.";
+const HELP_STAT: &str = "1 if statvfs on the mount succeeded in time; 0 if it failed, timed out or an earlier call is still stuck (absent when the path does not exist).";
+const HELP_FAILURE: &str = "Why statvfs on the mount gave no usage, as a state-set (not_found: the configured path does not exist; timeout: it hangs or an earlier call is stuck; error: another failure); all 0 when it succeeded.";
+/// Every `reason` of `clusterwatch_fs_stat_failure`.
+const FAILURE_REASONS: &[&str] = &["not_found", "timeout", "error"];
 
 #[async_trait]
 impl Collector for FsCollector {
@@ -359,8 +362,29 @@ impl Collector for FsCollector {
                 &labels,
                 p.threshold,
             );
+            let failure = match &stat {
+                Ok(Ok(_)) => None,
+                Ok(Err(nix::errno::Errno::ENOENT)) => Some("not_found"),
+                Ok(Err(_)) => Some("error"),
+                Err(_) => Some("timeout"),
+            };
+            out.state_set(
+                "clusterwatch_fs_stat_failure",
+                HELP_FAILURE,
+                &labels,
+                "reason",
+                FAILURE_REASONS,
+                failure,
+            );
             let usage = match stat {
                 Ok(Ok(u)) => u,
+                // A configured path that does not exist is not a hung mount: no stat_success
+                // series, so HostFilesystemStatFailing stays quiet and the path's own alert
+                // says what is wrong.
+                Ok(Err(nix::errno::Errno::ENOENT)) => {
+                    tracing::debug!(mountpoint = %mp, "configured mount path does not exist");
+                    continue;
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(mountpoint = %mp, error = %e, "statvfs failed");
                     out.gauge("clusterwatch_fs_stat_success", HELP_STAT, &labels, 0.0);
@@ -528,5 +552,51 @@ tmpfs /run tmpfs rw 0 0
             .any(|s| s.labels[0].1 == "/" && s.value > 0.0));
         let used = out.get("clusterwatch_fs_used_ratio").unwrap();
         assert!(used.samples.iter().all(|s| (0.0..=1.0).contains(&s.value)));
+    }
+
+    #[tokio::test]
+    async fn a_configured_path_that_does_not_exist_is_not_found_not_a_hung_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("backups");
+        let fs = fs_collector(&format!(
+            "filesystems:\n  discover: false\n  mounts:\n    - {{ path: {} }}\n    - {{ path: {} }}\n",
+            missing.display(),
+            dir.path().display()
+        ));
+        let ctx = ScrapeContext {
+            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+        };
+        let mut out = SampleBuffer::new();
+        fs.collect(&ctx, &mut out).await.unwrap();
+        let failing = |mp: &Path| -> Vec<String> {
+            out.get("clusterwatch_fs_stat_failure")
+                .unwrap()
+                .samples
+                .iter()
+                .filter(|s| s.labels[0].1 == mp.to_string_lossy() && s.value == 1.0)
+                .map(|s| s.labels[3].1.clone())
+                .collect()
+        };
+        assert_eq!(failing(&missing), ["not_found"]);
+        assert!(failing(dir.path()).is_empty());
+        let success: Vec<&str> = out
+            .get("clusterwatch_fs_stat_success")
+            .unwrap()
+            .samples
+            .iter()
+            .map(|s| s.labels[0].1.as_str())
+            .collect();
+        assert_eq!(
+            success,
+            [dir.path().to_string_lossy()],
+            "no stat_success for the missing path"
+        );
+        assert_eq!(
+            out.get("clusterwatch_fs_stat_failure")
+                .unwrap()
+                .samples
+                .len(),
+            2 * FAILURE_REASONS.len()
+        );
     }
 }

@@ -1,9 +1,10 @@
-//! Pacemaker cluster state from `crm_mon --output-as=xml`: nodes, where each resource runs and
-//! in which role, failures, fail counts, quorum and DC. It runs crm_mon read-only (argv, no
-//! shell, killed at the deadline) and never calls crm_resource or cibadmin.
+//! Pacemaker cluster state from `crm_mon --output-as=xml` (2.x) or `--as-xml` (1.1): nodes,
+//! where each resource runs and in which role, failures, fail counts, quorum and DC. It runs
+//! crm_mon read-only (argv, no shell, killed at the deadline), never crm_resource or cibadmin.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -86,34 +87,51 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
     if problems.len() > before {
         return Vec::new();
     }
-    vec![Target::new(&KIND, id, PacemakerCollector { crm_mon })]
+    vec![Target::new(
+        &KIND,
+        id,
+        PacemakerCollector {
+            crm_mon,
+            legacy: AtomicBool::new(false),
+        },
+    )]
 }
 
 /// The Pacemaker cluster as seen from this node.
 pub struct PacemakerCollector {
     crm_mon: PathBuf,
+    /// This crm_mon refused `--output-as`: it is asked for `--as-xml` directly.
+    legacy: AtomicBool,
 }
 
+/// The XML output of Pacemaker 2.x.
+const ARGS: &[&str] = &["--output-as=xml"];
+/// The legacy XML output, the only one of Pacemaker 1.1 (which refuses `--output-as`):
+/// inactive resources and fail counts are asked for, as 2.x's XML shows them unasked.
+const LEGACY_ARGS: &[&str] = &["--as-xml", "--inactive", "--failcounts"];
+/// `EX_USAGE`: crm_mon's exit code for an option it does not know.
+const EXIT_USAGE: i32 = 64;
+
 impl PacemakerCollector {
-    /// Runs crm_mon once. `CIB_file` in clusterwatch's environment is passed on: crm_mon then
-    /// reads a saved CIB instead of the live cluster.
+    /// Runs crm_mon once: `--output-as=xml`, or `--as-xml` when this crm_mon refuses that
+    /// (Pacemaker 1.1, the SRE guide's version), remembered for later scrapes. `CIB_file` in
+    /// clusterwatch's environment is passed on: crm_mon then reads a saved CIB instead of the
+    /// live cluster.
     async fn run(&self, ctx: &ScrapeContext) -> Result<String, CollectError> {
-        let child = tokio::process::Command::new(&self.crm_mon)
-            .arg("--output-as=xml")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // The engine drops this future at the deadline; the child must not outlive it.
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| CollectError::Io(format!("cannot run {}: {e}", self.crm_mon.display())))?;
-        let wait = async {
-            child
-                .wait_with_output()
-                .await
-                .map_err(|e| CollectError::Io(format!("{}: {e}", self.crm_mon.display())))
-        };
-        let output = ctx.within(wait).await?;
+        let legacy = self.legacy.load(Ordering::Relaxed);
+        let mut output = self
+            .exec(if legacy { LEGACY_ARGS } else { ARGS }, ctx)
+            .await?;
+        if !legacy && refuses_output_as(&output) {
+            output = self.exec(LEGACY_ARGS, ctx).await?;
+            if output.status.success() {
+                tracing::info!(
+                    crm_mon = %self.crm_mon.display(),
+                    "crm_mon refuses --output-as (Pacemaker 1.1); using --as-xml from now on"
+                );
+                self.legacy.store(true, Ordering::Relaxed);
+            }
+        }
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -127,6 +145,44 @@ impl PacemakerCollector {
         }
         Ok(stdout)
     }
+
+    async fn exec(
+        &self,
+        args: &[&str],
+        ctx: &ScrapeContext,
+    ) -> Result<std::process::Output, CollectError> {
+        let child = tokio::process::Command::new(&self.crm_mon)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // The engine drops this future at the deadline; the child must not outlive it.
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| CollectError::Io(format!("cannot run {}: {e}", self.crm_mon.display())))?;
+        let wait = async {
+            child
+                .wait_with_output()
+                .await
+                .map_err(|e| CollectError::Io(format!("{}: {e}", self.crm_mon.display())))
+        };
+        ctx.within(wait).await
+    }
+}
+
+/// Whether crm_mon failed because it does not know `--output-as` (Pacemaker 1.1 prints its
+/// usage and exits with `EX_USAGE`), rather than because the cluster is unreachable.
+fn refuses_output_as(output: &std::process::Output) -> bool {
+    if output.status.success() {
+        return false;
+    }
+    let said = |s: &[u8]| {
+        let s = String::from_utf8_lossy(s);
+        s.contains("unrecognized option")
+            || s.contains("unknown option")
+            || s.contains("invalid option")
+    };
+    output.status.code() == Some(EXIT_USAGE) || said(&output.stderr) || said(&output.stdout)
 }
 
 /// The last `n` bytes of `s` or a little less, on a character boundary.
@@ -405,6 +461,7 @@ impl Collector for PacemakerCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// Real output of Pacemaker 2.1.5's crm_mon for `tests/fixtures/pacemaker/mixed.xml`.
     const MIXED: &str = r#"<pacemaker-result api-version="2.25" request="crm_mon --output-as=xml">
@@ -538,9 +595,128 @@ mod tests {
         assert_eq!(parse_status(failed).unwrap(), "Not connected (code 102)");
     }
 
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pacemaker/crm_mon-output")
+    }
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(fixture_dir().join(name)).unwrap()
+    }
+
+    #[test]
+    fn both_xml_formats_of_real_crm_mon_read_the_same() {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(fixture_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let Some(cib) = name
+                .strip_prefix("2.1.5-")
+                .and_then(|n| n.strip_suffix(".output-as.xml"))
+            else {
+                continue;
+            };
+            let new = parse_crm_mon(&fixture(&name)).unwrap();
+            let legacy = parse_crm_mon(&fixture(&format!("2.1.5-{cib}.as-xml.xml"))).unwrap();
+            assert_eq!(new, legacy, "{cib}: --output-as=xml and --as-xml disagree");
+            assert!(!new.nodes.is_empty() && !new.resources.is_empty(), "{cib}");
+            seen += 1;
+        }
+        assert_eq!(seen, 2, "mixed and no-quorum");
+        let mixed = parse_crm_mon(&fixture("2.1.5-mixed.output-as.xml")).unwrap();
+        assert_eq!(mixed, parse_crm_mon(MIXED).unwrap());
+    }
+
+    #[test]
+    fn reads_the_pacemaker_1_1_format() {
+        let s = parse_crm_mon(&fixture("1.1.23-pgsql.as-xml.xml")).unwrap();
+        assert!(s.dc_present && s.quorum);
+        let nodes: Vec<(&str, &str)> = s.nodes.iter().map(|(n, st)| (n.as_str(), *st)).collect();
+        assert_eq!(
+            nodes,
+            [("db1", "online"), ("db2", "online"), ("db3", "offline")]
+        );
+        let running = |id: &str| -> Vec<(String, &'static str)> {
+            s.resources
+                .iter()
+                .find(|r| r.id == id)
+                .unwrap_or_else(|| panic!("{id}"))
+                .running
+                .clone()
+        };
+        assert_eq!(
+            running("pgsql"),
+            [
+                ("db1".to_owned(), "promoted"),
+                ("db2".to_owned(), "unpromoted")
+            ]
+        );
+        assert_eq!(running("vip-master"), [("db1".to_owned(), "started")]);
+        assert_eq!(running("fence-db3"), [("db2".to_owned(), "started")]);
+        assert_eq!(s.resources.len(), 4);
+        assert_eq!(s.fail_counts, [("pgsql".to_owned(), "db2".to_owned(), 1.0)]);
+        assert_eq!(s.failed_actions, 1);
+    }
+
+    /// A crm_mon that behaves like Pacemaker 1.1's: `--output-as` is an unknown option (usage
+    /// on stderr, exit 64); `--as-xml` prints the 1.1 fixture. Every call is logged.
+    fn pacemaker_1_1_crm_mon(dir: &Path) -> (PathBuf, PathBuf) {
+        let script = dir.join("crm_mon");
+        let calls = dir.join("calls");
+        let fixture = fixture_dir().join("1.1.23-pgsql.as-xml.xml");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$1\" in\n  --as-xml) cat {fixture} ;;\n  *) echo \"crm_mon: unrecognized option '$1'\" >&2; echo 'usage: crm_mon [options]' >&2; exit 64 ;;\nesac\n",
+                calls = calls.display(),
+                fixture = fixture.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        (script, calls)
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_as_xml_when_output_as_is_refused_and_remembers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (script, calls) = pacemaker_1_1_crm_mon(dir.path());
+        let yaml = format!("pacemaker:\n  crm_mon: {}\n", script.display());
+        let target = crate::configuration::parse(&yaml, "c.yml", dir.path())
+            .unwrap()
+            .targets
+            .into_iter()
+            .find(|t| t.name() == "pacemaker")
+            .unwrap();
+        let ctx = ScrapeContext {
+            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+        };
+        for _ in 0..2 {
+            let mut out = SampleBuffer::new();
+            target.collect(&ctx, &mut out).await.unwrap();
+            let promoted: Vec<&str> = out
+                .get("clusterwatch_pacemaker_resource_role")
+                .unwrap()
+                .samples
+                .iter()
+                .filter(|s| s.value == 1.0 && s.labels[2].1 == "promoted")
+                .map(|s| s.labels[1].1.as_str())
+                .collect();
+            assert_eq!(promoted, ["db1"]);
+        }
+        assert_eq!(
+            std::fs::read_to_string(&calls).unwrap(),
+            "--output-as=xml\n--as-xml --inactive --failcounts\n--as-xml --inactive --failcounts\n",
+            "refused once, then asked the legacy way directly"
+        );
+    }
+
     #[tokio::test]
     async fn a_failing_crm_mon_is_a_connect_error_and_a_hung_one_is_killed_at_the_deadline() {
-        let collector = |path: PathBuf| PacemakerCollector { crm_mon: path };
+        let collector = |path: PathBuf| PacemakerCollector {
+            crm_mon: path,
+            legacy: AtomicBool::new(false),
+        };
         let within = |d: u64| ScrapeContext {
             deadline: tokio::time::Instant::now() + std::time::Duration::from_millis(d),
         };

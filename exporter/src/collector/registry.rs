@@ -3,8 +3,8 @@
 //! do not depend on this list, only the configuration assembler does.
 
 use super::{
-    dir, etcd, exporter, file, fs, haproxy, kamailio, mongo, network, pacemaker, pg, probe,
-    process, redis, sre_stats, supervisord, system, textfile, CollectorKind,
+    dir, etcd, exporter, file, fs, haproxy, kamailio, log, mongo, network, pacemaker, pg, probe,
+    process, program, redis, sre_stats, supervisord, system, textfile, CollectorKind,
 };
 
 /// Every collector kind, in exposition order.
@@ -23,6 +23,8 @@ pub const KINDS: &[CollectorKind] = &[
     sre_stats::KIND,
     file::KIND,
     process::KIND,
+    program::KIND,
+    log::KIND,
     supervisord::KIND,
     network::KIND,
     textfile::KIND,

@@ -41,11 +41,25 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
         }
         return Vec::new();
     };
+    let directory = ctx.resolve(&raw.directory);
+    // A missing directory would only ever export nothing, silently: say so now.
+    if !directory.is_dir() {
+        problems.push(
+            at.problem(
+                "directory",
+                format!("{} is not a directory", directory.display()),
+            )
+            .hint(
+                "create it for the jobs that write *.prom files, readable by clusterwatch's user",
+            ),
+        );
+        return Vec::new();
+    }
     vec![Target::new(
         &KIND,
         TargetId::local("textfile"),
         TextfileCollector {
-            directory: ctx.resolve(&raw.directory),
+            directory,
             inflight: InFlight::new(),
         },
     )]
@@ -421,5 +435,20 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn a_missing_directory_is_a_configuration_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let err =
+            crate::configuration::parse("textfile:\n  directory: nope\n", "c.yml", dir.path())
+                .unwrap_err()
+                .render();
+        assert!(
+            err.starts_with("c.yml:2:") && err.contains("nope is not a directory"),
+            "{err}"
+        );
+        std::fs::create_dir(dir.path().join("nope")).unwrap();
+        crate::configuration::parse("textfile:\n  directory: nope\n", "c.yml", dir.path()).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! The single end-to-end test binary: each module drives real servers started by
 //! `clusterwatch_tests::harness` on loopback. Add one `mod` line per test module.
 
+mod checks;
 mod cluster_managers;
 mod dashboards;
 mod failover;
@@ -20,4 +21,5 @@ mod redis;
 mod reload;
 mod rules_pack;
 mod sre_stats;
+mod status;
 mod web_security;
