@@ -18,5 +18,6 @@ mod probes;
 mod redis;
 mod reload;
 mod rules_pack;
+mod seeds;
 mod sre_stats;
 mod web_security;
