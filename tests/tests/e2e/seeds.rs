@@ -447,6 +447,92 @@ fn every_hook_recipe_parses_and_has_a_check_mode() {
     }
 }
 
+/// Each seed's page maps the runbook row by row, ends every row with its status, and states
+/// the counts its table actually has; every alert and hook it names exists.
+#[test]
+fn every_seed_page_counts_its_rows_and_names_real_alerts_and_hooks() {
+    let rules: String = std::fs::read_dir(repo_root().join("rules"))
+        .expect("rules/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".rules.yml"))
+        .map(|p| std::fs::read_to_string(p).expect("rules file"))
+        .collect();
+    let mut problems = Vec::new();
+    for seed in SEEDS {
+        let page = std::fs::read_to_string(seed_dir(seed).join("README.md"))
+            .unwrap_or_else(|e| panic!("examples/{seed}/README.md: {e}"));
+        let mut counts = [0usize; 3];
+        for row in page
+            .lines()
+            .filter(|l| l.starts_with("| ") && l.ends_with(" |"))
+        {
+            let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+            let Some(last) = cells.last() else { continue };
+            let word = last.split_whitespace().next().unwrap_or_default();
+            if let Some(i) = ["covered", "partial", "missing"]
+                .iter()
+                .position(|w| *w == word)
+            {
+                counts[i] += 1;
+                // The alert column (fourth of seven) names alerts of the pack, or says none.
+                if cells.len() == 7 {
+                    for name in cells[3].split(|c: char| !c.is_ascii_alphanumeric()) {
+                        let camel = name.len() > 6
+                            && name.starts_with(|c: char| c.is_ascii_uppercase())
+                            && name.chars().skip(1).any(|c| c.is_ascii_uppercase());
+                        if camel && !rules.contains(&format!("alert: {name}\n")) {
+                            problems.push(format!(
+                                "{seed}: `{name}` is not an alert of the pack: {row}"
+                            ));
+                        }
+                    }
+                    for name in cells[5].split(|c: char| c == ',' || c == '(' || c.is_whitespace())
+                    {
+                        let name = name.trim_matches('`');
+                        if (name.contains('-') && !name.starts_with('-'))
+                            && [
+                                "record-failure",
+                                "switch-to-production",
+                                "repmgr-promote",
+                                "failed-redis",
+                                "failed-haproxy",
+                            ]
+                            .iter()
+                            .any(|h| name.starts_with(h))
+                            && !hook(name.split(' ').next().unwrap_or(name)).exists()
+                            && !name.starts_with("record-failure-")
+                        {
+                            problems.push(format!(
+                                "{seed}: hook `{name}` is not in alertmanager/hooks: {row}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let stated = format!(
+            "**Coverage: {} covered, {} partial, {} missing** ({} items).",
+            counts[0],
+            counts[1],
+            counts[2],
+            counts.iter().sum::<usize>()
+        );
+        if counts.iter().sum::<usize>() < 15 {
+            problems.push(format!(
+                "{seed}: only {} mapped items",
+                counts.iter().sum::<usize>()
+            ));
+        }
+        if !page.contains(&stated) {
+            problems.push(format!("{seed}: the page must say `{stated}`"));
+        }
+        if !page.contains("## What clusterwatch cannot do here") {
+            problems.push(format!("{seed}: no section on what clusterwatch cannot do"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 // ---- the recipes on real servers ------------------------------------------------------------
 
 /// Posts `alerts` (labels, fingerprint) as one firing notification, twice (Alertmanager
