@@ -940,3 +940,116 @@ async fn failed_haproxy_only_notifies_with_the_survivors_state_and_the_manual_st
     ensure!(haproxy_status(&ha, "redis-9001", "redis1-9001").await? == "UP");
     Ok(())
 }
+
+/// Writes a repmgr configuration for `node` into its directory (readable by `postgres`, who
+/// runs repmgr) and returns its path. `name` is the node's name in repmgr, which for a
+/// standby must be its `application_name` upstream.
+fn repmgr_conf(node: &clusterwatch_tests::harness::PgNode, id: u32, name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = node.dir().join("repmgr.conf");
+    std::fs::write(
+        &path,
+        format!(
+            "node_id={id}\nnode_name='{name}'\n\
+             conninfo='host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2'\n\
+             data_directory='{data}'\nlog_level=INFO\n",
+            port = node.port(),
+            data = node.data_dir().display(),
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    Ok(path)
+}
+
+/// Runs `repmgr -f CONF ARGS…` as the hook would (as `postgres` when we are root).
+async fn repmgr(conf: &Path, args: &[&str]) -> Result<String> {
+    let program = repmgr_program()?;
+    let mut command = if nix::unistd::Uid::effective().is_root() {
+        let mut c = Command::new(find_program("CLUSTERWATCH_RUNUSER", &["runuser"])?);
+        c.args(["-u", "postgres", "--"]).arg(&program);
+        c
+    } else {
+        Command::new(&program)
+    };
+    command.arg("-f").arg(conf).args(args);
+    run(command, Duration::from_secs(60)).await
+}
+
+/// Debian's `repmgr` for the PostgreSQL version the harness runs.
+fn repmgr_program() -> Result<PathBuf> {
+    let initdb = find_program("CLUSTERWATCH_PG_BINDIR", &["initdb"])?;
+    let beside = std::fs::canonicalize(&initdb)?.with_file_name("repmgr");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    find_program("CLUSTERWATCH_REPMGR", &["repmgr"])
+}
+
+/// SRE: a real primary and standby registered with repmgr. `repmgr-promote --check` (repmgr's
+/// `--dry-run`) refuses while the primary is active; once it is stopped the dry run is clean,
+/// and the recipe promotes the standby with `standby promote --siblings-follow`.
+#[tokio::test(flavor = "multi_thread")]
+async fn repmgr_promote_dry_run_refuses_while_the_primary_lives_then_promotes() -> Result<()> {
+    let pair = clusterwatch_tests::harness::PgCluster::start_pair().await?;
+    pair.wait_streaming(WAIT).await?;
+    let primary_conf = repmgr_conf(&pair.primary, 1, "primary")?;
+    let standby_conf = repmgr_conf(
+        &pair.standby,
+        2,
+        clusterwatch_tests::harness::postgres::STANDBY_NAME,
+    )?;
+    repmgr(&primary_conf, &["primary", "register"]).await?;
+    wait_until(
+        WAIT,
+        "repmgr's node table to reach the standby",
+        async || {
+            Ok(pair
+                .standby
+                .psql("SELECT count(*) FROM repmgr.nodes")
+                .await
+                .ok()
+                .as_deref()
+                == Some("1"))
+        },
+    )
+    .await?;
+    repmgr(&standby_conf, &["standby", "register"]).await?;
+
+    let promote = |check: bool| {
+        let mut command = Command::new(hook("repmgr-promote"));
+        command
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("REPMGR", repmgr_program().expect("repmgr"))
+            .env("REPMGR_CONF", &standby_conf);
+        if check {
+            command.arg("--check");
+        }
+        output(command)
+    };
+
+    let (code, _, stderr) = promote(true);
+    ensure!(
+        code == Some(3) && stderr.contains("active primary"),
+        "dry run with a live primary: exit {code:?}\n{stderr}"
+    );
+    ensure!(pair.standby.psql("SELECT pg_is_in_recovery()").await? == "t");
+
+    pair.primary.stop().await?;
+    let (code, _, stderr) = promote(true);
+    ensure!(
+        code == Some(0),
+        "dry run with the primary gone: exit {code:?}\n{stderr}"
+    );
+    ensure!(
+        pair.standby.psql("SELECT pg_is_in_recovery()").await? == "t",
+        "--check promoted"
+    );
+    let (code, _, stderr) = promote(false);
+    ensure!(code == Some(0), "promotion: exit {code:?}\n{stderr}");
+    ensure!(pair.standby.psql("SELECT pg_is_in_recovery()").await? == "f");
+    Ok(())
+}
