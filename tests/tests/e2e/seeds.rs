@@ -424,6 +424,135 @@ fn seed_routes_send_critical_failures_to_hooks_and_alert_only_checks_to_people()
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// The hooks each seed's own configuration would run for an alert, as `clusterwatch hooks
+/// replay` decides them (nothing runs): pairs of (alert index, hook name).
+fn replayed_hooks(config: &str, alerts: &[Value]) -> BTreeSet<(usize, String)> {
+    let dir = temp_dir("cw-seed-replay-").expect("temp dir");
+    let payload = dir.path().join("payload.json");
+    let body = notification(
+        "firing",
+        "replay",
+        alerts
+            .iter()
+            .enumerate()
+            .map(|(i, labels)| {
+                alert(
+                    "firing",
+                    labels.clone(),
+                    &format!("fp{i}"),
+                    "2026-01-01T00:00:00Z",
+                )
+            })
+            .collect(),
+    );
+    std::fs::write(&payload, body.to_string()).expect("payload");
+    let mut command =
+        Command::new(clusterwatch_tests::harness::clusterwatch::binary().expect("binary"));
+    command
+        .arg("--config.file")
+        .arg(repo_root().join("examples").join(config))
+        .args(["hooks", "replay"])
+        .arg(&payload);
+    let (code, stdout, stderr) = output(command);
+    assert_eq!(
+        code,
+        Some(0),
+        "hooks replay with {config}: {stdout}{stderr}"
+    );
+    let field = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    stdout
+        .lines()
+        .filter(|l| l.contains(" matched "))
+        .filter_map(|l| {
+            let index = field(l, "fingerprint=fp")?.parse().ok()?;
+            Some((index, field(l, "hook=")?))
+        })
+        .collect()
+}
+
+/// Each seed's hook rules pick the recipe its page names, and nothing for the alerts that
+/// only notify: the hook runner's own `match`, checked apart from Alertmanager's routing.
+#[test]
+fn seed_hook_rules_run_the_right_recipe_and_nothing_for_alert_only_checks() {
+    let cases: &[(&str, Vec<Value>, &[(usize, &str)])] = &[
+        (
+            "rapidpro/master.yml",
+            vec![
+                json!({"alertname": "ProbeFailing", "target": "uwsgi"}),
+                json!({"alertname": "ProbeFailing", "target": "internet-https"}),
+                json!({"alertname": "PostgresDown", "target": "sms1"}),
+                json!({"alertname": "ProcessMissing", "target": "celerybeat"}),
+                json!({"alertname": "VipMissing", "cluster": "rapidpro"}),
+                json!({"alertname": "HostFilesystemAboveThreshold", "mountpoint": "/var"}),
+            ],
+            &[
+                (0, "record-failure"),
+                (2, "record-failure-postgresql"),
+                (3, "record-failure"),
+            ],
+        ),
+        (
+            "rapidpro/slave.yml",
+            vec![
+                json!({"alertname": "ProbeFailing", "target": "postgresql"}),
+                json!({"alertname": "ProbeFailing", "target": "internet-http"}),
+                json!({"alertname": "ProbeFailing", "target": "nginx-http"}),
+            ],
+            &[(0, "record-failure")],
+        ),
+        (
+            "sounz/node-b.yml",
+            vec![
+                json!({"alertname": "StatusFileNoProduction", "cluster": "sounz"}),
+                json!({"alertname": "StatusFileMultipleProduction", "cluster": "sounz"}),
+                json!({"alertname": "ProbeFailing", "target": "front-page"}),
+            ],
+            &[(0, "switch-to-production")],
+        ),
+        (
+            "sre/em.yml",
+            vec![
+                json!({"alertname": "PostgresNoPrimary", "cluster": "sre-db", "action": "failover"}),
+                json!({"alertname": "MongodbNoPrimary", "cluster": "sre_location", "action": "failover"}),
+                json!({"alertname": "PostgresNoPrimary", "cluster": "another-db", "action": "failover"}),
+            ],
+            &[(0, "repmgr-promote")],
+        ),
+        (
+            "whiskymedia/monitor.yml",
+            vec![
+                json!({"alertname": "ProbeFailing", "target": "redis1-9001", "cluster": "redis-9001"}),
+                json!({"alertname": "ProbeFailing", "target": "redis2-9002", "cluster": "redis-9002"}),
+                json!({"alertname": "ProbeFailing", "target": "haproxy1"}),
+                json!({"alertname": "ProbeFailing", "target": "app-7001"}),
+                json!({"alertname": "RedisNoMaster", "cluster": "redis-9001", "action": "failover"}),
+                json!({"alertname": "HaproxyBackendNoServerUp", "backend": "redis-9001"}),
+            ],
+            &[
+                (0, "failed-redis-9001"),
+                (1, "failed-redis-9002"),
+                (2, "failed-haproxy"),
+            ],
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (config, alerts, expected) in cases {
+        let got = replayed_hooks(config, alerts);
+        let want: BTreeSet<(usize, String)> = expected
+            .iter()
+            .map(|(i, h)| (*i, (*h).to_owned()))
+            .collect();
+        if got != want {
+            problems.push(format!("{config}: runs {got:?}, expected {want:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn every_hook_recipe_parses_and_has_a_check_mode() {
     for name in [
