@@ -478,7 +478,9 @@ fn replayed_hooks(config: &str, alerts: &[Value]) -> BTreeSet<(usize, String)> {
 /// only notify: the hook runner's own `match`, checked apart from Alertmanager's routing.
 #[test]
 fn seed_hook_rules_run_the_right_recipe_and_nothing_for_alert_only_checks() {
-    let cases: &[(&str, Vec<Value>, &[(usize, &str)])] = &[
+    /// A configuration, the alerts of one notification, and (alert index, hook) expected.
+    type Case<'a> = (&'a str, Vec<Value>, &'a [(usize, &'a str)]);
+    let cases: &[Case] = &[
         (
             "rapidpro/master.yml",
             vec![
