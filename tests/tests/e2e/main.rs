@@ -20,6 +20,7 @@ mod probes;
 mod redis;
 mod reload;
 mod rules_pack;
+mod seeds;
 mod sre_stats;
 mod status;
 mod web_security;
