@@ -4,6 +4,7 @@
 mod cluster_managers;
 mod dashboards;
 mod failover;
+mod failover_quorum;
 mod foundation;
 mod harness_selftest;
 mod hooks;
