@@ -14,6 +14,7 @@ mod network;
 mod node;
 mod packaging;
 mod postgres;
+mod postgres_fixtures;
 mod probes;
 mod redis;
 mod reload;
