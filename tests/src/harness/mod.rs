@@ -28,6 +28,7 @@ pub mod redis;
 pub mod served;
 pub mod sipp;
 pub mod supervisord;
+pub mod tcp_proxy;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,7 @@ pub use prometheus::{Prometheus, PrometheusConfig, ScrapeJob};
 pub use redis::{RedisNode, RedisPair, TestCertificates};
 pub use served::HttpServer;
 pub use supervisord::Supervisord;
+pub use tcp_proxy::TcpProxy;
 
 /// Creates a fresh temporary directory named `<prefix>XXXXXX` under `$TMPDIR` (default `/tmp`).
 ///

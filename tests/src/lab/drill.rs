@@ -38,8 +38,16 @@ impl System {
     /// The alert that must fire when the primary is gone.
     pub fn alert(self) -> &'static str {
         match self {
-            System::Pg => "PostgresNoPrimary",
-            System::Redis => "RedisNoMaster",
+            System::Pg => "PostgresFailoverNeeded",
+            System::Redis => "RedisFailoverNeeded",
+        }
+    }
+
+    /// The recording rule whose range selector is the failover alert's window.
+    fn window_rule(self) -> &'static str {
+        match self {
+            System::Pg => "cluster_instance:clusterwatch_pg_primary_alive:max2m",
+            System::Redis => "cluster_instance:clusterwatch_redis_master_alive:max1m",
         }
     }
 
@@ -96,7 +104,7 @@ pub struct Timeline {
     pub new_primary: Option<Duration>,
     /// How many times the hook was started in all (one incident must be one run).
     pub hook_runs: u64,
-    /// The timing goal: scrape interval + the alert's `for` + group_wait + 2 s.
+    /// The timing goal: scrape interval + the alert's window + group_wait + 2 s.
     pub budget: Duration,
 }
 
@@ -135,7 +143,7 @@ impl fmt::Display for Timeline {
         )?;
         write!(
             f,
-            "  hook runs: {}; goal kill -> hook started <= {:.1}s (scrape interval + for + group_wait + 2s)",
+            "  hook runs: {}; goal kill -> hook started <= {:.1}s (scrape interval + window + group_wait + 2s)",
             self.hook_runs,
             self.budget.as_secs_f64()
         )
@@ -159,7 +167,7 @@ pub async fn drill(info: &LabInfo, system: System, timeout: Duration) -> Result<
             system.cluster()
         );
     }
-    let alert_for = alert_for(info, &client, system).await?;
+    let window = alert_window(info, &client, system).await?;
     let runs_before = journal_events(info, system.hook())?.started.len();
 
     let pid = primary_pid(primary)?;
@@ -177,7 +185,7 @@ pub async fn drill(info: &LabInfo, system: System, timeout: Duration) -> Result<
         hook_finished: None,
         new_primary: None,
         hook_runs: 0,
-        budget: info.scrape_interval + alert_for + info.group_wait + Duration::from_secs(2),
+        budget: info.scrape_interval + window + info.group_wait + Duration::from_secs(2),
     };
     let deadline = killed_at + timeout;
     while Instant::now() < deadline {
@@ -297,20 +305,60 @@ async fn alert_firing(info: &LabInfo, client: &reqwest::Client, system: System) 
         }))
 }
 
-/// The failover alert's `for`, as Prometheus loaded it.
-async fn alert_for(info: &LabInfo, client: &reqwest::Client, system: System) -> Result<Duration> {
-    let rules = get_json(
-        client,
-        &format!("{}/api/v1/rules?type=alert", info.prometheus),
-    )
-    .await?;
-    let seconds = rules["data"]["groups"]
+/// How long the failover alert waits, as Prometheus loaded the rules: the window of its
+/// observers' records (every scrape in it must have failed) plus the alert's own `for`, if any.
+async fn alert_window(
+    info: &LabInfo,
+    client: &reqwest::Client,
+    system: System,
+) -> Result<Duration> {
+    let rules = get_json(client, &format!("{}/api/v1/rules", info.prometheus)).await?;
+    let all: Vec<&serde_json::Value> = rules["data"]["groups"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+        .collect();
+    let alert_for = all
+        .iter()
         .find(|rule| rule["name"] == system.alert())
         .and_then(|rule| rule["duration"].as_f64())
         .with_context(|| format!("Prometheus has not loaded the rule {}", system.alert()))?;
-    Ok(Duration::from_secs_f64(seconds))
+    let query = all
+        .iter()
+        .find(|rule| rule["name"] == system.window_rule())
+        .and_then(|rule| rule["query"].as_str())
+        .with_context(|| {
+            format!(
+                "Prometheus has not loaded the rule {}",
+                system.window_rule()
+            )
+        })?;
+    let window = query
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .and_then(|(range, _)| parse_range(range))
+        .with_context(|| format!("no range selector in {}: {query}", system.window_rule()))?;
+    Ok(window + Duration::from_secs_f64(alert_for))
+}
+
+/// A PromQL range such as `2m`, `90s` or `1m30s`.
+fn parse_range(text: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
+        };
+        total += number.parse::<u64>().ok()? * unit;
+        number.clear();
+    }
+    number.is_empty().then(|| Duration::from_secs(total))
 }

@@ -410,7 +410,8 @@ fn clusterwatch_config(
             "rules": [
                 {
                     "name": PG_HOOK,
-                    "match": { "alertname": "PostgresNoPrimary", "cluster": PG_CLUSTER },
+                    // Only when the rules name this node as the one to promote.
+                    "match": { "alertname": "PostgresFailoverNeeded", "cluster": PG_CLUSTER, "candidate": PG_STANDBY },
                     "validate": [pg_promote, "--check"],
                     "command": [pg_promote],
                     "env": pg_env,
@@ -420,7 +421,7 @@ fn clusterwatch_config(
                 },
                 {
                     "name": REDIS_HOOK,
-                    "match": { "alertname": "RedisNoMaster", "cluster": REDIS_CLUSTER },
+                    "match": { "alertname": "RedisFailoverNeeded", "cluster": REDIS_CLUSTER, "candidate": REDIS_REPLICA },
                     "validate": [redis_promote, "--check"],
                     "command": [redis_promote],
                     "env": redis_env,

@@ -1,0 +1,257 @@
+//! The failover decision on real servers: a PostgreSQL primary with two streaming standbys,
+//! three clusterwatch observers each reaching the primary through a path of its own, and a real
+//! Prometheus with the shipped rules. One observer cut off from the primary raises the
+//! partial-view warning and never the failover alert; the primary cut off from everyone (while
+//! it keeps running) makes the failover alert fire, naming the most advanced standby.
+//!
+//! Every path to the primary is a [`TcpProxy`]: one per observer, and one per standby for its
+//! replication connection. The failover rules run with their windows shortened from 2 minutes
+//! to 20 seconds, the tuning the README describes, so the test takes about a minute and a half.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use clusterwatch_tests::harness::{
+    temp_dir, wait_until, Clusterwatch, PgNode, Prometheus, PrometheusConfig, ScrapeJob, TcpProxy,
+};
+use serde_json::Value;
+
+const CLUSTER: &str = "qdb";
+const PRIMARY: &str = "pg-a";
+const STANDBY_B: &str = "pg-b";
+const STANDBY_C: &str = "pg-c";
+/// The window the test gives the failover rules instead of the shipped 2 minutes.
+const WINDOW: &str = "20s";
+/// Long enough for a window, an evaluation and the slowest scrape on a busy machine.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// The shipped rule files, with the PostgreSQL failover window shortened to [`WINDOW`].
+fn rules_with_short_window(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in clusterwatch_tests::lab::rule_files()? {
+        let mut text = std::fs::read_to_string(&path)?;
+        let name = path.file_name().context("a rule file without a name")?;
+        if name == "failover.rules.yml" {
+            let ranges = text.matches("[2m]").count();
+            let offsets = text.matches("offset 2m").count();
+            ensure!(
+                ranges >= 2 && offsets >= 1,
+                "failover.rules.yml no longer writes its PostgreSQL window as `[2m]` and `offset 2m`"
+            );
+            text = text
+                .replace("[2m]", &format!("[{WINDOW}]"))
+                .replace("offset 2m", &format!("offset {WINDOW}"));
+        }
+        let copy = dir.join(name);
+        std::fs::write(&copy, text)?;
+        files.push(copy);
+    }
+    Ok(files)
+}
+
+/// The monitoring DSN of `node`, reached at `port` instead of the node's own.
+fn dsn_via(node: &PgNode, port: u16) -> String {
+    node.monitor_dsn()
+        .replace(&format!(":{}/", node.port()), &format!(":{port}/"))
+}
+
+/// Points a standby's replication connection at `port` and waits until it streams through it.
+async fn stream_through(standby: &PgNode, application_name: &str, port: u16) -> Result<()> {
+    standby
+        .psql(&format!(
+            "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={port} user=postgres application_name={application_name}'"
+        ))
+        .await?;
+    standby.psql("SELECT pg_reload_conf()").await?;
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{} to stream through port {port}", standby.name()),
+        async || {
+            let row = standby
+                .psql("SELECT status, sender_port FROM pg_stat_wal_receiver")
+                .await?;
+            if row == format!("streaming|{port}") {
+                Ok(true)
+            } else {
+                bail!("pg_stat_wal_receiver: `{row}`")
+            }
+        },
+    )
+    .await
+}
+
+/// The active alerts named `name`, as label maps.
+async fn active(prom: &Prometheus, name: &str, state: &str) -> Result<Vec<Value>> {
+    Ok(prom
+        .alerts()
+        .await?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|alert| alert["labels"]["alertname"] == name && alert["state"] == state)
+        .map(|alert| alert["labels"].clone())
+        .collect())
+}
+
+/// How many evaluations ever had the failover alert pending or firing.
+async fn failover_alert_ever(prom: &Prometheus) -> Result<Value> {
+    Ok(prom
+        .query(r#"ALERTS{alertname=~"PostgresFailoverNeeded|PostgresFailoverNoCandidate"}[10m]"#)
+        .await?["result"]
+        .clone())
+}
+
+async fn query_value(prom: &Prometheus, promql: &str) -> Result<f64> {
+    prom.query_f64(promql)
+        .await?
+        .with_context(|| format!("`{promql}` has no value"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best_standby(
+) -> Result<()> {
+    // A primary and two standbys, each standby replicating through its own proxy.
+    let primary = PgNode::start_primary(PRIMARY).await?;
+    let (standby_b, standby_c) = tokio::try_join!(
+        PgNode::start_standby(STANDBY_B, &primary, "standby_b"),
+        PgNode::start_standby(STANDBY_C, &primary, "standby_c"),
+    )?;
+    let primary_addr = format!("127.0.0.1:{}", primary.port()).parse()?;
+    let replication_b = TcpProxy::start(primary_addr).await?;
+    let replication_c = TcpProxy::start(primary_addr).await?;
+    tokio::try_join!(
+        stream_through(&standby_b, "standby_b", replication_b.port()),
+        stream_through(&standby_c, "standby_c", replication_c.port()),
+    )?;
+
+    // Three observers, each reaching the primary through its own proxy, the standbys directly.
+    let mut paths = Vec::new();
+    let mut observers = Vec::new();
+    for _ in 0..3 {
+        let path = TcpProxy::start(primary_addr).await?;
+        let config = format!(
+            "global:\n  timeout: 2s\npostgres:\n  - {{ name: {PRIMARY}, cluster: {CLUSTER}, dsn: '{}' }}\n  - {{ name: {STANDBY_B}, cluster: {CLUSTER}, dsn: '{}' }}\n  - {{ name: {STANDBY_C}, cluster: {CLUSTER}, dsn: '{}' }}\n",
+            dsn_via(&primary, path.port()),
+            standby_b.monitor_dsn(),
+            standby_c.monitor_dsn(),
+        );
+        observers.push(Clusterwatch::start(Some(&config), &[]).await?);
+        paths.push(path);
+    }
+    let rules_dir = temp_dir("cw-quorum-rules-")?;
+    let addrs: Vec<String> = observers.iter().map(|o| o.addr()).collect();
+    let targets: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let prom = Prometheus::start(&PrometheusConfig {
+        jobs: vec![ScrapeJob::new("clusterwatch", &targets)],
+        rule_files: rules_with_short_window(rules_dir.path())?,
+        ..PrometheusConfig::default()
+    })
+    .await?;
+    prom.wait_for_target_up("clusterwatch", WAIT).await?;
+
+    // Every observer healthy and seeing the primary; the default quorum is 2 of 3.
+    wait_until(
+        WAIT,
+        "three healthy observers seeing the primary",
+        async || {
+            let seeing = query_value(
+                &prom,
+                &format!(
+                    "cluster:clusterwatch_pg_observers_seeing_primary:count{{cluster='{CLUSTER}'}}"
+                ),
+            )
+            .await?;
+            let quorum = query_value(
+                &prom,
+                &format!("cluster:clusterwatch_pg_failover_quorum:value{{cluster='{CLUSTER}'}}"),
+            )
+            .await?;
+            Ok(seeing == 3.0 && quorum == 2.0)
+        },
+    )
+    .await?;
+
+    // One observer loses the primary: a partial view, never a failover.
+    paths[0].cut();
+    wait_until(WAIT, "PostgresPrimaryPartialView to fire", async || {
+        let firing = active(&prom, "PostgresPrimaryPartialView", "firing").await?;
+        if firing.iter().any(|labels| labels["cluster"] == CLUSTER) {
+            Ok(true)
+        } else {
+            bail!("active alerts: {}", prom.alerts().await?)
+        }
+    })
+    .await?;
+    let ever = failover_alert_ever(&prom).await?;
+    ensure!(
+        ever.as_array().is_some_and(Vec::is_empty),
+        "one observer's lost path started a failover decision: {ever}"
+    );
+
+    // pg-c's replication is cut first, then the primary writes: pg-b is the most advanced.
+    replication_c.cut();
+    primary
+        .psql("CREATE TABLE written_after_c_was_cut AS SELECT generate_series(1, 2000) AS id")
+        .await?;
+    let candidate =
+        format!("cluster_target:clusterwatch_pg_failover_candidate:bytes{{cluster='{CLUSTER}'}}");
+    wait_until(WAIT, "pg-b to be ahead of pg-c and the candidate", async || {
+        let positions = prom
+            .query(&format!(
+                "cluster_target:clusterwatch_pg_standby_wal_position:bytes{{cluster='{CLUSTER}'}}"
+            ))
+            .await?;
+        let chosen = prom.query(&candidate).await?;
+        let b_ahead = query_value(
+            &prom,
+            &format!("cluster_target:clusterwatch_pg_standby_wal_position:bytes{{target='{STANDBY_B}'}} - ignoring (target) cluster_target:clusterwatch_pg_standby_wal_position:bytes{{target='{STANDBY_C}'}}"),
+        )
+        .await?;
+        if b_ahead > 0.0 && chosen["result"][0]["metric"]["target"] == STANDBY_B {
+            Ok(true)
+        } else {
+            bail!("positions {positions}, candidate {chosen}")
+        }
+    })
+    .await?;
+
+    // The primary is cut off from everyone, observers and standbys, and keeps running.
+    for path in &paths {
+        path.cut();
+    }
+    replication_b.cut();
+    wait_until(WAIT, "PostgresFailoverNeeded to fire", async || {
+        let firing = active(&prom, "PostgresFailoverNeeded", "firing").await?;
+        match firing.as_slice() {
+            [] => bail!("active alerts: {}", prom.alerts().await?),
+            [labels] => {
+                ensure!(
+                    labels["cluster"] == CLUSTER
+                        && labels["candidate"] == STANDBY_B
+                        && labels["failed"] == PRIMARY
+                        && labels["action"] == "failover",
+                    "the failover alert names the wrong nodes: {labels}"
+                );
+                Ok(true)
+            }
+            several => bail!("more than one failover alert: {several:?}"),
+        }
+    })
+    .await?;
+    // No observer sees the primary any more: the view is no longer partial.
+    let partial = active(&prom, "PostgresPrimaryPartialView", "firing").await?;
+    ensure!(partial.is_empty(), "partial view still firing: {partial:?}");
+    // All three observers agreed; the primary itself never stopped.
+    let agreeing = query_value(
+        &prom,
+        &format!("cluster:clusterwatch_pg_observers_agreeing:count{{cluster='{CLUSTER}'}}"),
+    )
+    .await?;
+    ensure!(agreeing == 3.0, "{agreeing} observers agree, expected 3");
+    ensure!(
+        primary.psql("SELECT pg_is_in_recovery()").await? == "f",
+        "the cut-off primary should still be running as primary"
+    );
+    Ok(())
+}
