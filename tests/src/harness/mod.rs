@@ -28,6 +28,7 @@ pub mod redis;
 pub mod served;
 pub mod sipp;
 pub mod supervisord;
+pub mod versions;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};

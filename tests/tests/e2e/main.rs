@@ -18,4 +18,5 @@ mod redis;
 mod reload;
 mod rules_pack;
 mod sre_stats;
+mod versions;
 mod web_security;
