@@ -75,7 +75,7 @@ fn check(program: &Path, marker: &str) -> Result<(), String> {
         return Err(format!(
             "{} --version said `{}` ({}), expected `{marker}`",
             program.display(),
-            text.trim(),
+            text.lines().next().unwrap_or_default().trim(),
             output.status
         ));
     }

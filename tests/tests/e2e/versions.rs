@@ -13,12 +13,13 @@ use clusterwatch_tests::harness::{Clusterwatch, PgCluster, RedisPair};
 /// Idle scrapes of the healthy-pair check (the suite's own PostgreSQL test idles 30 s).
 const IDLE: Duration = Duration::from_secs(6);
 
-fn pick(all: Vec<Version>, version: &str) -> Option<std::path::PathBuf> {
+/// Where `server` `version`'s programs are, or `None` after saying why it is skipped.
+fn pick(all: Vec<Version>, server: &str, version: &str) -> Option<std::path::PathBuf> {
     let v = all.into_iter().find(|v| v.version == version)?;
     match v.location {
         Ok(path) => Some(path),
         Err(reason) => {
-            println!("SKIPPED: version {version}: {reason}");
+            println!("SKIPPED: {server} {version}: {reason}");
             None
         }
     }
@@ -26,7 +27,7 @@ fn pick(all: Vec<Version>, version: &str) -> Option<std::path::PathBuf> {
 
 /// The exporter sees the version the pair runs, then every shared check passes on it.
 async fn postgres(version: &str) -> Result<()> {
-    let Some(bin_dir) = pick(versions::postgres(), version) else {
+    let Some(bin_dir) = pick(versions::postgres(), "PostgreSQL", version) else {
         return Ok(());
     };
     let pair = PgCluster::start_pair_in(&bin_dir)
@@ -60,7 +61,7 @@ async fn postgres(version: &str) -> Result<()> {
 }
 
 async fn redis(version: &str) -> Result<()> {
-    let Some(server) = pick(versions::redis(), version) else {
+    let Some(server) = pick(versions::redis(), "Redis", version) else {
         return Ok(());
     };
     let pair = RedisPair::start_server(&server)
