@@ -25,6 +25,21 @@ fn pick(all: Vec<Version>, server: &str, version: &str) -> Option<std::path::Pat
     }
 }
 
+/// Starts an exporter on `config` and checks that `label` of `family` names `version`.
+async fn reports_version(config: &str, family: &str, label: &str, version: &str) -> Result<()> {
+    let cw = Clusterwatch::start(Some(config), &[]).await?;
+    let m = scrape_until(&cw, Duration::from_secs(30), family, |m| {
+        Ok(!m.find(family, &[]).is_empty())
+    })
+    .await?;
+    let seen = &m.find(family, &[])[0].labels[label];
+    ensure!(
+        seen.starts_with(&format!("{version}.")),
+        "{family} says {label}={seen}, expected {version}.x"
+    );
+    Ok(())
+}
+
 /// The exporter sees the version the pair runs, then every shared check passes on it.
 async fn postgres(version: &str) -> Result<()> {
     let Some(bin_dir) = pick(versions::postgres(), "PostgreSQL", version) else {
@@ -37,17 +52,7 @@ async fn postgres(version: &str) -> Result<()> {
         "postgres:\n  - {{ name: primary, cluster: pg, dsn: '{}' }}\n",
         pair.primary.monitor_dsn()
     );
-    let cw = Clusterwatch::start(Some(&config), &[]).await?;
-    let m = scrape_until(&cw, Duration::from_secs(30), "pg_info", |m| {
-        Ok(!m.find("clusterwatch_pg_info", &[]).is_empty())
-    })
-    .await?;
-    let seen = &m.find("clusterwatch_pg_info", &[])[0].labels["server_version"];
-    ensure!(
-        seen.starts_with(&format!("{version}.")),
-        "PostgreSQL {version} reported as {seen}"
-    );
-    drop(cw);
+    reports_version(&config, "clusterwatch_pg_info", "server_version", version).await?;
     let context = || format!("on PostgreSQL {version}");
     crate::postgres::healthy_pair_streams(&pair, IDLE)
         .await
@@ -71,17 +76,7 @@ async fn redis(version: &str) -> Result<()> {
         "redis:\n  - {{ name: master, cluster: r, address: '{}' }}\n",
         pair.master.url()
     );
-    let cw = Clusterwatch::start(Some(&config), &[]).await?;
-    let m = scrape_until(&cw, Duration::from_secs(30), "redis_info", |m| {
-        Ok(!m.find("clusterwatch_redis_info", &[]).is_empty())
-    })
-    .await?;
-    let seen = &m.find("clusterwatch_redis_info", &[])[0].labels["version"];
-    ensure!(
-        seen.starts_with(&format!("{version}.")),
-        "Redis {version} reported as {seen}"
-    );
-    drop(cw);
+    reports_version(&config, "clusterwatch_redis_info", "version", version).await?;
     let context = || format!("on Redis {version}");
     crate::redis::healthy_pair(&pair)
         .await
