@@ -30,7 +30,11 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // Two workers at most: an exporter mostly waits on sockets, and every worker more costs
+    // a stack and, under contention, allocator pages (blocking calls have their own pool).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(2));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -233,6 +237,7 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen_address))?;
     tracing::info!(address = %cli.listen_address, path = %cli.telemetry_path, "listening");
+    crate::memory::spawn_upkeep();
     crate::web::serve(listener, app(state), security, shutdown_signal())
         .await
         .context("http server failed")?;

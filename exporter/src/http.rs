@@ -79,6 +79,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
     }
     state.reloader.write_metrics(&mut buffer);
     let snapshot = buffer.into_snapshot();
+    crate::memory::scraped();
     if wants_openmetrics(&headers) {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],

@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod hooks;
 pub mod http;
 pub mod logging;
+pub mod memory;
 pub mod probe;
 pub mod reload;
 pub mod snapshot;
