@@ -693,6 +693,22 @@ impl Hooks {
         let cfg = self.config();
         metrics::write(&cfg, &c, &state, context(&cfg), out);
     }
+
+    /// For a service stop: no accepted run takes a slot from now on (it stays in the journal
+    /// as accepted, not started), and this waits until every run holding a slot has ended or
+    /// `limit` has passed. Returns how many runs were still going then.
+    pub async fn drain(&self, limit: Duration) -> usize {
+        self.slots.close();
+        let total = self.config().max_concurrent_runs;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let running = total.saturating_sub(self.slots.available_permits());
+            if running == 0 || tokio::time::Instant::now() >= deadline {
+                return running;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// A background task that ends with its owner.
