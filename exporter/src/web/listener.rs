@@ -164,6 +164,16 @@ impl Connections {
         })
     }
 
+    /// At a stop: closes every connection without a request in progress (idle, or still
+    /// sending a head) at once; the others get the grace.
+    fn close_idle(&self) {
+        for c in self.lock().iter() {
+            if c.busy.load(Ordering::Relaxed) == 0 {
+                c.cut.notify_one();
+            }
+        }
+    }
+
     /// Marks every connection still open as cut by the stop, before their tasks are dropped.
     fn cut_all(&self) {
         for c in self.lock().iter() {
@@ -264,6 +274,7 @@ pub async fn run(
     }
     drop(listener);
     let _ = stop.send(true);
+    connections.close_idle();
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -660,9 +671,14 @@ mod tests {
         half.write_all(b"POST /body HTTP/1.1\r\ncontent-length: 9\r\n\r\n1")
             .await
             .unwrap();
+        let mut head = TcpStream::connect(srv.addr).await.unwrap();
+        head.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
         let started = Instant::now();
         srv.stop.send(()).unwrap();
+        // Without a request in progress, a connection is closed at once.
+        assert_eq!(until_closed(&mut head).await, "");
+        assert!(started.elapsed() < Duration::from_secs(1));
         srv.task.await.unwrap();
         assert!(started.elapsed() <= SHUTDOWN_GRACE + Duration::from_millis(100));
         assert_eq!(until_closed(&mut hanging).await, "");

@@ -8,6 +8,7 @@ mod foundation;
 mod harness_selftest;
 mod hooks;
 mod hooks_lock;
+mod listeners;
 mod mongo;
 mod network;
 mod node;
