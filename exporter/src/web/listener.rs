@@ -313,7 +313,11 @@ async fn connection(
             Some(config) => {
                 let handshake = TlsAcceptor::from(config).accept(io);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                    Ok(Ok(stream)) => http(stream, service, &conn, stopping).await,
+                    Ok(Ok(stream)) => {
+                        // The handshake's bytes are not part of a request head.
+                        conn.read_since_idle.store(0, Ordering::Relaxed);
+                        http(stream, service, &conn, stopping).await
+                    }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => conn.note(Reason::HandshakeTimeout),
                 }

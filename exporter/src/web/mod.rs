@@ -16,7 +16,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 pub use config::{ClientAuth, Settings};
-pub use listener::{Connections, HANDSHAKE_TIMEOUT, SHUTDOWN_GRACE};
+pub use listener::{Connections, SHUTDOWN_GRACE};
 
 use crate::config::ConfigError;
 
