@@ -555,20 +555,31 @@ mod tests {
     }
 
     async fn server(max: usize) -> Server {
+        serve_with(max, None).await
+    }
+
+    async fn serve_with(max: usize, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = Router::new()
             .route("/", get(|| async { "ok" }))
             .route("/hang", get(std::future::pending::<&'static str>))
+            .route("/big", get(|| async { vec![b'x'; 64 << 20] }))
             .route(
                 "/body",
                 post(|body: axum::body::Bytes| async move { body.len().to_string() }),
             );
         let connections = Connections::new("main", max);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(listener, router, connections.clone(), || None, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(run(
+            listener,
+            router,
+            connections.clone(),
+            move || tls.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Server {
             addr,
             connections,
@@ -635,6 +646,51 @@ mod tests {
         .await
         .unwrap();
         assert!(until_closed(&mut s).await.ends_with("\r\n\r\n4"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_its_answer_is_dropped() {
+        let srv = server(8).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(srv.connections.lock().len(), 1);
+        let started = Instant::now();
+        while srv.connections.lock().len() == 1 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(started.elapsed() < WRITE_TIMEOUT * 2);
+        }
+        assert!(started.elapsed() >= WRITE_TIMEOUT - Duration::from_secs(1));
+        assert_eq!(closed(&srv.connections, Reason::WriteTimeout), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_client_that_never_finishes_its_handshake_is_dropped() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let srv = serve_with(8, Some(Arc::new(config))).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(until_closed(&mut s).await, "");
+        assert!(started.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+        tokio::task::yield_now().await;
+        assert_eq!(closed(&srv.connections, Reason::HandshakeTimeout), 1);
     }
 
     #[tokio::test(start_paused = true)]
