@@ -236,11 +236,13 @@ async fn drain_hooks(hooks: &Hooks) {
             } else {
                 Duration::ZERO
             };
-            validate + r.timeout + 2 * cfg.kill_grace
+            validate
+                .saturating_add(r.timeout)
+                .saturating_add(cfg.kill_grace.saturating_mul(2))
         })
         .max()
         .unwrap_or_default();
-    let limit = longest + DRAIN_MARGIN;
+    let limit = longest.saturating_add(DRAIN_MARGIN);
     let started = std::time::Instant::now();
     let left = hooks.drain(limit).await;
     if left > 0 {

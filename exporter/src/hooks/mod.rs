@@ -700,10 +700,11 @@ impl Hooks {
     pub async fn drain(&self, limit: Duration) -> usize {
         self.slots.close();
         let total = self.config().max_concurrent_runs;
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = tokio::time::Instant::now().checked_add(limit);
         loop {
             let running = total.saturating_sub(self.slots.available_permits());
-            if running == 0 || tokio::time::Instant::now() >= deadline {
+            let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if running == 0 || late {
                 return running;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
