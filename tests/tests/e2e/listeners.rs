@@ -148,34 +148,50 @@ async fn half_sent<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Waits until both listeners count the held connections as open (the server has them).
-async fn wait_held(client: &reqwest::Client, base: &str, main_open: f64) -> Result<()> {
-    let url = format!("{base}/metrics");
-    wait_until(WAIT, "the held connections to be open", async || {
-        let body = client.get(&url).send().await?.text().await?;
-        Ok(value(
-            &body,
-            "clusterwatch_web_connections_open{listener=\"main\"}",
-        ) >= Some(main_open)
-            && value(
-                &body,
-                "clusterwatch_web_connections_open{listener=\"webhook\"}",
-            ) >= Some(1.0))
-    })
-    .await
+/// Waits until the server has taken in the held connections: each listener accepts in turn,
+/// so once a request on a later connection is answered, the earlier one is being served.
+async fn wait_held(client: &reqwest::Client, base: &str, webhook: &str) -> Result<()> {
+    let healthy = client.get(format!("{base}/-/healthy")).send().await?;
+    ensure!(
+        healthy.status() == reqwest::StatusCode::OK,
+        "{}",
+        healthy.status()
+    );
+    let posted = client
+        .post(webhook)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(unmatched())
+        .send()
+        .await?;
+    ensure!(
+        posted.status() == reqwest::StatusCode::OK,
+        "{}",
+        posted.status()
+    );
+    Ok(())
 }
 
 #[tokio::test]
 async fn sigterm_ends_the_process_within_10s_while_clients_hold_half_sent_requests() -> Result<()> {
     let lab = HookLab::new()?;
-    let client = clusterwatch_tests::harness::http::client()?;
+    // A new connection per request, so `wait_held` comes after the held ones.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()?;
     let config = lab.config("", NO_HOOK);
     let mut cw = Service::start(&config, &[], None, "http", &client).await?;
     let mut metrics = TcpStream::connect(("127.0.0.1", cw.port)).await?;
     let mut webhook = TcpStream::connect(("127.0.0.1", lab.port)).await?;
     half_sent(&mut metrics, &mut webhook).await?;
-    // The main listener also holds the scrape's own connection.
-    wait_held(&client, &format!("http://127.0.0.1:{}", cw.port), 2.0).await?;
+    wait_held(
+        &client,
+        &format!("http://127.0.0.1:{}", cw.port),
+        &lab.url(),
+    )
+    .await?;
     let took = cw.terminate(STOP_BOUND).await?;
     println!("plain listeners: exit {took:?} after SIGTERM");
     drop((metrics, webhook));
@@ -201,6 +217,7 @@ async fn sigterm_ends_the_process_within_10s_with_half_sent_requests_over_tls() 
         .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
             ca.cert_path(),
         )?)?)
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(10))
         .build()?;
     let web_arg = web.to_string_lossy().into_owned();
@@ -226,7 +243,8 @@ async fn sigterm_ends_the_process_within_10s_with_half_sent_requests_over_tls() 
         .await
         .context("TLS handshake with the webhook listener")?;
     half_sent(&mut metrics, &mut webhook).await?;
-    wait_held(&client, &format!("https://127.0.0.1:{}", cw.port), 2.0).await?;
+    let webhook = format!("https://127.0.0.1:{}/hooks/alertmanager", lab.port);
+    wait_held(&client, &format!("https://127.0.0.1:{}", cw.port), &webhook).await?;
     let took = cw.terminate(STOP_BOUND).await?;
     println!("TLS listeners: exit {took:?} after SIGTERM");
     drop((metrics, webhook));
