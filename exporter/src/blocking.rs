@@ -41,7 +41,7 @@ impl InFlight {
         F: FnOnce() -> T + Send + 'static,
     {
         {
-            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let mut keys = crate::sync::lock(&self.keys);
             if !keys.insert(key.to_owned()) {
                 return Err(BlockingError::Stuck);
             }
@@ -50,18 +50,13 @@ impl InFlight {
         let owned_key = key.to_owned();
         let handle = tokio::task::spawn_blocking(move || {
             let result = f();
-            keys.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&owned_key);
+            crate::sync::lock(&keys).remove(&owned_key);
             result
         });
         match tokio::time::timeout_at(deadline, handle).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => {
-                self.keys
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(key);
+                crate::sync::lock(&self.keys).remove(key);
                 Err(BlockingError::Failed)
             }
             Err(_) => Err(BlockingError::Timeout),
@@ -70,7 +65,7 @@ impl InFlight {
 
     /// How many calls are still running (stuck ones included).
     pub fn len(&self) -> usize {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::sync::lock(&self.keys).len()
     }
 
     /// Whether no call is running.

@@ -91,5 +91,13 @@ pub enum HooksCommand {
         payload: PathBuf,
     },
     /// Print the journal, one decision per line.
-    Journal,
+    Journal {
+        /// Only check it: list every damaged line; exit 1 if there is one.
+        #[arg(long, conflicts_with = "accept_damage")]
+        check: bool,
+        /// Drop damaged lines (the file as it was is saved beside it); incidents that began
+        /// before now are then never run automatically. clusterwatch must be stopped.
+        #[arg(long)]
+        accept_damage: bool,
+    },
 }

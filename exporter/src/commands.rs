@@ -10,7 +10,8 @@ use anyhow::Context;
 
 use crate::cli::{Cli, Command, HooksCommand};
 use crate::collector::Engine;
-use crate::config::{self, Config};
+use crate::config;
+use crate::configuration::{self, Config};
 use crate::hooks::config::Listen;
 use crate::hooks::lock::EtcdLock;
 use crate::hooks::{Hooks, LocalGate, RunGate};
@@ -54,7 +55,7 @@ fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
     let web_ok = web_config.is_none_or(|web| {
         report(crate::web::Security::load(web).map(|_| format!("{}: ok", web.display())))
     });
-    let config_ok = report(config::load_file(file).map(|cfg| {
+    let config_ok = report(configuration::load_file(file).map(|cfg| {
         let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
         format!(
             "{}: ok ({} targets, {hooks} hooks)",
@@ -85,7 +86,7 @@ fn report(checked: Result<String, config::ConfigError>) -> bool {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    config::load(cli.config_file.as_deref())
+    configuration::load(cli.config_file.as_deref())
         .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))
 }
 
@@ -271,14 +272,10 @@ fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
         HooksCommand::Replay { payload } => std::fs::read(payload)
             .map_err(|e| format!("cannot read {}: {e}", payload.display()))
             .and_then(|body| crate::hooks::replay(&hooks, &body)),
-        HooksCommand::Journal => crate::hooks::journal::read(&hooks.state_dir)
-            .map(|records| records.iter().map(crate::hooks::journal::render).collect())
-            .map_err(|e| {
-                format!(
-                    "cannot read the journal in {}: {e}",
-                    hooks.state_dir.display()
-                )
-            }),
+        HooksCommand::Journal {
+            check,
+            accept_damage,
+        } => crate::hooks::journal_command(&hooks, *check, *accept_damage),
     };
     match lines {
         Ok(lines) => {

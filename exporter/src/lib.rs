@@ -3,9 +3,12 @@
 
 pub mod blocking;
 pub mod cli;
+pub mod clock;
 pub mod collector;
 pub mod commands;
 pub mod config;
+pub mod configuration;
+pub mod etcd_v3;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hooks;
@@ -15,4 +18,5 @@ pub mod probe;
 pub mod reload;
 pub mod snapshot;
 pub mod sre_csv;
+pub mod sync;
 pub mod web;

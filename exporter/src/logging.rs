@@ -65,3 +65,28 @@ pub fn init(level: LogLevel, format: LogFormat) {
         .with(layer)
         .try_init();
 }
+
+/// The condition last logged for one thing (a target's failure reason, a reply's oddities), so
+/// a condition is logged when it starts or changes, not on every scrape.
+#[derive(Debug)]
+pub struct OnChange<T>(Option<T>);
+
+impl<T> Default for OnChange<T> {
+    fn default() -> Self {
+        OnChange(None)
+    }
+}
+
+impl<T: PartialEq> OnChange<T> {
+    /// Records `now`; true when it differs from what was recorded before (log it then).
+    pub fn changed(&mut self, now: T) -> bool {
+        let changed = self.0.as_ref() != Some(&now);
+        self.0 = Some(now);
+        changed
+    }
+
+    /// Forgets the condition (it ended); what was recorded, to say what it was.
+    pub fn clear(&mut self) -> Option<T> {
+        self.0.take()
+    }
+}

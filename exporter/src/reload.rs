@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::collector::{Engine, TargetChanges};
-use crate::config::{self, Config};
+use crate::configuration::{self, Config};
 use crate::hooks::Hooks;
 use crate::snapshot::SampleBuffer;
 use crate::web::Security;
@@ -47,7 +47,7 @@ impl Reloader {
             running: tokio::sync::Mutex::new(()),
             status: Mutex::new(Status {
                 last_successful: true,
-                last_success: crate::hooks::now(),
+                last_success: crate::clock::unix_now().as_secs_f64(),
                 succeeded: 0,
                 failed: 0,
             }),
@@ -71,11 +71,11 @@ impl Reloader {
     pub async fn reload(&self) -> Result<TargetChanges, String> {
         let _one_at_a_time = self.running.lock().await;
         let outcome = self.load_and_apply().await;
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = crate::sync::lock(&self.status);
         match &outcome {
             Ok(changes) => {
                 status.last_successful = true;
-                status.last_success = crate::hooks::now();
+                status.last_success = crate::clock::unix_now().as_secs_f64();
                 status.succeeded += 1;
                 tracing::info!(
                     kept = changes.kept,
@@ -98,7 +98,7 @@ impl Reloader {
         let web_path = self.main_web.as_ref().map(|(path, _)| path.clone());
         // Loading reads files (passwords, certificates, CSVs' metadata): not on a runtime thread.
         let (loaded, web) = tokio::task::spawn_blocking(move || {
-            let cfg = config::load(source.as_deref());
+            let cfg = configuration::load(source.as_deref());
             (cfg, web_path.map(|path| Security::load(&path)))
         })
         .await
@@ -138,7 +138,7 @@ impl Reloader {
 
     /// Writes the `clusterwatch_config_*` families.
     pub fn write_metrics(&self, out: &mut SampleBuffer) {
-        let status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let status = crate::sync::lock(&self.status);
         out.gauge(
             "clusterwatch_config_last_reload_successful",
             "Whether the last configuration reload succeeded (1) or failed and the previous configuration is still running (0).",

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Err(err) = clusterwatch::config::parse(text, "fuzz.yml", std::path::Path::new("/nonexistent")) {
+        if let Err(err) = clusterwatch::configuration::parse(text, "fuzz.yml", std::path::Path::new("/nonexistent")) {
             let _ = err.render();
         }
     }

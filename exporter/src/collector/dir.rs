@@ -11,7 +11,8 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::clock;
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -40,12 +41,8 @@ struct RawDirectory {
     recursive: bool,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawDirectory>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -56,20 +53,22 @@ fn configure(
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(DirCollector {
+        out.push(Target::new(
+            &KIND,
             id,
-            path: ctx.resolve(&raw.path),
-            pattern,
-            recursive: raw.recursive,
-            inflight: InFlight::new(),
-        }));
+            DirCollector {
+                path: ctx.resolve(&raw.path),
+                pattern,
+                recursive: raw.recursive,
+                inflight: InFlight::new(),
+            },
+        ));
     }
     out
 }
 
 /// One watched directory.
 pub struct DirCollector {
-    id: TargetId,
     path: PathBuf,
     pattern: Option<Regex>,
     recursive: bool,
@@ -123,23 +122,8 @@ fn walk(root: &Path, pattern: Option<&Regex>, recursive: bool) -> std::io::Resul
     Ok(stats)
 }
 
-fn age_seconds(t: SystemTime) -> f64 {
-    SystemTime::now()
-        .duration_since(t)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 #[async_trait]
 impl Collector for DirCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -175,7 +159,7 @@ impl Collector for DirCollector {
                 "clusterwatch_dir_newest_file_age_seconds",
                 "Age of the most recently modified file, in seconds.",
                 &[],
-                age_seconds(t),
+                clock::age_seconds(t),
             );
         }
         if let Some(t) = stats.oldest {
@@ -183,7 +167,7 @@ impl Collector for DirCollector {
                 "clusterwatch_dir_oldest_file_age_seconds",
                 "Age of the least recently modified file, in seconds.",
                 &[],
-                age_seconds(t),
+                clock::age_seconds(t),
             );
         }
         Ok(())
@@ -218,8 +202,8 @@ mod tests {
         let wal = Regex::new("^[0-9A-F]{24}$").unwrap();
         let flat = walk(dir.path(), Some(&wal), false).unwrap();
         assert_eq!((flat.bytes, flat.files), (150, 2));
-        assert!(age_seconds(flat.oldest.unwrap()) >= 3599.0);
-        assert!(age_seconds(flat.newest.unwrap()) < 60.0);
+        assert!(clock::age_seconds(flat.oldest.unwrap()) >= 3599.0);
+        assert!(clock::age_seconds(flat.newest.unwrap()) < 60.0);
         let deep = walk(dir.path(), None, true).unwrap();
         assert_eq!((deep.bytes, deep.files), (158, 4));
     }

@@ -10,8 +10,9 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
+use crate::etcd_v3::{build_client, check_endpoints, TlsFiles};
 use crate::snapshot::SampleBuffer;
 
 /// The `etcd` collector, configured by the `etcd:` section.
@@ -34,12 +35,8 @@ struct RawEtcd {
     key_file: Option<PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawEtcd>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -54,142 +51,13 @@ fn configure(
             continue;
         }
         let Some(client) = client else { continue };
-        out.push(Arc::new(EtcdCollector {
-            id,
-            endpoints,
-            client,
-        }));
+        out.push(Target::new(&KIND, id, EtcdCollector { endpoints, client }));
     }
     out
-}
-
-/// Endpoints are `http(s)://host:port`; the URL becomes the `endpoint` label, so anything
-/// that could carry a secret (user info) or change the meaning (a path) is refused. The hook
-/// runner's etcd lock checks its endpoints the same way.
-pub(crate) fn check_endpoints(
-    raw: &[String],
-    at: &Located,
-    problems: &mut Vec<Problem>,
-) -> Vec<Url> {
-    if raw.is_empty() {
-        problems.push(
-            at.problem("endpoints", "at least one endpoint is needed")
-                .hint("list every member's client URL, e.g. `http://10.0.0.1:2379`"),
-        );
-    }
-    let mut out: Vec<Url> = Vec::new();
-    for (i, text) in raw.iter().enumerate() {
-        let field = format!("endpoints[{i}]");
-        let url = match Url::parse(text) {
-            Ok(u) => u,
-            Err(e) => {
-                problems.push(
-                    at.problem(&field, format!("invalid URL: {e}"))
-                        .hint("write e.g. `http://10.0.0.1:2379`"),
-                );
-                continue;
-            }
-        };
-        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-            problems.push(
-                at.problem(
-                    &field,
-                    "an endpoint must be an http:// or https:// URL with a host",
-                )
-                .hint("write e.g. `https://10.0.0.1:2379`"),
-            );
-        } else if !url.username().is_empty() || url.password().is_some() {
-            problems.push(
-                at.problem(&field, "credentials in the URL are not supported")
-                    .hint("use client certificates (`cert_file`, `key_file`)"),
-            );
-        } else if url.path() != "/" || url.query().is_some() {
-            problems.push(
-                at.problem(&field, "an endpoint has no path")
-                    .hint("write only scheme, host and port, e.g. `http://10.0.0.1:2379`"),
-            );
-        } else if out.contains(&url) {
-            problems.push(at.problem(&field, "endpoint listed twice"));
-        } else {
-            out.push(url);
-        }
-    }
-    out
-}
-
-/// TLS files for talking to etcd, already resolved against the configuration's directory.
-pub(crate) struct TlsFiles {
-    /// CA bundle to trust instead of the system roots.
-    pub(crate) ca: Option<PathBuf>,
-    /// Client certificate.
-    pub(crate) cert: Option<PathBuf>,
-    /// Its private key.
-    pub(crate) key: Option<PathBuf>,
-}
-
-/// An HTTP client for etcd's endpoints with the given TLS files; problems name `at`'s fields.
-pub(crate) fn build_client(
-    tls: &TlsFiles,
-    at: &Located,
-    problems: &mut Vec<Problem>,
-) -> Option<reqwest::Client> {
-    // Cluster members are reached directly; an `http_proxy` meant for the internet must not
-    // reroute them.
-    let mut builder = reqwest::Client::builder().use_rustls_tls().no_proxy();
-    let read = |field: &str, path: &PathBuf, problems: &mut Vec<Problem>| {
-        std::fs::read(path)
-            .map_err(|e| {
-                problems.push(at.problem(field, format!("cannot read {}: {e}", path.display())))
-            })
-            .ok()
-    };
-    if let Some(path) = &tls.ca {
-        let pem = read("ca_file", path, problems)?;
-        match reqwest::Certificate::from_pem(&pem) {
-            Ok(c) => builder = builder.add_root_certificate(c),
-            Err(_) => {
-                problems.push(at.problem("ca_file", "not a PEM certificate"));
-                return None;
-            }
-        }
-    }
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let mut pem = read("cert_file", cert, problems)?;
-            pem.push(b'\n');
-            pem.extend(read("key_file", key, problems)?);
-            match reqwest::Identity::from_pem(&pem) {
-                Ok(id) => builder = builder.identity(id),
-                Err(_) => {
-                    problems.push(
-                        at.problem("cert_file", "not a PEM certificate and private key")
-                            .hint("`cert_file` holds the certificate, `key_file` its PKCS#8 or RSA key"),
-                    );
-                    return None;
-                }
-            }
-        }
-        (None, None) => {}
-        _ => {
-            problems.push(
-                at.problem("cert_file", "`cert_file` and `key_file` go together")
-                    .hint("give both for client certificate authentication, or neither"),
-            );
-            return None;
-        }
-    }
-    match builder.build() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            problems.push(at.problem("endpoints", format!("cannot set up HTTP client: {e}")));
-            None
-        }
-    }
 }
 
 /// One etcd cluster: its member endpoints and a client whose connections live across scrapes.
 pub struct EtcdCollector {
-    id: TargetId,
     endpoints: Vec<Url>,
     client: reqwest::Client,
 }
@@ -357,14 +225,6 @@ fn flag(b: bool) -> f64 {
 
 #[async_trait]
 impl Collector for EtcdCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     /// Never fails: an unreachable member is a metric, and losing members is exactly what
     /// this target must report (quorum lost), not a scrape failure.
     async fn collect(
@@ -374,8 +234,7 @@ impl Collector for EtcdCollector {
     ) -> Result<(), CollectError> {
         // Answer before the engine's deadline so a black-holed member costs its own series,
         // not the whole cluster's.
-        let now = Instant::now();
-        let deadline = ctx.deadline - ctx.deadline.saturating_duration_since(now) / 10;
+        let deadline = ctx.item_deadline();
         let members =
             futures::future::join_all(self.endpoints.iter().map(|e| self.probe(e, deadline))).await;
 
@@ -478,7 +337,7 @@ impl Collector for EtcdCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     const METRICS_TEXT: &str = "\

@@ -4,12 +4,13 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
 use crate::blocking::InFlight;
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{Located, Problem, SectionContext, TargetId};
+use crate::collector::{
+    named_local_target, CollectError, Collector, CollectorKind, ScrapeContext, Target,
+};
+use crate::config::{Located, Problem, SectionContext};
 use crate::snapshot::SampleBuffer;
 
 /// The `exporter` collector; its optional `exporter:` section only renames the target.
@@ -20,33 +21,19 @@ pub const KIND: CollectorKind = CollectorKind {
     configure,
 };
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawExporter {
-    name: Option<String>,
-}
-
-fn configure(
-    at: Located,
-    _ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let Some(raw) = at.parse::<Option<RawExporter>>(problems) else {
-        return Vec::new();
-    };
-    let target = raw
-        .and_then(|r| r.name)
-        .unwrap_or_else(|| "clusterwatch".into());
-    vec![Arc::new(ExporterCollector {
-        id: TargetId::local(target),
+fn configure(at: Located, _ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let collector = || ExporterCollector {
         system: Arc::new(Mutex::new(None)),
         inflight: InFlight::new(),
-    })]
+    };
+    named_local_target(&at, "clusterwatch", problems)
+        .map(|id| Target::new(&KIND, id, collector()))
+        .into_iter()
+        .collect()
 }
 
 /// Reads this process's own statistics.
 pub struct ExporterCollector {
-    id: TargetId,
     /// Created on first use (see `system.rs` for why).
     system: Arc<Mutex<Option<System>>>,
     inflight: InFlight,
@@ -63,7 +50,7 @@ struct SelfStats {
 
 fn read_self(system: &Mutex<Option<System>>) -> Option<SelfStats> {
     let pid = Pid::from_u32(std::process::id());
-    let mut guard = system.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = crate::sync::lock(system);
     if guard.is_none() {
         *guard = System::new().ok();
     }
@@ -86,14 +73,6 @@ fn read_self(system: &Mutex<Option<System>>) -> Option<SelfStats> {
 
 #[async_trait]
 impl Collector for ExporterCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,

@@ -12,7 +12,8 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::clock;
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -26,6 +27,8 @@ pub const KIND: CollectorKind = CollectorKind {
 
 /// How much of a file is read by default for `states:` and `match:`: status files are a word.
 const DEFAULT_MAX_BYTES: u64 = 64 * 1024;
+/// The most `max_bytes` may be: the read happens on every scrape.
+const MAX_MAX_BYTES: u64 = 16 << 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,12 +46,8 @@ struct RawFile {
     max_bytes: Option<u64>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawFile>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -73,25 +72,32 @@ fn configure(
         }
         if raw.max_bytes == Some(0) {
             problems.push(item.problem("max_bytes", "max_bytes must be greater than zero"));
+        } else if raw.max_bytes.is_some_and(|n| n > MAX_MAX_BYTES) {
+            problems.push(
+                item.problem("max_bytes", "max_bytes must be at most 16777216 (16 MiB)")
+                    .hint("only the start of a status file is read on every scrape"),
+            );
         }
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(FileCollector {
+        out.push(Target::new(
+            &KIND,
             id,
-            path: ctx.resolve(&raw.path),
-            states,
-            matches,
-            max_bytes: raw.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
-            inflight: InFlight::new(),
-        }));
+            FileCollector {
+                path: ctx.resolve(&raw.path),
+                states,
+                matches,
+                max_bytes: raw.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
+                inflight: InFlight::new(),
+            },
+        ));
     }
     out
 }
 
 /// One watched file.
 pub struct FileCollector {
-    id: TargetId,
     path: PathBuf,
     states: Vec<String>,
     matches: Option<Regex>,
@@ -140,14 +146,6 @@ fn state_of<'a>(content: &str, states: &'a [String]) -> Option<&'a str> {
 
 #[async_trait]
 impl Collector for FileCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -182,10 +180,7 @@ impl Collector for FileCollector {
                 s.size as f64,
             );
             if let Some(m) = s.modified {
-                let age = SystemTime::now()
-                    .duration_since(m)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
+                let age = clock::age_seconds(m);
                 out.gauge(
                     "clusterwatch_file_modified_age_seconds",
                     "Seconds since the file was last modified.",
@@ -236,7 +231,7 @@ impl Collector for FileCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
     use std::path::Path;
 
     const SOUNZ: &[&str] = &[
@@ -299,7 +294,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sounz.status");
         let c = FileCollector {
-            id: TargetId::local("sounz"),
             path: p.clone(),
             states: states(),
             matches: Some(Regex::new("^production").unwrap()),

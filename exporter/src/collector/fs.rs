@@ -10,7 +10,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{compile_regex, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -59,7 +59,6 @@ struct MountRule {
 
 /// Checked `filesystems:` settings.
 pub struct FsCollector {
-    id: TargetId,
     default_threshold: f64,
     discover: bool,
     exclude_fstypes: Regex,
@@ -96,11 +95,7 @@ fn compile(
         .unwrap_or_else(|| Regex::new(default).expect("default pattern compiles"))
 }
 
-fn configure(
-    at: Located,
-    _ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, _ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let before = problems.len();
     let Some(raw) = at.parse::<Option<RawFilesystems>>(problems) else {
         return Vec::new();
@@ -142,8 +137,8 @@ fn configure(
             });
         }
     }
+    let id = TargetId::local(raw.name.unwrap_or_else(|| "local".into()));
     let collector = FsCollector {
-        id: TargetId::local(raw.name.unwrap_or_else(|| "local".into())),
         default_threshold,
         discover: raw.discover.unwrap_or(true),
         exclude_fstypes: compile(
@@ -167,7 +162,7 @@ fn configure(
     if problems.len() > before {
         return Vec::new();
     }
-    vec![Arc::new(collector)]
+    vec![Target::new(&KIND, id, collector)]
 }
 
 /// One line of /proc/self/mounts.
@@ -318,14 +313,6 @@ const HELP_STAT: &str = "1 if statvfs on the mount succeeded in time; 0 if it fa
 
 #[async_trait]
 impl Collector for FsCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -347,7 +334,7 @@ impl Collector for FsCollector {
 
         // Leave a little time before the target deadline so a stuck mount is reported as a
         // failed mount instead of taking the whole target down with it.
-        let per_mount_deadline = ctx.deadline - (ctx.deadline - tokio::time::Instant::now()) / 10;
+        let per_mount_deadline = ctx.item_deadline();
         let stats = futures::future::join_all(plan.iter().map(|p| {
             let path = p.path.clone();
             let key = p.path.to_string_lossy().into_owned();
@@ -433,7 +420,7 @@ impl Collector for FsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
 
     const MOUNTS: &str = "\
 /dev/vda / ext4 rw,relatime 0 0
@@ -458,7 +445,7 @@ tmpfs /run tmpfs rw 0 0
         assert_eq!(log.device, "/dev/vdd");
     }
 
-    fn fs_collector(yaml: &str) -> Arc<dyn Collector> {
+    fn fs_collector(yaml: &str) -> Arc<Target> {
         let cfg = parse(yaml, "t.yml", Path::new(".")).unwrap();
         cfg.targets.into_iter().find(|t| t.name() == "fs").unwrap()
     }
@@ -473,7 +460,6 @@ tmpfs /run tmpfs rw 0 0
         .unwrap();
         assert_eq!(cfg.targets.iter().filter(|t| t.name() == "fs").count(), 1);
         let fs = FsCollector {
-            id: TargetId::local("local"),
             default_threshold: 0.8,
             discover: true,
             exclude_fstypes: Regex::new(DEFAULT_EXCLUDE_FSTYPES).unwrap(),

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use url::Url;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext, TargetId,
 };
@@ -40,12 +40,8 @@ struct RawHaproxy {
     password_file: Option<PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawHaproxy>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -75,17 +71,20 @@ fn configure(
             problems.push(item.problem("username", "a stats socket takes no credentials"));
             continue;
         }
-        out.push(Arc::new(HaproxyCollector {
+        out.push(Target::new(
+            &KIND,
             id,
-            source,
-            auth,
-            // The stats page is on the cluster's network: never through an `http_proxy`.
-            client: reqwest::Client::builder()
-                .use_rustls_tls()
-                .no_proxy()
-                .build()
-                .expect("a client without custom certificates always builds"),
-        }));
+            HaproxyCollector {
+                source,
+                auth,
+                // The stats page is on the cluster's network: never through an `http_proxy`.
+                client: reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .no_proxy()
+                    .build()
+                    .expect("a client without custom certificates always builds"),
+            },
+        ));
     }
     out
 }
@@ -134,7 +133,6 @@ fn check_source(text: &str, at: &Located, problems: &mut Vec<Problem>) -> Option
 
 /// One HAProxy instance.
 pub struct HaproxyCollector {
-    id: TargetId,
     source: Source,
     auth: Option<(String, Secret)>,
     client: reqwest::Client,
@@ -285,45 +283,42 @@ fn server_state(status: &str) -> Option<&'static str> {
 
 #[async_trait]
 impl Collector for HaproxyCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
-        _ctx: &ScrapeContext,
+        ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        let text = self.fetch().await?;
+        let text = ctx.within(self.fetch()).await?;
         let rows = parse_stats(&text).map_err(CollectError::Protocol)?;
-        let mut servers_per_backend: Vec<(&str, usize)> = Vec::new();
-        for row in rows.iter().filter(|r| r.kind == RowKind::Server) {
-            match servers_per_backend
-                .iter_mut()
-                .find(|(b, _)| *b == row.proxy)
-            {
-                Some((_, n)) => *n += 1,
-                None => servers_per_backend.push((&row.proxy, 1)),
-            }
-        }
-        for row in &rows {
-            match row.kind {
-                RowKind::Server => server_samples(row, out),
-                RowKind::Backend => {
-                    let servers = servers_per_backend
-                        .iter()
-                        .find(|(b, _)| *b == row.proxy)
-                        .map_or(0, |(_, n)| *n);
-                    backend_samples(row, servers, out)
-                }
-                RowKind::Frontend | RowKind::Other => {}
-            }
-        }
+        write_rows(&rows, out);
         Ok(())
+    }
+}
+
+/// The samples of every backend and server row; frontends and the rest are skipped.
+fn write_rows(rows: &[Row], out: &mut SampleBuffer) {
+    let mut servers_per_backend: Vec<(&str, usize)> = Vec::new();
+    for row in rows.iter().filter(|r| r.kind == RowKind::Server) {
+        match servers_per_backend
+            .iter_mut()
+            .find(|(b, _)| *b == row.proxy)
+        {
+            Some((_, n)) => *n += 1,
+            None => servers_per_backend.push((&row.proxy, 1)),
+        }
+    }
+    for row in rows {
+        match row.kind {
+            RowKind::Server => server_samples(row, out),
+            RowKind::Backend => {
+                let servers = servers_per_backend
+                    .iter()
+                    .find(|(b, _)| *b == row.proxy)
+                    .map_or(0, |(_, n)| *n);
+                backend_samples(row, servers, out)
+            }
+            RowKind::Frontend | RowKind::Other => {}
+        }
     }
 }
 
@@ -446,7 +441,7 @@ fn backend_samples(row: &Row, servers: usize, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     // Captured from Debian's HAProxy 2.6 in front of a Redis master (r1) and replica (r2),
@@ -564,5 +559,17 @@ mod tests {
             .map(|s| s.labels[1].1.as_str())
             .collect();
         assert_eq!(up, vec!["r1"]);
+    }
+
+    #[test]
+    fn golden_exposition_of_captured_csv() {
+        for (name, text) in [
+            ("haproxy-2.6-going-down", GOING_DOWN),
+            ("haproxy-2.6-drain", DRAIN),
+        ] {
+            let mut out = SampleBuffer::new();
+            write_rows(&parse_stats(text).unwrap(), &mut out);
+            crate::collector::golden::assert_golden(name, out);
+        }
     }
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -30,12 +30,8 @@ struct RawKamailio {
     url: String,
 }
 
-fn configure(
-    at: Located,
-    _ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, _ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawKamailio>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -70,14 +66,13 @@ fn configure(
         let (Some(url), Some(client)) = (url, client) else {
             continue;
         };
-        out.push(Arc::new(KamailioCollector { id, url, client }));
+        out.push(Target::new(&KIND, id, KamailioCollector { url, client }));
     }
     out
 }
 
 /// One Kamailio instance.
 pub struct KamailioCollector {
-    id: TargetId,
     url: url::Url,
     client: reqwest::Client,
 }
@@ -153,24 +148,16 @@ impl KamailioCollector {
 
 #[async_trait]
 impl Collector for KamailioCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
-        _ctx: &ScrapeContext,
+        ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        let (stats, processes) = futures::future::join(
+        let both = futures::future::join(
             self.call("stats.get_statistics", json!(["all"])),
             self.call("core.psx", json!([])),
-        )
-        .await;
+        );
+        let (stats, processes) = ctx.within(async { Ok(both.await) }).await?;
         let stats = stats?;
         let lines = stats
             .as_array()
@@ -236,7 +223,7 @@ mod tests {
 
     #[test]
     fn only_http_urls() {
-        let err = crate::config::parse(
+        let err = crate::configuration::parse(
             "kamailio:\n  - { name: k, url: 'unix:/run/kamailio/kamailio_rpc.sock' }\n",
             "c.yml",
             std::path::Path::new("."),

@@ -1,12 +1,15 @@
-//! The collector trait, the explicit list of collector kinds, and the scrape engine that runs
-//! every target concurrently under its own deadline. Collectors only query and fill a buffer;
-//! concurrency, deadlines, up/duration/error metrics and merging are owned here.
+//! The collector trait, the target that binds it to a configured thing, and the scrape engine
+//! that runs every target concurrently under its own deadline. Collectors only query and fill
+//! a buffer; concurrency, deadlines, up/duration/error metrics and merging are owned here. The
+//! list of kinds is `registry`.
 
 pub mod dir;
 pub mod etcd;
 pub mod exporter;
 pub mod file;
 pub mod fs;
+#[cfg(test)]
+mod golden;
 pub mod haproxy;
 pub mod kamailio;
 pub mod mongo;
@@ -16,6 +19,7 @@ pub mod pg;
 pub mod probe;
 pub mod process;
 pub mod redis;
+pub mod registry;
 pub mod sre_stats;
 pub mod supervisord;
 pub mod system;
@@ -30,29 +34,9 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::config::{Located, Problem, SectionContext, TargetId};
+use crate::logging::OnChange;
 use crate::snapshot::{Kind, Label, SampleBuffer};
-
-/// Every collector kind, in exposition order. Adding a collector = one file + one line here.
-pub const KINDS: &[CollectorKind] = &[
-    exporter::KIND,
-    system::KIND,
-    fs::KIND,
-    dir::KIND,
-    pg::KIND,
-    etcd::KIND,
-    haproxy::KIND,
-    pacemaker::KIND,
-    probe::KIND,
-    kamailio::KIND,
-    redis::KIND,
-    sre_stats::KIND,
-    file::KIND,
-    process::KIND,
-    supervisord::KIND,
-    network::KIND,
-    textfile::KIND,
-    mongo::KIND,
-];
+use crate::sync;
 
 /// A kind of collector: its name (file, `collector` label, metric subsystem), the config
 /// section it reads, and how it builds targets from that section.
@@ -68,35 +52,46 @@ pub struct CollectorKind {
 }
 
 /// Parses a section into targets, recording problems (with lines) instead of failing early.
-pub type Configure = fn(Located, &SectionContext, &mut Vec<Problem>) -> Vec<Arc<dyn Collector>>;
+pub type Configure = fn(Located, &SectionContext, &mut Vec<Problem>) -> Vec<Arc<Target>>;
 
 /// Passed to every collection: when it must be finished by.
 #[derive(Clone, Copy, Debug)]
 pub struct ScrapeContext {
     /// The moment the engine will abandon this target. Collectors that fan out to items
-    /// (mounts, probes) bound each item by it so one stuck item is not the whole target.
+    /// (mounts, probes, members) bound each item by [`ScrapeContext::item_deadline`].
     pub deadline: Instant,
 }
 
-/// One scrape target: a collector kind bound to one configured thing (a server, the host).
+/// At most this much of a target's time is kept back from its items (see
+/// [`ScrapeContext::item_deadline`]).
+const ITEM_MARGIN: Duration = Duration::from_millis(500);
+
+impl ScrapeContext {
+    /// The deadline for one item of a target (a mount, a probe, an etcd member): a tenth of
+    /// the time left, at most [`ITEM_MARGIN`], is kept back so a stuck item is reported by the
+    /// collector as that item's failure instead of the engine aborting the whole target.
+    pub fn item_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let left = self.deadline.saturating_duration_since(now);
+        now + left.saturating_sub((left / 10).min(ITEM_MARGIN))
+    }
+
+    /// Runs `work` until the deadline; past it, the work is dropped and the collection fails
+    /// with [`CollectError::Timeout`] (reason `timeout`), whatever the client's own timeouts.
+    pub async fn within<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, CollectError>>,
+    ) -> Result<T, CollectError> {
+        tokio::time::timeout_at(self.deadline, work)
+            .await
+            .unwrap_or(Err(CollectError::Timeout))
+    }
+}
+
+/// What a collector does for one configured thing: query it once and fill the buffer.
+/// Which thing it is (name, cluster, deadline) is held by its [`Target`].
 #[async_trait]
 pub trait Collector: Send + Sync + 'static {
-    /// The collector name (`fs`, `pg`, …), the same as its kind's.
-    fn name(&self) -> &'static str;
-    /// Which configured thing this is: target name, cluster, own deadline.
-    fn id(&self) -> &TargetId;
-    /// The configured target name: the `target` label.
-    fn target(&self) -> &str {
-        &self.id().name
-    }
-    /// The replication group, for rules that count primaries per cluster.
-    fn cluster(&self) -> Option<&str> {
-        self.id().cluster.as_deref()
-    }
-    /// A per-target deadline overriding `global.timeout`.
-    fn timeout(&self) -> Option<Duration> {
-        self.id().timeout
-    }
     /// Queries the target once and writes samples into `out`. Samples written before an error
     /// or a missed deadline are discarded, so a scrape never shows half a target.
     async fn collect(
@@ -104,6 +99,71 @@ pub trait Collector: Send + Sync + 'static {
         ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError>;
+}
+
+/// One scrape target: a collector kind bound to one configured thing (a server, the host).
+pub struct Target {
+    kind: &'static str,
+    id: TargetId,
+    collector: Box<dyn Collector>,
+}
+
+impl Target {
+    /// A target of `kind` for the configured thing `id`, collected by `collector`.
+    pub fn new(kind: &CollectorKind, id: TargetId, collector: impl Collector) -> Arc<Target> {
+        Arc::new(Target {
+            kind: kind.name,
+            id,
+            collector: Box::new(collector),
+        })
+    }
+    /// The collector name (`fs`, `pg`, …): the `collector` label.
+    pub fn name(&self) -> &'static str {
+        self.kind
+    }
+    /// Which configured thing this is: target name, cluster, own deadline.
+    pub fn id(&self) -> &TargetId {
+        &self.id
+    }
+    /// The configured target name: the `target` label.
+    pub fn target(&self) -> &str {
+        &self.id.name
+    }
+    /// The replication group, for rules that count primaries per cluster.
+    pub fn cluster(&self) -> Option<&str> {
+        self.id.cluster.as_deref()
+    }
+    /// A per-target deadline overriding `global.timeout`.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.id.timeout
+    }
+    /// Runs the collector once (see [`Collector::collect`]).
+    pub async fn collect(
+        &self,
+        ctx: &ScrapeContext,
+        out: &mut SampleBuffer,
+    ) -> Result<(), CollectError> {
+        self.collector.collect(ctx, out).await
+    }
+}
+
+/// The raw section of a collector that has one target on this host and nothing to set but
+/// the target's name (`exporter:`, `system:`).
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameOnly {
+    name: Option<String>,
+}
+
+/// The target of a section that only names it (`{ name: … }`, or absent): `default` unless
+/// renamed; `None` when the section is malformed (a problem is recorded).
+pub fn named_local_target(
+    at: &Located,
+    default: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<TargetId> {
+    let raw = at.parse::<Option<NameOnly>>(problems)?.unwrap_or_default();
+    Some(TargetId::local(raw.name.unwrap_or_else(|| default.into())))
 }
 
 /// Why a collection failed. `reason()` is the short, bounded label value; the message is for
@@ -131,6 +191,9 @@ pub enum CollectError {
     /// The answer did not make sense.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The collector itself panicked: a bug in clusterwatch, not a fault of the target.
+    #[error("collector panicked: {0}")]
+    Panic(String),
 }
 
 /// Every `reason` label value, so each error counter series exists from the first scrape
@@ -143,6 +206,7 @@ pub const REASONS: &[&str] = &[
     "query",
     "io",
     "protocol",
+    "panic",
 ];
 
 impl CollectError {
@@ -156,6 +220,7 @@ impl CollectError {
             CollectError::Query(_) => "query",
             CollectError::Io(_) => "io",
             CollectError::Protocol(_) => "protocol",
+            CollectError::Panic(_) => "panic",
         }
     }
 }
@@ -182,12 +247,12 @@ pub struct Engine {
     errors: Mutex<HashMap<(&'static str, String), [u64; REASONS.len()]>>,
     /// Last failure reason per (collector, target), so a failure is logged when it starts or
     /// changes, not on every scrape.
-    last_failure: Mutex<HashMap<(&'static str, String), &'static str>>,
+    last_failure: Mutex<HashMap<(&'static str, String), OnChange<&'static str>>>,
 }
 
 /// The targets of one configuration and the deadline for those without their own.
 struct TargetSet {
-    targets: Vec<Arc<dyn Collector>>,
+    targets: Vec<Arc<Target>>,
     /// Per target, what its configuration looked like ([`crate::config::Config::fingerprints`]);
     /// `None` for targets that must never be reused.
     fingerprints: Vec<Option<u64>>,
@@ -208,7 +273,7 @@ pub struct TargetChanges {
 
 impl Engine {
     /// An engine over `targets` with `default_timeout` for targets without their own.
-    pub fn new(targets: Vec<Arc<dyn Collector>>, default_timeout: Duration) -> Self {
+    pub fn new(targets: Vec<Arc<Target>>, default_timeout: Duration) -> Self {
         let fingerprints = vec![None; targets.len()];
         Engine::with_fingerprints(targets, fingerprints, default_timeout)
     }
@@ -216,7 +281,7 @@ impl Engine {
     /// An engine whose targets can be kept across reloads: `fingerprints[i]` identifies the
     /// configuration `targets[i]` was built from.
     pub fn with_fingerprints(
-        targets: Vec<Arc<dyn Collector>>,
+        targets: Vec<Arc<Target>>,
         fingerprints: Vec<Option<u64>>,
         default_timeout: Duration,
     ) -> Self {
@@ -233,14 +298,11 @@ impl Engine {
     }
 
     fn current(&self) -> Arc<TargetSet> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        sync::read(&self.current).clone()
     }
 
     /// The targets now, for the landing page.
-    pub fn targets(&self) -> Vec<Arc<dyn Collector>> {
+    pub fn targets(&self) -> Vec<Arc<Target>> {
         self.current().targets.clone()
     }
 
@@ -249,14 +311,14 @@ impl Engine {
     /// caches and failure streaks survive; error counters of targets still present are kept.
     pub fn replace_targets(
         &self,
-        targets: Vec<Arc<dyn Collector>>,
+        targets: Vec<Arc<Target>>,
         fingerprints: Vec<Option<u64>>,
         default_timeout: Duration,
     ) -> TargetChanges {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = sync::write(&self.current);
         let old = current.clone();
         let mut changes = TargetChanges::default();
-        let targets: Vec<Arc<dyn Collector>> = targets
+        let targets: Vec<Arc<Target>> = targets
             .into_iter()
             .zip(&fingerprints)
             .map(|(new, fp)| {
@@ -282,14 +344,8 @@ impl Engine {
             .iter()
             .map(|t| (t.name(), t.target().to_owned()))
             .collect();
-        self.errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| present.contains(k));
-        self.last_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| present.contains(k));
+        sync::lock(&self.errors).retain(|k, _| present.contains(k));
+        sync::lock(&self.last_failure).retain(|k, _| present.contains(k));
         *current = Arc::new(TargetSet {
             targets,
             fingerprints,
@@ -341,9 +397,10 @@ impl Engine {
         out
     }
 
-    fn note_success(&self, t: &dyn Collector) {
-        let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(reason) = last.remove(&(t.name(), t.target().to_owned())) {
+    fn note_success(&self, t: &Target) {
+        let mut last = sync::lock(&self.last_failure);
+        let previous = last.remove(&(t.name(), t.target().to_owned()));
+        if let Some(reason) = previous.and_then(|mut p| p.clear()) {
             tracing::info!(
                 collector = t.name(),
                 target = t.target(),
@@ -353,23 +410,23 @@ impl Engine {
         }
     }
 
-    fn note_failure(&self, t: &dyn Collector, e: &CollectError) {
+    fn note_failure(&self, t: &Target, e: &CollectError) {
         let reason = e.reason();
         if let Some(i) = REASONS.iter().position(|r| *r == reason) {
-            let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+            let mut errors = sync::lock(&self.errors);
             errors.entry((t.name(), t.target().to_owned())).or_default()[i] += 1;
         }
-        let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = last.insert((t.name(), t.target().to_owned()), reason);
-        if previous != Some(reason) {
+        let mut last = sync::lock(&self.last_failure);
+        let logged = last.entry((t.name(), t.target().to_owned())).or_default();
+        if logged.changed(reason) {
             tracing::warn!(collector = t.name(), target = t.target(), reason, error = %e, "target scrape failed");
         } else {
             tracing::debug!(collector = t.name(), target = t.target(), reason, error = %e, "target scrape failed again");
         }
     }
 
-    fn write_error_counters(&self, targets: &[Arc<dyn Collector>], out: &mut SampleBuffer) {
-        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+    fn write_error_counters(&self, targets: &[Arc<Target>], out: &mut SampleBuffer) {
+        let errors = sync::lock(&self.errors);
         for t in targets {
             let counts = errors
                 .get(&(t.name(), t.target().to_owned()))
@@ -391,7 +448,7 @@ impl Engine {
 
 const HELP_UP: &str = "Whether the last collection of the target succeeded (1) or failed (0).";
 const HELP_DURATION: &str = "How long the last collection of the target took, in seconds.";
-const HELP_ERRORS: &str = "Failed collections of the target, by short reason (timeout, connect, auth, permission, query, io, protocol).";
+const HELP_ERRORS: &str = "Failed collections of the target, by short reason (timeout, connect, auth, permission, query, io, protocol, panic).";
 
 fn declare_engine_families(out: &mut SampleBuffer) {
     out.declare("clusterwatch_target_up", HELP_UP, Kind::Gauge);
@@ -408,7 +465,7 @@ fn declare_engine_families(out: &mut SampleBuffer) {
 }
 
 /// The labels every sample of a target carries: collector, target and (if set) cluster.
-fn target_labels(t: &dyn Collector) -> Vec<Label> {
+fn target_labels(t: &Target) -> Vec<Label> {
     let mut labels = vec![
         (Cow::Borrowed("collector"), t.name().to_owned()),
         (Cow::Borrowed("target"), t.target().to_owned()),
@@ -422,7 +479,7 @@ fn target_labels(t: &dyn Collector) -> Vec<Label> {
 /// Runs one target in its own task so a collector that blocks or hangs cannot hold up the
 /// others; past the deadline the task is aborted and the target reported down.
 async fn run_target(
-    target: Arc<dyn Collector>,
+    target: Arc<Target>,
     deadline: Instant,
 ) -> (Result<(), CollectError>, SampleBuffer, Duration) {
     let started = Instant::now();
@@ -438,10 +495,9 @@ async fn run_target(
     let abort = task.abort_handle();
     let outcome = match tokio::time::timeout_at(deadline, task).await {
         Ok(Ok((r, buf))) => (r, buf),
+        // The task is never cancelled but by the abort below, so a join error is a panic.
         Ok(Err(join_err)) => (
-            Err(CollectError::Protocol(format!(
-                "collector task failed: {join_err}"
-            ))),
+            Err(CollectError::Panic(panic_message(join_err))),
             SampleBuffer::new(),
         ),
         Err(_) => {
@@ -458,23 +514,43 @@ async fn run_target(
     (result, buffer, started.elapsed())
 }
 
+/// What a panicking collector said, for the log (its payload, when it is text).
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-text payload".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     struct Sleepy {
-        id: TargetId,
         sleep: Duration,
+    }
+
+    fn no_targets(_: Located, _: &SectionContext, _: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+        Vec::new()
+    }
+
+    const TEST: CollectorKind = CollectorKind {
+        name: "test",
+        section: "test",
+        always_on: false,
+        configure: no_targets,
+    };
+
+    fn sleepy(name: &str, sleep: Duration) -> Arc<Target> {
+        Target::new(&TEST, TargetId::local(name), Sleepy { sleep })
     }
 
     #[async_trait]
     impl Collector for Sleepy {
-        fn name(&self) -> &'static str {
-            "test"
-        }
-        fn id(&self) -> &TargetId {
-            &self.id
-        }
         async fn collect(
             &self,
             _ctx: &ScrapeContext,
@@ -503,14 +579,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_target_costs_its_deadline_and_is_down_while_others_report() {
-        let fast: Arc<dyn Collector> = Arc::new(Sleepy {
-            id: TargetId::local("fast"),
-            sleep: Duration::from_millis(10),
-        });
-        let slow: Arc<dyn Collector> = Arc::new(Sleepy {
-            id: TargetId::local("slow"),
-            sleep: Duration::from_secs(3600),
-        });
+        let fast = sleepy("fast", Duration::from_millis(10));
+        let slow = sleepy("slow", Duration::from_secs(3600));
         let engine = Engine::new(vec![fast, slow], Duration::from_secs(1));
         let started = Instant::now();
         let out = engine.scrape(None).await;
@@ -541,12 +611,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reload_keeps_unchanged_targets_and_their_error_counts() {
-        let sleepy = |name: &str, sleep: u64| -> Arc<dyn Collector> {
-            Arc::new(Sleepy {
-                id: TargetId::local(name),
-                sleep: Duration::from_millis(sleep),
-            })
-        };
+        let sleepy = |name: &str, sleep: u64| sleepy(name, Duration::from_millis(sleep));
         let (a, slow) = (sleepy("a", 10), sleepy("slow", 3_600_000));
         let engine = Engine::with_fingerprints(
             vec![a.clone(), slow.clone()],
@@ -595,5 +660,50 @@ mod tests {
         );
         let out = engine.scrape(None).await;
         assert_eq!(timeouts(&out, "slow"), Some(1.0));
+    }
+
+    struct Panicky;
+
+    #[async_trait]
+    impl Collector for Panicky {
+        async fn collect(
+            &self,
+            _: &ScrapeContext,
+            _: &mut SampleBuffer,
+        ) -> Result<(), CollectError> {
+            panic!("index out of bounds");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_collector_panic_is_reason_panic_not_protocol() {
+        let engine = Engine::new(
+            vec![Target::new(&TEST, TargetId::local("p"), Panicky)],
+            Duration::from_secs(1),
+        );
+        let out = engine.scrape(None).await;
+        let up = out.get("clusterwatch_target_up").unwrap();
+        assert_eq!(up.samples[0].value, 0.0);
+        let counted: Vec<&str> = out
+            .get("clusterwatch_target_scrape_errors_total")
+            .unwrap()
+            .samples
+            .iter()
+            .filter(|s| s.value > 0.0)
+            .map(|s| s.labels[2].1.as_str())
+            .collect();
+        assert_eq!(counted, vec!["panic"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_keeps_a_tenth_of_the_time_left_back_at_most_half_a_second() {
+        let now = Instant::now();
+        let ctx = |left| ScrapeContext {
+            deadline: now + left,
+        };
+        let kept = |left| ctx(left).deadline - ctx(left).item_deadline();
+        assert_eq!(kept(Duration::from_secs(2)), Duration::from_millis(200));
+        assert_eq!(kept(Duration::from_secs(60)), Duration::from_millis(500));
+        assert_eq!(kept(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -13,9 +13,12 @@ use mongodb::Client;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::Secret;
-use crate::config::{read_secret_file, HumanDuration, Located, Problem, SectionContext, TargetId};
+use crate::config::{
+    read_password_file, HumanDuration, Located, Problem, SectionContext, TargetId,
+};
+use crate::logging::OnChange;
 use crate::snapshot::SampleBuffer;
 
 /// The `mongo` collector, configured by the `mongodb:` section.
@@ -37,12 +40,8 @@ struct RawMongo {
     password_file: Option<std::path::PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawMongo>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -66,19 +65,7 @@ fn configure(
                 continue;
             }
         };
-        let password = match &raw.password_file {
-            Some(path) => match read_secret_file(&ctx.resolve(path)) {
-                Ok(secret) => Some(secret),
-                Err(e) => {
-                    problems.push(
-                        item.problem("password_file", e)
-                            .hint("the file must be readable by the user clusterwatch runs as"),
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+        let password = read_password_file(raw.password_file.as_deref(), ctx, &item, problems);
         let uri_user = conn.credential.as_ref().and_then(|c| c.username.clone());
         if raw.password_file.is_some() && raw.username.is_none() && uri_user.is_none() {
             problems.push(
@@ -90,21 +77,27 @@ fn configure(
             continue;
         }
         let timeout = id.timeout.unwrap_or(ctx.global.timeout);
-        out.push(Arc::new(MongoCollector {
+        let name = id.name.clone();
+        out.push(Target::new(
+            &KIND,
             id,
-            conn,
-            username: raw.username,
-            password,
-            timeout,
-            state: Mutex::new(State::default()),
-        }));
+            MongoCollector {
+                name,
+                conn,
+                username: raw.username,
+                password,
+                timeout,
+                state: Mutex::new(State::default()),
+            },
+        ));
     }
     out
 }
 
 /// One MongoDB member or replica set.
 pub struct MongoCollector {
-    id: TargetId,
+    /// The target name, for log lines.
+    name: String,
     conn: ConnectionString,
     username: Option<String>,
     password: Option<Secret>,
@@ -122,7 +115,7 @@ struct State {
     /// Server version from `buildInfo`, read once per client.
     version: Option<String>,
     /// Oddities of the last reply, so each kind is logged when it changes, not per scrape.
-    reported_anomalies: Vec<String>,
+    reported_anomalies: OnChange<Vec<String>>,
 }
 
 impl MongoCollector {
@@ -506,42 +499,15 @@ const H_ANOMALIES: &str = "Fields of the last replSetGetStatus reply that had an
 
 #[async_trait]
 impl Collector for MongoCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
-        _ctx: &ScrapeContext,
+        ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
         let mut state = self.state.lock().await;
-        let client = self.client(&mut state).await?;
-        let admin = client.database("admin");
-        if state.version.is_none() {
-            let info = admin
-                .run_command(doc! { "buildInfo": 1 })
-                .selection_criteria(any_member())
-                .await
-                .map_err(|e| classify(&e))?;
-            state.version = Some(info.get_str("version").unwrap_or("").to_owned());
-        }
-        let reply = admin
-            .run_command(doc! { "replSetGetStatus": 1 })
-            .selection_criteria(any_member())
-            .await;
-        let reply = match reply {
-            Ok(d) => Ok(d),
-            Err(e) => match e.kind.as_ref() {
-                ErrorKind::Command(c) => Err((c.code, describe(&e))),
-                _ => return Err(classify(&e)),
-            },
-        };
-        let replication = interpret(reply)?;
+        // The driver's own timeouts follow the configured timeout; a shorter scrape deadline
+        // (Prometheus' header) must still end this target as a timeout.
+        let replication = ctx.within(self.query(&mut state)).await?;
 
         out.gauge(
             "clusterwatch_mongo_info",
@@ -565,13 +531,36 @@ impl Collector for MongoCollector {
 }
 
 impl MongoCollector {
+    /// `buildInfo` (once per client) and `replSetGetStatus`, read into the model.
+    async fn query(&self, state: &mut State) -> Result<Replication, CollectError> {
+        let client = self.client(state).await?;
+        let admin = client.database("admin");
+        if state.version.is_none() {
+            let info = admin
+                .run_command(doc! { "buildInfo": 1 })
+                .selection_criteria(any_member())
+                .await
+                .map_err(|e| classify(&e))?;
+            state.version = Some(info.get_str("version").unwrap_or("").to_owned());
+        }
+        let reply = admin
+            .run_command(doc! { "replSetGetStatus": 1 })
+            .selection_criteria(any_member())
+            .await;
+        let reply = match reply {
+            Ok(d) => Ok(d),
+            Err(e) => match e.kind.as_ref() {
+                ErrorKind::Command(c) => Err((c.code, describe(&e))),
+                _ => return Err(classify(&e)),
+            },
+        };
+        interpret(reply)
+    }
+
     /// Logs the reply's oddities when they change, not on every scrape.
     fn report_anomalies(&self, state: &mut State, anomalies: &[String]) {
-        if state.reported_anomalies != anomalies {
-            if !anomalies.is_empty() {
-                tracing::warn!(collector = "mongo", target = %self.id.name, anomalies = %anomalies.join("; "), "unexpected fields in replSetGetStatus reply");
-            }
-            state.reported_anomalies = anomalies.to_vec();
+        if state.reported_anomalies.changed(anomalies.to_vec()) && !anomalies.is_empty() {
+            tracing::warn!(collector = "mongo", target = %self.name, anomalies = %anomalies.join("; "), "unexpected fields in replSetGetStatus reply");
         }
     }
 }
@@ -699,7 +688,7 @@ fn write_status(s: &ReplSetStatus, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use mongodb::bson::{DateTime, Timestamp};
     use std::path::Path;
 
@@ -884,5 +873,22 @@ mod tests {
         assert_eq!(t.target(), "cp1");
         assert_eq!(t.cluster(), Some("sre_location"));
         assert_eq!(t.timeout(), Some(Duration::from_secs(2)));
+    }
+
+    /// A three-member set shaped like MongoDB 7.0's reply: the primary, a secondary 5 s
+    /// behind it, and a member that is down.
+    #[test]
+    fn golden_exposition_of_a_replsetgetstatus_reply() {
+        let mut down = member(2, "db3:27017", 8, 1_700_000_000);
+        down.insert("health", 0.0);
+        let reply = reply(vec![
+            member(0, "db1:27017", 1, 1_700_000_095),
+            member(1, "db2:27017", 2, 1_700_000_090),
+            down,
+        ]);
+        let status = parse_status(&reply).unwrap();
+        let mut out = SampleBuffer::new();
+        write_status(&status, &mut out);
+        crate::collector::golden::assert_golden("mongo-7.0-three-members", out);
     }
 }

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use nix::net::if_::InterfaceFlags;
 use serde::Deserialize;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::blocking::InFlight;
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -41,11 +42,7 @@ struct RawAddress {
     address: String,
 }
 
-fn configure(
-    at: Located,
-    _ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, _ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let Some(raw) = at.parse::<Option<RawNetwork>>(problems).flatten() else {
         return Vec::new();
     };
@@ -81,18 +78,22 @@ fn configure(
     if problems.len() > before {
         return Vec::new();
     }
-    vec![Arc::new(NetworkCollector {
+    vec![Target::new(
+        &KIND,
         id,
-        interfaces: raw.interfaces,
-        addresses,
-    })]
+        NetworkCollector {
+            interfaces: raw.interfaces,
+            addresses,
+            inflight: InFlight::new(),
+        },
+    )]
 }
 
 /// The configured interfaces and addresses of this node.
 pub struct NetworkCollector {
-    id: TargetId,
     interfaces: Vec<String>,
     addresses: Vec<(String, IpAddr)>,
+    inflight: InFlight,
 }
 
 /// What getifaddrs says about one interface.
@@ -137,22 +138,18 @@ fn links() -> Result<Vec<Link>, CollectError> {
 
 #[async_trait]
 impl Collector for NetworkCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
-        _ctx: &ScrapeContext,
+        ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        // getifaddrs is one netlink round trip to the local kernel: it cannot hang on the
-        // network, so it runs inline.
-        let links = links()?;
+        // getifaddrs is one netlink round trip to the local kernel; off the runtime all the
+        // same, so a kernel that does not answer costs this target's deadline only.
+        let links = self
+            .inflight
+            .run("getifaddrs", ctx.deadline, links)
+            .await
+            .map_err(|_| CollectError::Timeout)??;
         for name in &self.interfaces {
             let link = links.iter().find(|l| &l.name == name);
             let labels = [("interface", name.as_str())];
@@ -193,7 +190,7 @@ impl Collector for NetworkCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
     use std::path::Path;
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -58,11 +58,7 @@ struct RawPacemaker {
     crm_mon: Option<PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let Some(raw) = at.parse::<Option<RawPacemaker>>(problems) else {
         return Vec::new();
     };
@@ -90,12 +86,11 @@ fn configure(
     if problems.len() > before {
         return Vec::new();
     }
-    vec![Arc::new(PacemakerCollector { id, crm_mon })]
+    vec![Target::new(&KIND, id, PacemakerCollector { crm_mon })]
 }
 
 /// The Pacemaker cluster as seen from this node.
 pub struct PacemakerCollector {
-    id: TargetId,
     crm_mon: PathBuf,
 }
 
@@ -112,10 +107,13 @@ impl PacemakerCollector {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| CollectError::Io(format!("cannot run {}: {e}", self.crm_mon.display())))?;
-        let output = tokio::time::timeout_at(ctx.deadline, child.wait_with_output())
-            .await
-            .map_err(|_| CollectError::Timeout)?
-            .map_err(|e| CollectError::Io(format!("{}: {e}", self.crm_mon.display())))?;
+        let wait = async {
+            child
+                .wait_with_output()
+                .await
+                .map_err(|e| CollectError::Io(format!("{}: {e}", self.crm_mon.display())))
+        };
+        let output = ctx.within(wait).await?;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -392,14 +390,6 @@ fn write_samples(state: &ClusterState, out: &mut SampleBuffer) {
 
 #[async_trait]
 impl Collector for PacemakerCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -550,10 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_crm_mon_is_a_connect_error_and_a_hung_one_is_killed_at_the_deadline() {
-        let collector = |path: PathBuf| PacemakerCollector {
-            id: TargetId::local("local"),
-            crm_mon: path,
-        };
+        let collector = |path: PathBuf| PacemakerCollector { crm_mon: path };
         let within = |d: u64| ScrapeContext {
             deadline: tokio::time::Instant::now() + std::time::Duration::from_millis(d),
         };
@@ -595,5 +582,15 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), gone)
             .await
             .expect("the hung crm_mon was killed");
+    }
+
+    #[test]
+    fn golden_exposition_of_captured_crm_mon() {
+        for name in ["crm_mon-2.1.5-mixed", "crm_mon-2.1.5-no-quorum"] {
+            let xml = crate::collector::golden::input(&format!("{name}.xml"));
+            let mut out = SampleBuffer::new();
+            write_samples(&parse_crm_mon(&xml).unwrap(), &mut out);
+            crate::collector::golden::assert_golden(name, out);
+        }
     }
 }

@@ -4,13 +4,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::probe::http::{HttpProbe, RawHttp};
 use crate::probe::sip::{RawSip, SipProbe};
@@ -25,10 +24,6 @@ pub const KIND: CollectorKind = CollectorKind {
     always_on: false,
     configure,
 };
-
-/// Time kept back from the engine's deadline so a probe that runs out of time still reports
-/// `reason="timeout"` itself instead of being aborted with nothing to show.
-const REPORT_MARGIN: Duration = Duration::from_millis(100);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,12 +42,8 @@ enum Kind {
     Sip(SipProbe),
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawProbe>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -86,18 +77,24 @@ fn configure(
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(ProbeCollector {
+        let name = id.name.clone();
+        out.push(Target::new(
+            &KIND,
             id,
-            kind,
-            consecutive_failures: AtomicU64::new(0),
-        }));
+            ProbeCollector {
+                name,
+                kind,
+                consecutive_failures: AtomicU64::new(0),
+            },
+        ));
     }
     out
 }
 
 /// One configured probe.
 pub struct ProbeCollector {
-    id: TargetId,
+    /// The target name, for log lines.
+    name: String,
     kind: Kind,
     /// Failed runs since the last success, kept across scrapes for "N in a row" rules.
     consecutive_failures: AtomicU64,
@@ -117,23 +114,15 @@ const PHASES: &[&str] = &["resolve", "connect", "tls", "processing", "transfer"]
 
 #[async_trait]
 impl Collector for ProbeCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        let now = Instant::now();
-        let left = ctx.deadline.saturating_duration_since(now);
-        let deadline = now + left.saturating_sub(REPORT_MARGIN.min(left / 10));
         let started = Instant::now();
+        // Ends before the engine's deadline, so a probe that runs out of time still reports
+        // `reason="timeout"` itself instead of being aborted with nothing to show.
+        let deadline = ctx.item_deadline();
         let outcome: Outcome = match &self.kind {
             Kind::Http(p) => p.run(deadline).await,
             Kind::Tcp(p) => p.run(deadline).await,
@@ -144,7 +133,7 @@ impl Collector for ProbeCollector {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             0
         } else {
-            tracing::debug!(probe = %self.id.name, reason = outcome.failure.map(|r| r.label()), detail = %outcome.detail, "probe failed");
+            tracing::debug!(probe = %self.name, reason = outcome.failure.map(|r| r.label()), detail = %outcome.detail, "probe failed");
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
         };
         let kind = [("kind", self.kind_label())];
@@ -218,7 +207,7 @@ impl Collector for ProbeCollector {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     #[test]

@@ -3,7 +3,7 @@
 //! total resident memory, and the configured minimum as its own series for one generic rule.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use regex::Regex;
@@ -11,7 +11,8 @@ use serde::Deserialize;
 use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind};
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::clock;
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 
@@ -41,13 +42,9 @@ struct RawProcess {
     min: Option<u32>,
 }
 
-fn configure(
-    at: Located,
-    _ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, _ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let table = Arc::new(Table::default());
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawProcess>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -68,12 +65,15 @@ fn configure(
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(ProcessCollector {
+        out.push(Target::new(
+            &KIND,
             id,
-            pattern,
-            min: raw.min.unwrap_or(1),
-            table: Arc::clone(&table),
-        }));
+            ProcessCollector {
+                pattern,
+                min: raw.min.unwrap_or(1),
+                table: Arc::clone(&table),
+            },
+        ));
     }
     out
 }
@@ -103,7 +103,7 @@ struct Table {
 
 impl Table {
     async fn get(&self, deadline: tokio::time::Instant) -> Result<Arc<Vec<Proc>>, CollectError> {
-        if let Some((at, procs)) = &*self.cached.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((at, procs)) = &*crate::sync::lock(&self.cached) {
             if at.elapsed() < TABLE_MAX_AGE {
                 return Ok(Arc::clone(procs));
             }
@@ -122,9 +122,7 @@ impl Table {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(CollectError::Timeout);
                     }
-                    if let Some((at, procs)) =
-                        &*self.cached.lock().unwrap_or_else(|p| p.into_inner())
-                    {
+                    if let Some((at, procs)) = &*crate::sync::lock(&self.cached) {
                         if at.elapsed() < TABLE_MAX_AGE {
                             return Ok(Arc::clone(procs));
                         }
@@ -138,14 +136,13 @@ impl Table {
             }
         };
         let procs = Arc::new(procs);
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), Arc::clone(&procs)));
+        *crate::sync::lock(&self.cached) = Some((Instant::now(), Arc::clone(&procs)));
         Ok(procs)
     }
 }
 
 fn read_table(system: &Mutex<Option<System>>) -> Vec<Proc> {
-    let mut guard = system.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = crate::sync::lock(system);
     if guard.is_none() {
         *guard = System::new().ok();
     }
@@ -180,7 +177,6 @@ fn read_table(system: &Mutex<Option<System>>) -> Vec<Proc> {
 
 /// One configured process pattern.
 pub struct ProcessCollector {
-    id: TargetId,
     pattern: Pattern,
     min: u32,
     table: Arc<Table>,
@@ -207,14 +203,6 @@ fn summarize(procs: &[Proc], pattern: &Pattern) -> (u64, Option<u64>, u64) {
 
 #[async_trait]
 impl Collector for ProcessCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -241,10 +229,7 @@ impl Collector for ProcessCollector {
             rss as f64,
         );
         if let Some(start) = youngest {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let now = clock::unix_now().as_secs();
             out.gauge(
                 "clusterwatch_process_youngest_age_seconds",
                 "Age of the most recently started matching process, in seconds (stays small in a restart loop).",
@@ -259,7 +244,7 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
     use std::path::Path;
 
     #[test]
@@ -299,10 +284,7 @@ mod tests {
         child.wait().unwrap();
         assert_eq!(by_cmd.0, 1);
         assert!(by_cmd.2 > 0, "rss of sleep");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = crate::clock::unix_now().as_secs();
         assert!(now - by_cmd.1.unwrap() < 60);
         assert_eq!(by_name, (0, None, 0));
     }

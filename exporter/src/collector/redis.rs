@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_password_file, HumanDuration, Located, Problem, SectionContext, TargetId,
 };
@@ -51,12 +51,8 @@ struct RawRedis {
     tls_ca_file: Option<std::path::PathBuf>,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawRedis>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -116,11 +112,14 @@ fn configure(
                 None => Client::open(info),
             });
         match client {
-            Ok(client) => out.push(Arc::new(RedisCollector {
+            Ok(client) => out.push(Target::new(
+                &KIND,
                 id,
-                client,
-                state: Mutex::new(State::default()),
-            })),
+                RedisCollector {
+                    client,
+                    state: Mutex::new(State::default()),
+                },
+            )),
             // The address was checked above and holds no credentials, but the library's
             // message is not echoed all the same.
             Err(_) => problems.push(
@@ -177,7 +176,6 @@ fn check_address(address: &str, item: &Located, problems: &mut Vec<Problem>) -> 
 
 /// One Redis instance.
 pub struct RedisCollector {
-    id: TargetId,
     client: Client,
     state: Mutex<State>,
 }
@@ -241,14 +239,6 @@ impl RedisCollector {
 
 #[async_trait]
 impl Collector for RedisCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -263,12 +253,8 @@ impl Collector for RedisCollector {
         for section in INFO_SECTIONS {
             cmd.arg(*section);
         }
-        let text: String =
-            match tokio::time::timeout_at(ctx.deadline, cmd.query_async(&mut conn)).await {
-                Ok(Ok(text)) => text,
-                Ok(Err(e)) => return Err(classify(&e)),
-                Err(_) => return Err(CollectError::Timeout),
-            };
+        let query = async { cmd.query_async(&mut conn).await.map_err(|e| classify(&e)) };
+        let text: String = ctx.within(query).await?;
         let info = Info::parse(&text)?;
         write(&info, &mut state, out);
         state.conn = Some(conn);
@@ -576,7 +562,7 @@ fn write(info: &Info, state: &mut State, out: &mut SampleBuffer) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse;
+    use crate::configuration::parse;
     use std::path::Path;
 
     const MASTER: &str = include_str!("testdata/redis-7.0-master-healthy.info");
@@ -809,5 +795,19 @@ mod tests {
         assert_eq!(targets[0].target(), "r1");
         assert_eq!(targets[0].cluster(), Some("redis-9001"));
         assert_eq!(targets[0].timeout(), Some(Duration::from_secs(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn golden_exposition_of_captured_info() {
+        for name in [
+            "redis-7.0-master-healthy",
+            "redis-7.0-replica-healthy",
+            "redis-7.0-replica-connecting",
+            "redis-7.0-replica-link-down",
+        ] {
+            let text = crate::collector::golden::input(&format!("{name}.info"));
+            let info = Info::parse(&text).unwrap();
+            crate::collector::golden::assert_golden(name, render(&info));
+        }
     }
 }

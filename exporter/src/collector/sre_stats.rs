@@ -13,17 +13,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::clock;
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{HumanDuration, Located, Problem, SectionContext, TargetId};
 use crate::snapshot::SampleBuffer;
 use crate::sre_csv::{self, Parsed, REJECT_REASONS};
+use crate::sync::lock;
 
 /// The `sre` collector, configured by the `sre_stats:` section.
 pub const KIND: CollectorKind = CollectorKind {
@@ -77,15 +79,11 @@ struct RawFile {
     kind: FileKind,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let Some(raw) = at.parse::<Option<RawSection>>(problems).flatten() else {
         return Vec::new();
     };
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+    let mut out: Vec<Arc<Target>> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     for (name, path, kind) in [
         ("counters", &raw.counters, FileKind::Events),
@@ -94,7 +92,11 @@ fn configure(
         if let Some(path) = path {
             let id = TargetId::check(name.into(), raw.cluster.clone(), None, &at, problems);
             names.push(name.into());
-            out.push(Arc::new(SreCollector::new(id, ctx.resolve(path), kind)));
+            out.push(Target::new(
+                &KIND,
+                id,
+                SreCollector::new(ctx.resolve(path), kind),
+            ));
         }
     }
     if let Some(list) = at.field("files") {
@@ -111,11 +113,11 @@ fn configure(
                 continue;
             }
             names.push(id.name.clone());
-            out.push(Arc::new(SreCollector::new(
+            out.push(Target::new(
+                &KIND,
                 id,
-                ctx.resolve(&f.path),
-                f.kind,
-            )));
+                SreCollector::new(ctx.resolve(&f.path), f.kind),
+            ));
         }
     }
     if out.is_empty() {
@@ -171,7 +173,6 @@ struct Shared {
 
 /// One stats file.
 pub struct SreCollector {
-    id: TargetId,
     kind: FileKind,
     shared: Arc<Shared>,
     /// Started on the first scrape: `check-config` never starts threads.
@@ -180,9 +181,8 @@ pub struct SreCollector {
 }
 
 impl SreCollector {
-    fn new(id: TargetId, path: PathBuf, kind: FileKind) -> Self {
+    fn new(path: PathBuf, kind: FileKind) -> Self {
         SreCollector {
-            id,
             kind,
             shared: Arc::new(Shared {
                 path,
@@ -210,10 +210,6 @@ impl SreCollector {
             let _ = sender.send(());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn spawn_watcher(shared: Weak<Shared>, tx: mpsc::Sender<()>, rx: mpsc::Receiver<()>) {
@@ -331,7 +327,7 @@ fn parse_stable(path: &Path) -> std::io::Result<Cached> {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Cached {
-                    finished: unix_now(),
+                    finished: clock::unix_now().as_secs_f64(),
                     ..Cached::default()
                 });
             }
@@ -354,29 +350,14 @@ fn parse_stable(path: &Path) -> std::io::Result<Cached> {
                 identity: Some(before),
                 parsed,
                 duration: started.elapsed(),
-                finished: unix_now(),
+                finished: clock::unix_now().as_secs_f64(),
             });
         }
     }
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 #[async_trait]
 impl Collector for SreCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -427,7 +408,7 @@ impl SreCollector {
                 "clusterwatch_sre_file_modified_age_seconds",
                 "Seconds since the stats file was last modified (the writer refreshes it every minute).",
                 &[],
-                (unix_now() - id.mtime_ns as f64 / 1e9).max(0.0),
+                (clock::unix_now().as_secs_f64() - id.mtime_ns as f64 / 1e9).max(0.0),
             );
             out.gauge(
                 "clusterwatch_sre_file_size_bytes",
@@ -448,72 +429,76 @@ impl SreCollector {
             &[],
             *lock(&self.shared.read_errors) as f64,
         );
-        let Some(cached) = latest else {
-            return;
-        };
-        let p = &cached.parsed;
+        if let Some(cached) = latest {
+            write_parse(self.kind, cached, out);
+        }
+    }
+}
+
+/// The samples of one finished parse: line counts, timing and the newest value per stat.
+fn write_parse(kind: FileKind, cached: &Cached, out: &mut SampleBuffer) {
+    let p = &cached.parsed;
+    out.gauge(
+        "clusterwatch_sre_file_lines_parsed",
+        "Lines used by the last parse of the stats file.",
+        &[],
+        p.accepted as f64,
+    );
+    for reason in REJECT_REASONS {
         out.gauge(
-            "clusterwatch_sre_file_lines_parsed",
-            "Lines used by the last parse of the stats file.",
-            &[],
-            p.accepted as f64,
-        );
-        for reason in REJECT_REASONS {
-            out.gauge(
                 "clusterwatch_sre_file_lines_rejected",
                 "Lines the last parse of the stats file could not use, by reason (line numbers are logged at debug level).",
                 &[("reason", reason.label())],
                 p.rejected(*reason) as f64,
             );
-        }
-        out.gauge(
-            "clusterwatch_sre_file_duplicate_lines",
-            "Lines of the last parse that repeated an earlier (host, stat); the last one wins.",
-            &[],
-            p.duplicates as f64,
-        );
-        out.gauge(
-            "clusterwatch_sre_file_parse_duration_seconds",
-            "How long the last parse of the stats file took, in seconds.",
-            &[],
-            cached.duration.as_secs_f64(),
-        );
-        out.gauge(
-            "clusterwatch_sre_file_last_parse_timestamp_seconds",
-            "Unix time the last parse of the stats file finished.",
-            &[],
-            cached.finished,
-        );
-        for s in &p.stats {
-            let labels = [("host", &*s.host), ("stat", s.stat.as_str())];
-            match self.kind {
-                FileKind::Events => {
-                    out.gauge(
-                        "clusterwatch_sre_counter_events",
-                        HELP_EVENTS,
-                        &labels,
-                        s.value.unwrap_or(0.0),
-                    );
-                }
-                FileKind::Averages => {
-                    let Some(v) = s.value else { continue };
-                    out.gauge("clusterwatch_sre_sample_average", HELP_AVERAGE, &labels, v);
-                }
+    }
+    out.gauge(
+        "clusterwatch_sre_file_duplicate_lines",
+        "Lines of the last parse that repeated an earlier (host, stat); the last one wins.",
+        &[],
+        p.duplicates as f64,
+    );
+    out.gauge(
+        "clusterwatch_sre_file_parse_duration_seconds",
+        "How long the last parse of the stats file took, in seconds.",
+        &[],
+        cached.duration.as_secs_f64(),
+    );
+    out.gauge(
+        "clusterwatch_sre_file_last_parse_timestamp_seconds",
+        "Unix time the last parse of the stats file finished.",
+        &[],
+        cached.finished,
+    );
+    for s in &p.stats {
+        let labels = [("host", &*s.host), ("stat", s.stat.as_str())];
+        match kind {
+            FileKind::Events => {
+                out.gauge(
+                    "clusterwatch_sre_counter_events",
+                    HELP_EVENTS,
+                    &labels,
+                    s.value.unwrap_or(0.0),
+                );
             }
-            out.gauge(
-                "clusterwatch_sre_stat_minute_timestamp_seconds",
-                HELP_MINUTE,
-                &labels,
-                s.minute as f64,
-            );
+            FileKind::Averages => {
+                let Some(v) = s.value else { continue };
+                out.gauge("clusterwatch_sre_sample_average", HELP_AVERAGE, &labels, v);
+            }
         }
+        out.gauge(
+            "clusterwatch_sre_stat_minute_timestamp_seconds",
+            HELP_MINUTE,
+            &labels,
+            s.minute as f64,
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::configuration as config;
 
     /// The `(target, cluster)` of every sre target, or the rendered problems.
     fn targets(yaml: &str) -> Result<Vec<(String, Option<String>)>, String> {
@@ -580,7 +565,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("later");
         let path = sub.join("counters.csv");
-        let c = SreCollector::new(TargetId::local("counters"), path.clone(), FileKind::Events);
+        let c = SreCollector::new(path.clone(), FileKind::Events);
         let b = scrape(&c).await;
         assert_eq!(value(&b, "clusterwatch_sre_file_present", None), Some(0.0));
         assert!(!c.shared.watching.load(Ordering::Relaxed));
@@ -605,7 +590,7 @@ mod tests {
     async fn missing_file_then_created_then_replaced_by_rename() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("counters.csv");
-        let c = SreCollector::new(TargetId::local("counters"), path.clone(), FileKind::Events);
+        let c = SreCollector::new(path.clone(), FileKind::Events);
         let b = scrape(&c).await;
         assert_eq!(value(&b, "clusterwatch_sre_file_present", None), Some(0.0));
         assert_eq!(value(&b, "clusterwatch_sre_counter_events", None), None);
@@ -648,5 +633,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(seen, Some(40.0));
+    }
+
+    #[test]
+    fn golden_exposition_of_the_runbook_csv_examples() {
+        for (name, kind) in [
+            ("sre-counters-runbook", FileKind::Events),
+            ("sre-samples-runbook", FileKind::Averages),
+        ] {
+            let text = crate::collector::golden::input(&format!("{name}.csv"));
+            let cached = Cached {
+                identity: None,
+                parsed: sre_csv::parse(text.as_bytes(), true, name),
+                duration: Duration::from_millis(2),
+                finished: 1_652_193_125.0,
+            };
+            let mut out = SampleBuffer::new();
+            write_parse(kind, &cached, &mut out);
+            crate::collector::golden::assert_golden(name, out);
+        }
     }
 }

@@ -12,7 +12,7 @@ use quick_xml::Reader;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{
     read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext, TargetId,
 };
@@ -92,12 +92,8 @@ fn parse_url(url: &str) -> Result<Endpoint, String> {
     })
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let mut out: Vec<Arc<dyn Collector>> = Vec::new();
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    let mut out: Vec<Arc<Target>> = Vec::new();
     for (raw, item) in at.parse_list::<RawSupervisord>(problems) {
         let before = problems.len();
         let id = TargetId::check(raw.name, raw.cluster, raw.timeout, &item, problems);
@@ -125,14 +121,17 @@ fn configure(
         if problems.len() > before {
             continue;
         }
-        out.push(Arc::new(SupervisordCollector { id, endpoint, auth }));
+        out.push(Target::new(
+            &KIND,
+            id,
+            SupervisordCollector { endpoint, auth },
+        ));
     }
     out
 }
 
 /// One supervisord instance.
 pub struct SupervisordCollector {
-    id: TargetId,
     endpoint: Endpoint,
     auth: Option<(String, Secret)>,
 }
@@ -459,57 +458,52 @@ pub fn parse_process_info(xml: &[u8]) -> Result<Vec<ProgramInfo>, RpcError> {
         .collect()
 }
 
+/// The samples of every program in a `getAllProcessInfo` answer.
+fn write_programs(programs: &[ProgramInfo], out: &mut SampleBuffer) {
+    for p in programs {
+        let labels = [("program", p.program.as_str())];
+        out.state_set(
+            "clusterwatch_supervisord_program_state",
+            "State of a supervisord program, as a state-set.",
+            &labels,
+            "state",
+            STATES,
+            Some(p.state),
+        );
+        out.gauge(
+            "clusterwatch_supervisord_program_pid",
+            "Process id of the program (0 when not running).",
+            &labels,
+            p.pid as f64,
+        );
+        out.gauge(
+            "clusterwatch_supervisord_program_uptime_seconds",
+            "Seconds since the program was started (0 when not running).",
+            &labels,
+            p.uptime as f64,
+        );
+        out.gauge(
+            "clusterwatch_supervisord_program_exit_status",
+            "Exit status of the program's last exit.",
+            &labels,
+            p.exit_status as f64,
+        );
+    }
+}
+
 #[async_trait]
 impl Collector for SupervisordCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
-        let body = tokio::time::timeout_at(ctx.deadline, self.call())
-            .await
-            .map_err(|_| CollectError::Timeout)??;
+        let body = ctx.within(self.call()).await?;
         let programs = parse_process_info(&body).map_err(|e| match e {
             RpcError::Fault(code, _) => CollectError::Query(format!("XML-RPC fault {code}")),
             RpcError::Malformed(m) => CollectError::Protocol(m),
         })?;
-        for p in &programs {
-            let labels = [("program", p.program.as_str())];
-            out.state_set(
-                "clusterwatch_supervisord_program_state",
-                "State of a supervisord program, as a state-set.",
-                &labels,
-                "state",
-                STATES,
-                Some(p.state),
-            );
-            out.gauge(
-                "clusterwatch_supervisord_program_pid",
-                "Process id of the program (0 when not running).",
-                &labels,
-                p.pid as f64,
-            );
-            out.gauge(
-                "clusterwatch_supervisord_program_uptime_seconds",
-                "Seconds since the program was started (0 when not running).",
-                &labels,
-                p.uptime as f64,
-            );
-            out.gauge(
-                "clusterwatch_supervisord_program_exit_status",
-                "Exit status of the program's last exit.",
-                &labels,
-                p.exit_status as f64,
-            );
-        }
+        write_programs(&programs, out);
         Ok(())
     }
 }
@@ -613,5 +607,16 @@ mod tests {
             http_body(b"HTTP/1.0 401 Unauthorized\r\n\r\n"),
             Err(CollectError::Auth(_))
         ));
+    }
+
+    /// Captured from supervisord 4.2.5: a running program, one that crashed until FATAL, and
+    /// a stopped program of a group.
+    #[test]
+    fn golden_exposition_of_captured_process_info() {
+        let name = "supervisord-4.2.5-getAllProcessInfo";
+        let xml = crate::collector::golden::input(&format!("{name}.xml"));
+        let mut out = SampleBuffer::new();
+        write_programs(&parse_process_info(xml.as_bytes()).unwrap(), &mut out);
+        crate::collector::golden::assert_golden(name, out);
     }
 }

@@ -4,12 +4,13 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
 use crate::blocking::InFlight;
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
-use crate::config::{Located, Problem, SectionContext, TargetId};
+use crate::collector::{
+    named_local_target, CollectError, Collector, CollectorKind, ScrapeContext, Target,
+};
+use crate::config::{Located, Problem, SectionContext};
 use crate::snapshot::SampleBuffer;
 
 /// The `system` collector, configured by the `system:` section.
@@ -20,27 +21,15 @@ pub const KIND: CollectorKind = CollectorKind {
     configure,
 };
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSystem {
-    name: Option<String>,
-}
-
-fn configure(
-    at: Located,
-    _ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
-    let Some(raw) = at.parse::<Option<RawSystem>>(problems) else {
-        return Vec::new();
-    };
-    let target = raw.and_then(|r| r.name).unwrap_or_else(|| "local".into());
-    vec![Arc::new(SystemCollector::new(target))]
+fn configure(at: Located, _ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
+    named_local_target(&at, "local", problems)
+        .map(|id| Target::new(&KIND, id, SystemCollector::new()))
+        .into_iter()
+        .collect()
 }
 
 /// Keeps one sysinfo `System` so CPU usage is measured between two scrapes.
 pub struct SystemCollector {
-    id: TargetId,
     /// Created on first use: sysinfo can fail where /proc is missing, and that is a scrape
     /// failure to report, not a reason to refuse to start.
     system: Arc<Mutex<Option<System>>>,
@@ -48,9 +37,8 @@ pub struct SystemCollector {
 }
 
 impl SystemCollector {
-    fn new(target: String) -> Self {
+    fn new() -> Self {
         SystemCollector {
-            id: TargetId::local(target),
             system: Arc::new(Mutex::new(None)),
             inflight: InFlight::new(),
         }
@@ -71,7 +59,7 @@ struct Reading {
 }
 
 fn read(system: &Mutex<Option<System>>) -> Result<Reading, String> {
-    let mut guard = system.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = crate::sync::lock(system);
     if guard.is_none() {
         let kinds = RefreshKind::nothing()
             .with_cpu(CpuRefreshKind::nothing().with_usage())
@@ -101,14 +89,6 @@ fn read(system: &Mutex<Option<System>>) -> Result<Reading, String> {
 
 #[async_trait]
 impl Collector for SystemCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -201,7 +181,7 @@ mod tests {
 
     #[tokio::test]
     async fn reports_memory_and_cpus() {
-        let c = SystemCollector::new("local".into());
+        let c = SystemCollector::new();
         let mut out = SampleBuffer::new();
         let ctx = ScrapeContext {
             deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(5),

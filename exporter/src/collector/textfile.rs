@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::blocking::{BlockingError, InFlight};
-use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext};
+use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
 use crate::config::{Located, Problem, SectionContext, TargetId};
 use crate::snapshot::{Kind, Label, SampleBuffer};
 
@@ -34,27 +34,25 @@ struct RawTextfile {
     directory: PathBuf,
 }
 
-fn configure(
-    at: Located,
-    ctx: &SectionContext,
-    problems: &mut Vec<Problem>,
-) -> Vec<Arc<dyn Collector>> {
+fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> Vec<Arc<Target>> {
     let Some(raw) = at.parse::<Option<RawTextfile>>(problems).flatten() else {
         if problems.is_empty() {
             problems.push(at.problem("directory", "the textfile section needs a `directory`"));
         }
         return Vec::new();
     };
-    vec![Arc::new(TextfileCollector {
-        id: TargetId::local("textfile"),
-        directory: ctx.resolve(&raw.directory),
-        inflight: InFlight::new(),
-    })]
+    vec![Target::new(
+        &KIND,
+        TargetId::local("textfile"),
+        TextfileCollector {
+            directory: ctx.resolve(&raw.directory),
+            inflight: InFlight::new(),
+        },
+    )]
 }
 
 /// The configured textfile directory.
 pub struct TextfileCollector {
-    id: TargetId,
     directory: PathBuf,
     inflight: InFlight,
 }
@@ -266,14 +264,6 @@ fn read_directory(dir: &Path) -> std::io::Result<Vec<Read1>> {
 
 #[async_trait]
 impl Collector for TextfileCollector {
-    fn name(&self) -> &'static str {
-        KIND.name
-    }
-
-    fn id(&self) -> &TargetId {
-        &self.id
-    }
-
     async fn collect(
         &self,
         ctx: &ScrapeContext,
@@ -403,7 +393,6 @@ mod tests {
         std::fs::write(dir.path().join("bad.prom"), "dump_failed{ 1\n").unwrap();
         std::fs::write(dir.path().join("ignored.txt"), "not a textfile").unwrap();
         let c = TextfileCollector {
-            id: TargetId::local("textfile"),
             directory: dir.path().to_path_buf(),
             inflight: InFlight::new(),
         };

@@ -23,6 +23,36 @@ pub use crate::http::WEBHOOK_PATH;
 
 const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
+/// Upper bounds `check-config` holds values to: past them `serve` could not honour a value (a
+/// timer that overflows, a semaphore too large) or it makes no sense for a failover hook.
+pub mod limits {
+    use std::time::Duration;
+
+    const HOUR: u64 = 3600;
+    /// `max_body_bytes`.
+    pub const MAX_BODY_BYTES: usize = 64 << 20;
+    /// `max_concurrent_runs`.
+    pub const MAX_CONCURRENT_RUNS: usize = 1024;
+    /// `max_disruptive_per_hour`.
+    pub const MAX_DISRUPTIVE_PER_HOUR: u32 = 1000;
+    /// `kill_grace`.
+    pub const KILL_GRACE: Duration = Duration::from_secs(600);
+    /// `resume_max_age`.
+    pub const RESUME_MAX_AGE: Duration = Duration::from_secs(24 * HOUR);
+    /// A hook's `timeout`.
+    pub const TIMEOUT: Duration = Duration::from_secs(24 * HOUR);
+    /// A hook's `cooldown`.
+    pub const COOLDOWN: Duration = Duration::from_secs(30 * 24 * HOUR);
+    /// A hook's `retries`.
+    pub const RETRIES: u32 = 10;
+    /// A hook's `retry_backoff`.
+    pub const RETRY_BACKOFF: Duration = Duration::from_secs(HOUR);
+}
+
+/// Default `resume_max_age`: a run accepted this recently and not started before a restart
+/// is started after it.
+pub const DEFAULT_RESUME_MAX_AGE: Duration = Duration::from_secs(600);
+
 /// The checked `hooks:` section.
 #[derive(Debug)]
 pub struct HooksConfig {
@@ -44,12 +74,50 @@ pub struct HooksConfig {
     pub max_concurrent_runs: usize,
     /// Between SIGTERM and SIGKILL when a hook times out.
     pub kill_grace: Duration,
+    /// A run accepted but not started before a restart is started after it if it was
+    /// accepted less than this long ago; older ones are abandoned. Zero: never.
+    pub resume_max_age: Duration,
     /// The hooks, in file order.
     pub rules: Vec<HookRule>,
     /// With several receivers: the etcd lock a disruptive run must take first.
     pub lock: Option<super::lock::LockConfig>,
     /// TLS for the webhook's own listener (`web_config_file`).
     pub web: Option<crate::web::Settings>,
+}
+
+/// Whether `new` can replace `old` in a running process: what was opened or bound at start
+/// (listener, journal, lock, run slots) cannot change without a restart.
+pub fn restart_needed(old: &HooksConfig, new: &HooksConfig) -> Result<(), String> {
+    let fixed = [
+        ("hooks.listen", old.listen != new.listen),
+        ("hooks.state_dir", old.state_dir != new.state_dir),
+        (
+            "hooks.max_concurrent_runs",
+            old.max_concurrent_runs != new.max_concurrent_runs,
+        ),
+        (
+            "hooks.lock",
+            old.lock.as_ref().map(super::lock::LockConfig::identity)
+                != new.lock.as_ref().map(super::lock::LockConfig::identity),
+        ),
+        // The listener was started plain or with TLS; its file's content can change.
+        (
+            "hooks.web_config_file (added or removed)",
+            old.web.is_some() != new.web.is_some(),
+        ),
+    ];
+    let changed: Vec<&str> = fixed
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| *key)
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let changed = changed.join(", ");
+    Err(format!(
+        "{changed} cannot change while clusterwatch runs; restart it to apply (the running configuration is kept)"
+    ))
 }
 
 /// Where the webhook listens.
@@ -162,6 +230,7 @@ struct RawHooks {
     dry_run: Option<bool>,
     max_concurrent_runs: Option<usize>,
     kill_grace: Option<HumanDuration>,
+    resume_max_age: Option<HumanDuration>,
     web_config_file: Option<PathBuf>,
     // Checked by `lock::parse`, so problems name `lock.<field>`.
     #[allow(dead_code)]
@@ -254,12 +323,52 @@ pub fn parse(
         .as_deref()
         .and_then(|file| check_web_config(&at, listen, &ctx.resolve(file), problems));
 
-    if raw.max_body_bytes == Some(0) {
-        problems.push(at.problem("max_body_bytes", "must be greater than zero"));
+    if let Some(n) = raw.max_body_bytes {
+        in_range(
+            &at,
+            "max_body_bytes",
+            n,
+            1,
+            limits::MAX_BODY_BYTES,
+            problems,
+        );
     }
-    if raw.max_concurrent_runs == Some(0) {
-        problems.push(at.problem("max_concurrent_runs", "must be greater than zero"));
+    if let Some(n) = raw.max_concurrent_runs {
+        in_range(
+            &at,
+            "max_concurrent_runs",
+            n,
+            1,
+            limits::MAX_CONCURRENT_RUNS,
+            problems,
+        );
     }
+    if let Some(n) = raw.max_disruptive_per_hour {
+        in_range(
+            &at,
+            "max_disruptive_per_hour",
+            n,
+            0,
+            limits::MAX_DISRUPTIVE_PER_HOUR,
+            problems,
+        );
+    }
+    let kill_grace = duration(
+        &at,
+        "kill_grace",
+        raw.kill_grace,
+        Duration::from_secs(5),
+        limits::KILL_GRACE,
+        problems,
+    );
+    let resume_max_age = duration(
+        &at,
+        "resume_max_age",
+        raw.resume_max_age,
+        DEFAULT_RESUME_MAX_AGE,
+        limits::RESUME_MAX_AGE,
+        problems,
+    );
 
     let mut rules: Vec<HookRule> = Vec::new();
     match at.field("rules") {
@@ -290,16 +399,14 @@ pub fn parse(
     Some(HooksConfig {
         listen,
         auth: auth?,
-        state_dir: ctx.resolve(&raw.state_dir),
+        state_dir: absolute(ctx, &raw.state_dir),
         max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         max_disruptive_per_hour: raw.max_disruptive_per_hour.unwrap_or(1),
-        kill_switch_file: raw.kill_switch_file.map(|p| ctx.resolve(&p)),
+        kill_switch_file: raw.kill_switch_file.map(|p| absolute(ctx, &p)),
         dry_run: raw.dry_run.unwrap_or(false),
         max_concurrent_runs: raw.max_concurrent_runs.unwrap_or(4),
-        kill_grace: raw
-            .kill_grace
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(5)),
+        kill_grace,
+        resume_max_age,
         rules,
         lock,
         web,
@@ -409,10 +516,27 @@ fn check_rule(
             .hint("remove rerun_after_crash or make the hook non-disruptive"),
         );
     }
-    let timeout = r.timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60));
+    let [timeout, cooldown, retry_backoff] = [
+        (
+            "timeout",
+            r.timeout,
+            Duration::from_secs(60),
+            limits::TIMEOUT,
+        ),
+        ("cooldown", r.cooldown, Duration::ZERO, limits::COOLDOWN),
+        (
+            "retry_backoff",
+            r.retry_backoff,
+            Duration::from_secs(10),
+            limits::RETRY_BACKOFF,
+        ),
+    ]
+    .map(|(field, value, default, max)| duration(at, field, value, default, max, problems));
     if timeout.is_zero() {
         problems.push(at.problem("timeout", "timeout must be greater than zero"));
     }
+    let retries = r.retries.unwrap_or(0);
+    in_range(at, "retries", retries, 0, limits::RETRIES, problems);
     let mut env = Vec::new();
     for (k, v) in r.env.unwrap_or_default() {
         let ok = !k.is_empty()
@@ -437,14 +561,11 @@ fn check_rule(
         command,
         validate,
         timeout,
-        cooldown: r.cooldown.map(|d| d.0).unwrap_or(Duration::ZERO),
+        cooldown,
         disruptive,
         dry_run: r.dry_run.unwrap_or(false),
-        retries: r.retries.unwrap_or(0).min(10),
-        retry_backoff: r
-            .retry_backoff
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(10)),
+        retries,
+        retry_backoff,
         rerun_after_crash,
         env,
     })
@@ -467,7 +588,7 @@ fn resolve_argv(
         return argv;
     };
     if program.contains('/') {
-        let path = ctx.resolve(Path::new(program.as_str()));
+        let path = absolute(ctx, Path::new(program.as_str()));
         if !is_executable(&path) {
             problems.push(
                 at.problem(
@@ -482,6 +603,46 @@ fn resolve_argv(
     argv
 }
 
+/// A path from the configuration, relative to the configuration file's directory, made
+/// absolute: hooks run in `/`, and `CW_PAYLOAD_FILE` must name the same file there.
+fn absolute(ctx: &SectionContext, p: &Path) -> PathBuf {
+    let p = ctx.resolve(p);
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// A count within `min..=max`, or a problem naming the limit.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    at: &Located,
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+    problems: &mut Vec<Problem>,
+) {
+    if value < min || value > max {
+        problems.push(at.problem(field, format!("{value} is out of range: {min} to {max}")));
+    }
+}
+
+/// A duration (or its default) at most `max`, or a problem naming the limit.
+fn duration(
+    at: &Located,
+    field: &str,
+    value: Option<HumanDuration>,
+    default: Duration,
+    max: Duration,
+    problems: &mut Vec<Problem>,
+) -> Duration {
+    let d = value.map(|d| d.0).unwrap_or(default);
+    if d > max {
+        problems.push(at.problem(
+            field,
+            format!("must be at most {}", humantime::format_duration(max)),
+        ));
+    }
+    d
+}
+
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -490,7 +651,7 @@ fn is_executable(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse as parse_config;
+    use crate::configuration::parse as parse_config;
 
     fn write_token(dir: &Path) {
         std::fs::write(dir.join("t"), "tok\n").unwrap();
@@ -504,7 +665,9 @@ mod tests {
         let cfg = parse_config(yaml, "c.yml", dir.path()).unwrap();
         let h = cfg.hooks.unwrap();
         assert_eq!(h.listen, Listen::Own(DEFAULT_LISTEN.parse().unwrap()));
-        assert_eq!(h.state_dir, dir.path().join("st"));
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap();
+        assert_eq!(canon(h.state_dir.parent().unwrap()), canon(dir.path()));
+        assert_eq!(h.state_dir.file_name().unwrap(), "st");
         let r = &h.rules[0];
         assert_eq!(r.on, On::Resolved);
         let labels = |v: &str| BTreeMap::from([("cluster".to_owned(), v.to_owned())]);
@@ -585,5 +748,70 @@ mod tests {
             text.contains(&format!("c.yml:5:3: hooks.web_config_file: {}:2:3: tls_server_config.cert_fil: unknown field", web.display())),
             "{text}"
         );
+    }
+
+    #[test]
+    fn values_serve_cannot_honour_are_refused_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let yaml = "hooks:\n  bearer_token_file: t\n  state_dir: st\n  max_concurrent_runs: 18446744073709551615\n  kill_grace: 11m\n  rules:\n    - name: r\n      match: { a: b }\n      command: [/bin/true]\n      timeout: 25h\n      retries: 20\n      cooldown: 31days\n    - name: r2\n      match: { a: c }\n      command: [/bin/true]\n      retry_backoff: 500000000000y\n";
+        let text = parse_config(yaml, "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        for want in [
+            "hooks.max_concurrent_runs: 18446744073709551615 is out of range: 1 to 1024",
+            "hooks.kill_grace: must be at most 10m",
+            "hooks.rules[1].retry_backoff: duration `500000000000y` is too long: the limit is 1y",
+            "hooks.rules[0].timeout: must be at most 1day",
+            "hooks.rules[0].retries: 20 is out of range: 0 to 10",
+            "hooks.rules[0].cooldown: must be at most 30days",
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_become_absolute_against_the_configuration_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let script = dir.path().join("hook.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let yaml = "hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - name: r\n      match: { a: b }\n      command: [./hook.sh, x]\n      validate: [./hook.sh]\n";
+        std::fs::write(dir.path().join("c.yml"), yaml).unwrap();
+        // A relative --config.file: clusterwatch started in the configuration's directory.
+        let cwd = std::env::current_dir().unwrap();
+        let rel = pathdiff(&dir.path().join("c.yml"), &cwd);
+        let h = crate::configuration::load_file(&rel)
+            .unwrap()
+            .hooks
+            .unwrap();
+        assert!(h.state_dir.is_absolute(), "{}", h.state_dir.display());
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap();
+        assert_eq!(canon(h.state_dir.parent().unwrap()), canon(dir.path()));
+        assert_eq!(h.state_dir.file_name().unwrap(), "st");
+        let cmd = Path::new(&h.rules[0].command[0]);
+        assert!(cmd.is_absolute(), "{}", cmd.display());
+        assert_eq!(
+            std::fs::canonicalize(cmd).unwrap(),
+            std::fs::canonicalize(&script).unwrap()
+        );
+        assert_eq!(h.rules[0].command[1], "x");
+        assert_eq!(h.resume_max_age, DEFAULT_RESUME_MAX_AGE);
+    }
+
+    /// `to` relative to `from` (both absolute), with `..` as needed.
+    fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+        let (to, from): (Vec<_>, Vec<_>) = (to.components().collect(), from.components().collect());
+        let common = to.iter().zip(&from).take_while(|(a, b)| a == b).count();
+        let mut out = PathBuf::new();
+        for _ in common..from.len() {
+            out.push("..");
+        }
+        for c in &to[common..] {
+            out.push(c);
+        }
+        out
     }
 }

@@ -1,9 +1,10 @@
 //! The hook journal: append-only JSON lines in `state_dir/journal.jsonl`, one record per
-//! decision, fsync'd before the caller goes on. Concurrent appends share one fsync (group
-//! commit). It stores records; what they mean for the next decision is `policy`'s business.
+//! decision with a checksum, fsync'd before the caller goes on (group commit). A failed append
+//! is cut back; a damaged record anywhere but the torn tail stops the start. It stores records;
+//! what they mean for the next decision is `policy`'s business.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -34,6 +35,35 @@ pub struct Record {
     /// The decision or event.
     #[serde(flatten)]
     pub event: Event,
+}
+
+/// How an attempt ended, as the journal's `result` field and the runs metric's label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunResult {
+    /// Exit 0.
+    Ok,
+    /// Exit 1 with attempts left: another attempt follows.
+    Retry,
+    /// Any other exit code, or a signal.
+    Failed,
+    /// Killed at its timeout.
+    Timeout,
+    /// Could not be started.
+    Error,
+}
+
+impl RunResult {
+    /// The label value (the journal's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunResult::Ok => "ok",
+            RunResult::Retry => "retry",
+            RunResult::Failed => "failed",
+            RunResult::Timeout => "timeout",
+            RunResult::Error => "error",
+        }
+    }
 }
 
 /// Every kind of record. Runs are numbered; a run's records share its number.
@@ -130,7 +160,7 @@ pub enum Event {
         /// The attempt.
         attempt: u32,
         /// `ok`, `retry`, `failed`, `timeout` or `error`.
-        result: String,
+        result: RunResult,
         /// The exit code, if it exited.
         exit_code: Option<i32>,
         /// Wall-clock time of the attempt.
@@ -185,6 +215,30 @@ pub enum Event {
         /// What failed.
         error: String,
     },
+    /// Found at start: the run was accepted but had not started; it is fresh enough to be
+    /// started now (validation runs again first).
+    Resumed {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+    },
+    /// Skipped: the incident began before damaged journal lines were accepted, so it may have
+    /// been handled already; it is never run automatically.
+    JournalDamaged {
+        /// The hook.
+        hook: String,
+        /// The alert.
+        alert: AlertRef,
+    },
+    /// `hooks journal --accept-damage` dropped these unreadable lines. Incidents that began
+    /// before this record are never run automatically.
+    DamageAccepted {
+        /// The dropped lines (1-based, in the journal as it was).
+        lines: Vec<u64>,
+        /// Where the journal as it was is kept.
+        saved_as: String,
+    },
     /// The run never started (clusterwatch stopped first, kill switch, lock refused).
     Abandoned {
         /// The run.
@@ -207,9 +261,187 @@ pub enum JournalError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A record before the last good one cannot be read: decisions may be missing.
+    #[error("{}", damage_message(path, damage))]
+    Damaged {
+        /// The journal file.
+        path: String,
+        /// Every damaged line.
+        damage: Vec<Damage>,
+    },
     /// The writer thread is gone.
     #[error("journal writer stopped")]
     Closed,
+}
+
+/// One journal line that cannot be trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// 1-based line number.
+    pub line: u64,
+    /// Byte offset of the line's start.
+    pub offset: u64,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {} (byte {}): {}", self.line, self.offset, self.why)
+    }
+}
+
+fn damage_message(path: &str, damage: &[Damage]) -> String {
+    let first = damage.first().map(ToString::to_string).unwrap_or_default();
+    let more = match damage.len() {
+        0 | 1 => String::new(),
+        n => format!(" and {} more line(s)", n - 1),
+    };
+    format!(
+        "journal {path} is damaged at {first}{more}, before records that are intact: decisions \
+         may be missing, so a hook that already ran could run again. Not starting. To recover: \
+         `clusterwatch hooks journal --check` lists every damaged line; \
+         `clusterwatch hooks journal --accept-damage` keeps the readable records (the file as it \
+         was is saved beside it) and never runs automatically an incident that began before \
+         then; or move the journal aside, which forgets every past decision"
+    )
+}
+
+/// What a read of the journal found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every readable record, in order.
+    pub records: Vec<Record>,
+    /// For each record, its 1-based line.
+    pub lines: Vec<u64>,
+    /// Unreadable lines before the last readable one.
+    pub damage: Vec<Damage>,
+    /// Length of the file up to the end of the last readable record; anything after it is a
+    /// torn tail (a write that was never acknowledged).
+    pub good_len: u64,
+    /// The file's length.
+    pub len: u64,
+}
+
+/// `,"sum":"` + 16 hex digits + `"}`: the checksum field every record ends with.
+const SUM_KEY: &[u8] = b",\"sum\":\"";
+const SUM_HEX: usize = 16;
+const SUM_SUFFIX_LEN: usize = SUM_KEY.len() + SUM_HEX + 2;
+
+/// First 8 bytes of SHA-256 over the record's JSON without its `sum` field, in hex.
+fn sum_of(json: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, json);
+    d.as_ref()[..SUM_HEX / 2]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One record as its journal line: JSON with a trailing `sum` field, and a newline.
+pub fn encode(r: &Record, out: &mut Vec<u8>) {
+    let json = serde_json::to_vec(r).expect("records always serialize");
+    let sum = sum_of(&json);
+    out.extend_from_slice(&json[..json.len() - 1]);
+    out.extend_from_slice(SUM_KEY);
+    out.extend_from_slice(sum.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+}
+
+fn unreadable(e: serde_json::Error) -> String {
+    let msg = e.to_string();
+    let what = msg.split(" at line ").next().unwrap_or(&msg);
+    format!("not a readable record ({what} at column {})", e.column())
+}
+
+/// Decodes one line (without its newline). `Ok((record, had_sum))`.
+fn decode(line: &[u8]) -> Result<(Record, bool), String> {
+    if line.contains(&0) {
+        return Err("NUL bytes (a block the file system never wrote)".into());
+    }
+    let suffix_at = line.len().saturating_sub(SUM_SUFFIX_LEN);
+    let has_sum = line.len() > SUM_SUFFIX_LEN
+        && line[suffix_at..].starts_with(SUM_KEY)
+        && line.ends_with(b"\"}");
+    if !has_sum {
+        let r = serde_json::from_slice(line).map_err(unreadable)?;
+        // A record from before checksums has only fields a record has: a checksummed record
+        // whose `sum` key was hit (`"sun"`) must not pass for an old one.
+        let as_read: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(line).map_err(unreadable)?;
+        let known = serde_json::to_value(&r).unwrap_or_default();
+        if let Some(k) = as_read.keys().find(|k| known.get(k.as_str()).is_none()) {
+            return Err(format!("unknown field `{k}`"));
+        }
+        return Ok((r, false));
+    }
+    let mut json = line[..suffix_at].to_vec();
+    json.push(b'}');
+    let given = &line[suffix_at + SUM_KEY.len()..line.len() - 2];
+    if given != sum_of(&json).as_bytes() {
+        return Err("checksum mismatch (the record was changed)".into());
+    }
+    let r = serde_json::from_slice(&json).map_err(unreadable)?;
+    Ok((r, true))
+}
+
+/// Reads every line and sorts them into records, damage and a torn tail. A journal written
+/// before records carried checksums reads as it is; once a checksummed record was written,
+/// a line without one is damage.
+pub fn scan_bytes(bytes: &[u8]) -> Scan {
+    let mut scan = Scan {
+        len: bytes.len() as u64,
+        ..Scan::default()
+    };
+    let mut bad: Vec<Damage> = Vec::new();
+    let mut seen_sum = false;
+    let (mut offset, mut lineno) = (0usize, 0u64);
+    while offset < bytes.len() {
+        lineno += 1;
+        let (line, end) = match bytes[offset..].iter().position(|b| *b == b'\n') {
+            Some(i) => (&bytes[offset..offset + i], offset + i + 1),
+            None => (&bytes[offset..], bytes.len()),
+        };
+        let complete = end <= bytes.len() && bytes.get(end - 1) == Some(&b'\n');
+        let result = match decode(line) {
+            Ok(_) if !complete => Err("no newline at its end".to_owned()),
+            Ok((_, false)) if seen_sum => Err("no checksum after checksummed records".to_owned()),
+            other => other,
+        };
+        match result {
+            Ok((r, had_sum)) => {
+                seen_sum |= had_sum;
+                // Everything unreadable so far lies before a good record: damage.
+                scan.damage.append(&mut bad);
+                scan.records.push(r);
+                scan.lines.push(lineno);
+                scan.good_len = end as u64;
+            }
+            Err(why) => bad.push(Damage {
+                line: lineno,
+                offset: offset as u64,
+                why,
+            }),
+        }
+        offset = end;
+    }
+    scan
+}
+
+/// Reads the journal file (absent: empty).
+pub fn scan(dir: &Path) -> std::io::Result<Scan> {
+    let path = dir.join(FILE_NAME);
+    match File::open(&path) {
+        Ok(mut f) => scan_file(&mut f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Scan::default()),
+        Err(e) => Err(e),
+    }
+}
+
+fn scan_file(file: &mut File) -> std::io::Result<Scan> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(scan_bytes(&bytes))
 }
 
 struct Pending {
@@ -224,51 +456,70 @@ pub struct Journal {
     path: PathBuf,
 }
 
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> JournalError {
+    let path = path.display().to_string();
+    move |source| JournalError::Io {
+        path: path.clone(),
+        source,
+    }
+}
+
+/// Opens (creating) the journal in `dir` under its lock and reads it whole.
+fn locked_scan(dir: &Path) -> Result<(Flock<File>, Scan, PathBuf), JournalError> {
+    let path = dir.join(FILE_NAME);
+    let io = io_error(&path);
+    std::fs::create_dir_all(dir).map_err(&io)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&path)
+        .map_err(&io)?;
+    // One writer per journal: a second clusterwatch on the same state_dir would decide
+    // without seeing the first one's runs, and could run a disruptive hook twice.
+    let mut file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("locked by another process ({errno}); is another clusterwatch using this state_dir?"),
+        ))
+    })?;
+    let scan = scan_file(&mut file).map_err(&io)?;
+    Ok((file, scan, path))
+}
+
 impl Journal {
     /// Opens (creating) the journal in `dir`, returns it with every record already in it. A
-    /// torn last line (a crash during a write, never acknowledged) is cut off.
+    /// torn tail (a crash during a write, never acknowledged) is cut off; a damaged line
+    /// before an intact record is [`JournalError::Damaged`].
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
-        let path = dir.join(FILE_NAME);
-        let io = |source| JournalError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
-        // One writer per journal: a second clusterwatch on the same state_dir would decide
-        // without seeing the first one's runs, and could run a disruptive hook twice.
-        let mut file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-            io(std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                format!("locked by another process ({errno}); is another clusterwatch using this state_dir?"),
-            ))
-        })?;
-        let (records, good_len) = read_from(&mut file, &path).map_err(io)?;
-        if good_len < file.metadata().map_err(io)?.len() {
-            tracing::warn!(journal = %path.display(), "cutting off a torn last journal line");
-            file.set_len(good_len).map_err(io)?;
-            file.sync_all().map_err(io)?;
+        let (file, scan, path) = locked_scan(dir)?;
+        let io = io_error(&path);
+        if !scan.damage.is_empty() {
+            return Err(JournalError::Damaged {
+                path: path.display().to_string(),
+                damage: scan.damage,
+            });
+        }
+        if scan.good_len < scan.len {
+            tracing::warn!(journal = %path.display(), bytes = scan.len - scan.good_len, "cutting off a torn journal tail (a write that was never acknowledged)");
+            file.set_len(scan.good_len).map_err(&io)?;
+            file.sync_all().map_err(&io)?;
         }
         let (tx, rx) = mpsc::channel::<Pending>();
         let thread_path = path.clone();
+        let good_len = scan.good_len;
         std::thread::Builder::new()
             .name("hook-journal".into())
-            .spawn(move || writer(file, rx, &thread_path))
-            .map_err(io)?;
-        Ok((Journal { tx, path }, records))
+            .spawn(move || writer(file, good_len, rx, &thread_path))
+            .map_err(&io)?;
+        Ok((Journal { tx, path }, scan.records))
     }
 
-    /// Appends `records` and waits until they are on disk.
+    /// Appends `records` and waits until they are on disk, whole.
     pub async fn append(&self, records: &[Record]) -> Result<(), JournalError> {
         let mut bytes = Vec::with_capacity(256 * records.len());
         for r in records {
-            serde_json::to_writer(&mut bytes, r).expect("records always serialize");
-            bytes.push(b'\n');
+            encode(r, &mut bytes);
         }
         let (done, wait) = tokio::sync::oneshot::channel();
         self.tx
@@ -286,7 +537,11 @@ impl Journal {
 }
 
 /// Drains everything queued, writes it, one fsync for all of it, then acknowledges each.
-fn writer(mut file: Flock<File>, rx: mpsc::Receiver<Pending>, path: &Path) {
+fn writer(mut file: Flock<File>, good_len: u64, rx: mpsc::Receiver<Pending>, path: &Path) {
+    let mut end = End {
+        good_len,
+        dirty: false,
+    };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -296,12 +551,9 @@ fn writer(mut file: Flock<File>, rx: mpsc::Receiver<Pending>, path: &Path) {
         for p in &batch {
             buf.extend_from_slice(&p.bytes);
         }
-        let result = file
-            .write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| e.to_string());
+        let result = end.write(&mut *file, &buf);
         if let Err(e) = &result {
-            tracing::error!(journal = %path.display(), error = %e, "journal write failed");
+            tracing::error!(journal = %path.display(), error = %e, cut_back = !end.dirty, "journal write failed; the decisions in it are refused");
         }
         for p in batch {
             let _ = p.done.send(result.clone());
@@ -309,48 +561,110 @@ fn writer(mut file: Flock<File>, rx: mpsc::Receiver<Pending>, path: &Path) {
     }
 }
 
-/// Reads every complete record; returns them and the length of the well-formed prefix.
-fn read_from(file: &mut File, path: &Path) -> std::io::Result<(Vec<Record>, u64)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = BufReader::new(&mut *file);
-    let mut records = Vec::new();
-    let mut good = 0u64;
-    let mut line = Vec::new();
-    let mut lineno = 0;
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            break;
+/// Where a file can be appended to, synced and cut.
+trait Sink {
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()>;
+    fn cut(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl Sink for File {
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.write_all(buf)?;
+        self.sync_data()
+    }
+    fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)?;
+        self.sync_data()
+    }
+}
+
+/// The journal's end: the length of what was acknowledged, and whether a failed write may
+/// still lie after it.
+struct End {
+    good_len: u64,
+    dirty: bool,
+}
+
+impl End {
+    /// A write that fails is cut back to the last acknowledged byte; until that cut succeeds,
+    /// every batch is refused, so no record is ever written after a fragment.
+    fn write(&mut self, sink: &mut impl Sink, buf: &[u8]) -> Result<(), String> {
+        if self.dirty {
+            sink.cut(self.good_len).map_err(|e| {
+                format!("the journal still ends in a failed write that cannot be cut back: {e}")
+            })?;
+            self.dirty = false;
         }
-        lineno += 1;
-        match serde_json::from_slice::<Record>(&line) {
-            Ok(r) => records.push(r),
-            // A record from a newer version or hand-edited: keep going, say where.
+        match sink.append(buf) {
+            Ok(()) => {
+                self.good_len += buf.len() as u64;
+                Ok(())
+            }
             Err(e) => {
-                tracing::warn!(journal = %path.display(), line = lineno, error = %e, "skipping an unreadable journal line")
+                self.dirty = sink.cut(self.good_len).is_err();
+                Err(e.to_string())
             }
         }
-        good += n as u64;
     }
-    Ok((records, good))
 }
 
-/// Reads a journal without opening it for writing (for `hooks journal` and `hooks replay`).
-pub fn read(dir: &Path) -> std::io::Result<Vec<Record>> {
+/// Reads a journal without opening it for writing (for `hooks replay`); damage is an error.
+pub fn read(dir: &Path) -> Result<Vec<Record>, JournalError> {
     let path = dir.join(FILE_NAME);
-    match File::open(&path) {
-        Ok(mut f) => Ok(read_from(&mut f, &path)?.0),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
+    let scan = scan(dir).map_err(io_error(&path))?;
+    if !scan.damage.is_empty() {
+        return Err(JournalError::Damaged {
+            path: path.display().to_string(),
+            damage: scan.damage,
+        });
     }
+    Ok(scan.records)
 }
 
-/// One record as a line for people: time, event, and its fields.
+/// `hooks journal --accept-damage`: keeps the readable records, drops the damaged lines and
+/// the torn tail, and ends the journal with `closing` records and a `damage_accepted` record.
+/// The file as it was is kept as `journal.jsonl.damaged-UNIXTIME`. Needs the journal's lock
+/// (clusterwatch stopped). Returns what was dropped.
+pub fn accept_damage(
+    dir: &Path,
+    now: f64,
+    closing: impl FnOnce(&[Record]) -> Vec<Record>,
+) -> Result<Vec<Damage>, JournalError> {
+    // The lock is held until the new file is in place: no clusterwatch starts on either.
+    let (_lock, scan, path) = locked_scan(dir)?;
+    let io = io_error(&path);
+    if scan.damage.is_empty() {
+        return Ok(Vec::new());
+    }
+    let saved = dir.join(format!("{FILE_NAME}.damaged-{}", now as u64));
+    std::fs::copy(&path, &saved).map_err(&io)?;
+    File::open(&saved).and_then(|f| f.sync_all()).map_err(&io)?;
+    let mut bytes = Vec::new();
+    let mut tail = closing(&scan.records);
+    tail.push(Record {
+        ts: now,
+        event: Event::DamageAccepted {
+            lines: scan.damage.iter().map(|d| d.line).collect(),
+            saved_as: saved.display().to_string(),
+        },
+    });
+    for r in scan.records.iter().chain(&tail) {
+        encode(r, &mut bytes);
+    }
+    // A new file renamed over the old one: a crash leaves the one or the other, whole.
+    let fresh = dir.join(format!("{FILE_NAME}.new"));
+    let mut f = File::create(&fresh).map_err(&io)?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(&io)?;
+    std::fs::rename(&fresh, &path).map_err(&io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(&io)?;
+    Ok(scan.damage)
+}
+
+/// One record as a line for people: time, event, and its fields, control characters escaped.
 pub fn render(r: &Record) -> String {
-    let time = humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(r.ts.max(0.0)),
-    );
+    let time = render_time(r.ts);
     let mut v = serde_json::to_value(&r.event).unwrap_or_default();
     let event = v
         .get("event")
@@ -362,21 +676,52 @@ pub fn render(r: &Record) -> String {
         obj.remove("event");
         if let Some(serde_json::Value::Object(alert)) = obj.remove("alert") {
             for (k, v) in alert {
-                fields.push(format!("{k}={}", plain(&v)));
+                fields.push(format!("{}={}", escape(&k), plain(&v)));
             }
         }
         for (k, v) in obj.iter() {
-            fields.push(format!("{k}={}", plain(v)));
+            fields.push(format!("{}={}", escape(k), plain(v)));
         }
     }
     format!("{time} {event:<16} {}", fields.join(" "))
 }
 
+/// RFC 3339 for a time between 1970 and 9999; anything else (a damaged or hand-edited record)
+/// as the raw number.
+fn render_time(ts: f64) -> String {
+    const YEAR_10000: f64 = 253_402_300_800.0;
+    if ts.is_finite() && (0.0..YEAR_10000).contains(&ts) {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(ts),
+        )
+        .to_string()
+    } else {
+        format!("ts={ts}")
+    }
+}
+
 fn plain(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::String(s) if !s.is_empty() && !s.contains([' ', '\n', '"']) => s.clone(),
-        other => other.to_string(),
+        serde_json::Value::String(s) if !s.is_empty() && !s.contains([' ', '\n', '"']) => escape(s),
+        other => escape(&other.to_string()),
     }
+}
+
+/// Control characters (C0, DEL, C1: terminal escapes) as `\u{..}`, so a webhook field cannot
+/// drive the terminal of whoever reads the journal.
+fn escape(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -393,6 +738,29 @@ mod tests {
         }
     }
 
+    fn lines(records: &[Record]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for r in records {
+            encode(r, &mut b);
+        }
+        b
+    }
+
+    fn reopen(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
+        // The previous writer's thread lets go of the lock once it has seen its channel close.
+        for _ in 0..500 {
+            match Journal::open(dir) {
+                Err(JournalError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => return other,
+            }
+        }
+        panic!("the journal lock was never released")
+    }
+
     #[tokio::test]
     async fn appends_survive_reopen_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
@@ -401,21 +769,12 @@ mod tests {
             assert!(old.is_empty());
             j.append(&[rec(1), rec(2)]).await.unwrap();
         }
-        // A crash in the middle of a write leaves half a line.
+        // A crash in the middle of a write leaves half a line, and ext4 NULs after it.
         let path = dir.path().join(FILE_NAME);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(b"{\"ts\":2,\"event\":\"unkn").unwrap();
+        f.write_all(b"{\"ts\":2,\"event\":\"unkn\0\0\0\0").unwrap();
         drop(f);
-        // The first writer's thread lets go of the lock once it has seen its channel close.
-        let mut tries = 0;
-        let (j, old) = loop {
-            match Journal::open(dir.path()) {
-                Ok(opened) => break opened,
-                Err(e) if tries > 500 => panic!("{e}"),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-            tries += 1;
-        };
+        let (j, old) = reopen(dir.path()).unwrap();
         assert_eq!(old, vec![rec(1), rec(2)]);
         let second = Journal::open(dir.path())
             .err()
@@ -427,5 +786,193 @@ mod tests {
         j.append(&[rec(3)]).await.unwrap();
         assert_eq!(read(dir.path()).unwrap(), vec![rec(1), rec(2), rec(3)]);
         assert!(render(&rec(3)).contains("unknown"));
+    }
+
+    #[test]
+    fn only_the_tail_may_be_torn() {
+        let good = lines(&[rec(1), rec(2), rec(3)]);
+        let l1 = lines(&[rec(1)]).len();
+        // NULs at the very end, or a whole NUL block: a torn tail, the records stay.
+        let mut tail = good.clone();
+        tail.extend_from_slice(&[0u8; 4096]);
+        let s = scan_bytes(&tail);
+        assert!(s.damage.is_empty());
+        assert_eq!(s.records.len(), 3);
+        assert_eq!(s.good_len, good.len() as u64);
+        // 4 KiB of NULs before the second record: damage, named by line.
+        let mut nuls = good[..l1].to_vec();
+        nuls.extend_from_slice(&[0u8; 4096]);
+        nuls.extend_from_slice(&good[l1..]);
+        let s = scan_bytes(&nuls);
+        assert_eq!(s.damage.len(), 1, "{:?}", s.damage);
+        assert_eq!(s.damage[0].line, 2);
+        assert!(s.damage[0].why.contains("NUL"));
+        // A garbage line in the middle.
+        let mut garbage = good[..l1].to_vec();
+        garbage.extend_from_slice(b"garbage\n");
+        garbage.extend_from_slice(&good[l1..]);
+        assert_eq!(scan_bytes(&garbage).damage[0].line, 2);
+        // A fragment left by a failed write, then a record on the same line.
+        let mut fragment = good[..l1].to_vec();
+        fragment.extend_from_slice(b"{\"ts\":2,\"ev");
+        fragment.extend_from_slice(&good[l1..]);
+        let s = scan_bytes(&fragment);
+        assert_eq!(s.damage.len(), 1);
+        assert_eq!(s.records.len(), 2);
+        // One changed byte that leaves valid JSON: the checksum tells.
+        let mut changed = good.clone();
+        let at = l1 + good[l1..].windows(3).position(|w| w == b"\"h\"").unwrap() + 1;
+        changed[at] = b'g';
+        let s = scan_bytes(&changed);
+        assert_eq!(s.damage.len(), 1);
+        assert!(s.damage[0].why.contains("checksum"), "{:?}", s.damage);
+    }
+
+    #[test]
+    fn journals_without_checksums_still_read_and_results_keep_their_spelling() {
+        let old = b"{\"ts\":1.5,\"event\":\"unknown\",\"run\":1,\"hook\":\"h\"}\n\
+{\"ts\":2.0,\"event\":\"finished\",\"run\":1,\"hook\":\"h\",\"attempt\":1,\"result\":\"retry\",\"exit_code\":1,\"duration_seconds\":0.1,\"stdout_tail\":\"\",\"stderr_tail\":\"\"}\n";
+        let s = scan_bytes(old);
+        assert!(s.damage.is_empty(), "{:?}", s.damage);
+        assert_eq!(s.records[0], rec(1));
+        assert!(matches!(
+            s.records[1].event,
+            Event::Finished {
+                result: RunResult::Retry,
+                ..
+            }
+        ));
+        // New records are read by the old reader too: the same fields, plus `sum`.
+        let mut new = Vec::new();
+        encode(&s.records[1], &mut new);
+        let v: serde_json::Value = serde_json::from_slice(&new).unwrap();
+        assert_eq!(v["result"], "retry");
+        assert_eq!(v["sum"].as_str().unwrap().len(), SUM_HEX);
+        // An old journal continued by the new writer: old lines first, then checksummed.
+        let mut mixed = old.to_vec();
+        mixed.extend_from_slice(&new);
+        assert!(scan_bytes(&mixed).damage.is_empty());
+        // A checksummed line whose `sum` key was hit is no old record.
+        let mut hit = new.clone();
+        let at = hit.windows(5).position(|w| w == b"\"sum\"").unwrap();
+        hit[at + 3] = b'n';
+        let mut first = hit.clone();
+        first.extend_from_slice(&new);
+        let s = scan_bytes(&first);
+        assert_eq!(s.damage.len(), 1, "{:?}", s.damage);
+        assert!(
+            s.damage[0].why.contains("unknown field `sun`"),
+            "{:?}",
+            s.damage
+        );
+        // ... but an unchecked line after a checked one is damage.
+        let mut bad = new.clone();
+        bad.extend_from_slice(&old[..]);
+        bad.extend_from_slice(&new);
+        assert!(!scan_bytes(&bad).damage.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_journal_refuses_to_open_until_the_damage_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = lines(&[rec(1)]);
+        bytes.extend_from_slice(b"garbage\n");
+        bytes.extend_from_slice(&lines(&[rec(3)]));
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Journal::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("line 2 (byte"), "{e}");
+        assert!(
+            e.contains("--accept-damage") && e.contains("--check"),
+            "{e}"
+        );
+        let dropped = accept_damage(dir.path(), 100.0, |_| vec![rec(9)]).unwrap();
+        assert_eq!(dropped.len(), 1);
+        let saved = dir.path().join(format!("{FILE_NAME}.damaged-100"));
+        assert_eq!(std::fs::read(saved).unwrap(), bytes);
+        let (_j, records) = reopen(dir.path()).unwrap();
+        assert_eq!(&records[..3], &[rec(1), rec(3), rec(9)]);
+        assert!(matches!(
+            &records[3].event,
+            Event::DamageAccepted { lines, .. } if lines == &[2]
+        ));
+    }
+
+    /// A file that takes `room` more bytes, then fails (as a full disk does, part-way).
+    struct Full {
+        bytes: Vec<u8>,
+        room: usize,
+        cut_fails: bool,
+    }
+
+    impl Sink for Full {
+        fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+            let n = buf.len().min(self.room);
+            self.bytes.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            if n < buf.len() {
+                return Err(std::io::Error::other("No space left on device"));
+            }
+            Ok(())
+        }
+        fn cut(&mut self, len: u64) -> std::io::Result<()> {
+            if self.cut_fails {
+                return Err(std::io::Error::other("cannot truncate"));
+            }
+            self.bytes.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_back_or_writing_stops_until_it_can_be() {
+        let mut f = Full {
+            bytes: Vec::new(),
+            room: 1 << 20,
+            cut_fails: false,
+        };
+        let mut end = End {
+            good_len: 0,
+            dirty: false,
+        };
+        end.write(&mut f, &lines(&[rec(1)])).unwrap();
+        f.room = 10;
+        assert!(end.write(&mut f, &lines(&[rec(2)])).is_err());
+        // Cut back: the next record starts on its own line.
+        f.room = 1 << 20;
+        end.write(&mut f, &lines(&[rec(3)])).unwrap();
+        assert_eq!(scan_bytes(&f.bytes).records, vec![rec(1), rec(3)]);
+        assert!(scan_bytes(&f.bytes).damage.is_empty());
+
+        // The cut fails too: every later write is refused until it works.
+        f.room = 10;
+        f.cut_fails = true;
+        assert!(end.write(&mut f, &lines(&[rec(4)])).is_err());
+        f.room = 1 << 20;
+        let refused = end.write(&mut f, &lines(&[rec(5)])).unwrap_err();
+        assert!(refused.contains("cannot be cut back"), "{refused}");
+        f.cut_fails = false;
+        end.write(&mut f, &lines(&[rec(6)])).unwrap();
+        let s = scan_bytes(&f.bytes);
+        assert!(s.damage.is_empty(), "{:?}", s.damage);
+        assert_eq!(s.records, vec![rec(1), rec(3), rec(6)]);
+    }
+
+    #[test]
+    fn rendering_never_panics_and_escapes_control_characters() {
+        let mut r = rec(1);
+        r.ts = 1e300;
+        assert!(render(&r).starts_with("ts=1"));
+        r.ts = f64::NAN;
+        assert!(render(&r).starts_with("ts=NaN"));
+        r.ts = -5.0;
+        let _ = render(&r);
+        r.event = Event::Unknown {
+            run: 1,
+            hook: "a\u{1b}[2Jb\u{9b}c\u{7f}".into(),
+        };
+        let line = render(&r);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("\\u{1b}[2Jb\\u{9b}c\\u{7f}"), "{line}");
     }
 }

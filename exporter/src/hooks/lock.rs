@@ -21,16 +21,20 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use url::Url;
 
+use super::gate::{Pass, Refusal, RunGate};
 use super::journal::AlertRef;
-use super::{Pass, Refusal, RunGate};
-use crate::collector::etcd::{build_client, check_endpoints, TlsFiles};
 use crate::config::{HumanDuration, Located, Problem, SectionContext};
+use crate::etcd_v3::{build_client, check_endpoints, TlsFiles};
 
 const DEFAULT_PREFIX: &str = "/clusterwatch/hooks/";
 const DEFAULT_TTL: Duration = Duration::from_secs(15);
 const DEFAULT_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Below this, one slow keepalive round trip loses the lease.
 const MIN_TTL: Duration = Duration::from_secs(2);
+/// Above this, a dead holder keeps a failover waiting too long.
+const MAX_TTL: Duration = Duration::from_secs(600);
+/// How long etcd may be asked to remember an incident.
+const MAX_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Each etcd call, per endpoint; a dead member must not hold a failover up for long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -96,7 +100,13 @@ pub fn parse(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
                 .hint("the lease is renewed every ttl/3; 15s suits most networks"),
         );
     }
+    if ttl > MAX_TTL {
+        problems.push(at.problem("ttl", "ttl must be at most 10m"));
+    }
     let keep = raw.keep.map(|d| d.0).unwrap_or(DEFAULT_KEEP);
+    if keep > MAX_KEEP {
+        problems.push(at.problem("keep", "keep must be at most 30days"));
+    }
     if keep < ttl {
         problems.push(
             at.problem("keep", "keep must be longer than ttl")
@@ -381,7 +391,7 @@ impl RunGate for EtcdLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse as parse_config;
+    use crate::configuration::parse as parse_config;
 
     #[test]
     fn keys_name_the_incident_and_differ_by_start() {
@@ -456,5 +466,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("hooks.lock.keep"), "{text}");
+
+        let yaml = format!(
+            "{head}  lock:\n    etcd: {{ endpoints: [http://127.0.0.1:2379] }}\n    ttl: 11m\n    keep: 31days\n"
+        );
+        let text = parse_config(&yaml, "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        assert!(
+            text.contains("hooks.lock.ttl: ttl must be at most 10m"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hooks.lock.keep: keep must be at most 30days"),
+            "{text}"
+        );
     }
 }

@@ -1,22 +1,110 @@
-//! The hook runner's own metrics: counters kept since start and gauges read from the journal's
-//! state, written into the sample buffer `/metrics` encodes. It counts; it decides nothing.
+//! The hook runner's own metrics: counters kept since start (bumped only through the methods
+//! of [`Counters`]) and gauges read from the journal's state, written into the sample buffer
+//! `/metrics` encodes. It counts; it decides nothing.
 
 use std::collections::HashMap;
 
 use super::config::HooksConfig;
+use super::journal::{Event, RunResult};
 use super::policy::{Context, State};
-use super::{LOCK_RESULTS, NOTIFICATION_STATUSES, RUN_RESULTS, SKIP_REASONS};
 use crate::snapshot::SampleBuffer;
+
+/// Notification outcomes, the `status` label of `clusterwatch_hook_notifications_total`.
+pub const NOTIFICATION_STATUSES: &[&str] = &[
+    "accepted",
+    "unauthorized",
+    "bad_request",
+    "too_large",
+    "error",
+];
+
+/// Run results, the `result` label of `clusterwatch_hook_runs_total`.
+pub const RUN_RESULTS: &[&str] = &["ok", "failed", "timeout", "error"];
+
+/// Skip reasons, the `reason` label of `clusterwatch_hook_skips_total`.
+pub const SKIP_REASONS: &[&str] = &[
+    "deduped",
+    "cooldown",
+    "budget",
+    "kill_switch",
+    "dry_run",
+    "validate_failed",
+    "abandoned",
+    "lock_held_elsewhere",
+    "lock_unavailable",
+    "journal_damaged",
+];
+
+/// Lock outcomes, the `result` label of `clusterwatch_hook_lock_total`.
+pub const LOCK_RESULTS: &[&str] = &["acquired", "held_elsewhere", "unavailable", "lost"];
 
 /// Counters since the process started, and the gauges only the runner knows.
 #[derive(Default)]
 pub(super) struct Counters {
-    pub(super) notifications: HashMap<&'static str, u64>,
-    pub(super) runs: HashMap<(String, &'static str), u64>,
-    pub(super) skips: HashMap<(String, &'static str), u64>,
-    pub(super) lock: HashMap<(String, &'static str), u64>,
-    pub(super) in_flight: HashMap<String, i64>,
-    pub(super) last_duration: HashMap<String, f64>,
+    notifications: HashMap<&'static str, u64>,
+    runs: HashMap<(String, &'static str), u64>,
+    skips: HashMap<(String, &'static str), u64>,
+    lock: HashMap<(String, &'static str), u64>,
+    in_flight: HashMap<String, i64>,
+    last_duration: HashMap<String, f64>,
+    labels_dropped: HashMap<String, u64>,
+}
+
+impl Counters {
+    /// A notification answered with `status` (one of `NOTIFICATION_STATUSES`).
+    pub(super) fn notification(&mut self, status: &'static str) {
+        *self.notifications.entry(status).or_default() += 1;
+    }
+
+    /// A matching alert that did not run `hook`, for `reason` (one of `SKIP_REASONS`).
+    pub(super) fn skip(&mut self, hook: &str, reason: &'static str) {
+        *self.skips.entry((hook.to_owned(), reason)).or_default() += 1;
+    }
+
+    /// The skips among a notification's decisions.
+    pub(super) fn decided(&mut self, event: &Event) {
+        let skip = match event {
+            Event::Deduped { hook, .. } => Some((hook, "deduped")),
+            Event::CooldownSkipped { hook, .. } => Some((hook, "cooldown")),
+            Event::BudgetSkipped { hook, .. } => Some((hook, "budget")),
+            Event::KillSwitch { hook, .. } => Some((hook, "kill_switch")),
+            Event::DryRun { hook, .. } => Some((hook, "dry_run")),
+            Event::JournalDamaged { hook, .. } => Some((hook, "journal_damaged")),
+            _ => None,
+        };
+        if let Some((hook, reason)) = skip {
+            self.skip(hook, reason);
+        }
+    }
+
+    /// A lock outcome (one of `LOCK_RESULTS`).
+    pub(super) fn lock(&mut self, hook: &str, result: &'static str) {
+        *self.lock.entry((hook.to_owned(), result)).or_default() += 1;
+    }
+
+    /// An attempt of `hook` started.
+    pub(super) fn started(&mut self, hook: &str) {
+        *self.in_flight.entry(hook.to_owned()).or_default() += 1;
+    }
+
+    /// Labels left out of a hook process's environment.
+    pub(super) fn labels_dropped(&mut self, hook: &str, n: usize) {
+        if n > 0 {
+            *self.labels_dropped.entry(hook.to_owned()).or_default() += n as u64;
+        }
+    }
+
+    /// An attempt ended; a retry is not a finished run.
+    pub(super) fn finished(&mut self, hook: &str, result: RunResult, seconds: f64) {
+        *self.in_flight.entry(hook.to_owned()).or_default() -= 1;
+        self.last_duration.insert(hook.to_owned(), seconds);
+        if result != RunResult::Retry {
+            *self
+                .runs
+                .entry((hook.to_owned(), result.as_str()))
+                .or_default() += 1;
+        }
+    }
 }
 
 /// Writes the `clusterwatch_hook_*` families: every hook × result/reason series exists from
@@ -102,6 +190,12 @@ pub(super) fn write(
                 );
             }
         }
+        out.counter(
+            "clusterwatch_hook_env_labels_dropped_total",
+            "Alert labels left out of a hook's environment because all labels together passed the environment budget.",
+            &[("hook", hook)],
+            c.labels_dropped.get(hook).copied().unwrap_or(0) as f64,
+        );
         out.gauge(
             "clusterwatch_hook_runs_in_flight",
             "Hook processes running now.",

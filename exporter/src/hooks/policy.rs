@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::config::HookRule;
-use super::journal::{AlertRef, Event, Record};
+use super::journal::{AlertRef, Event, Record, RunResult};
 use super::payload::{Alert, Notification};
 
 /// How far back unknown runs are reported (the `HookRunUnknown` alert fires this long).
@@ -27,6 +27,8 @@ pub struct OpenRun {
     pub started: bool,
     /// Whose payload it gets.
     pub notification: u64,
+    /// When it was accepted (unix seconds).
+    pub accepted_at: f64,
     /// The hook's previous acceptance time, restored if this run is abandoned.
     prev_accepted: Option<f64>,
 }
@@ -42,6 +44,8 @@ pub struct State {
     unknown: Vec<(String, f64)>,
     next_run: u64,
     next_notification: u64,
+    /// Set by `damage_accepted`: incidents that began before it are never run automatically.
+    damage_fence: Option<f64>,
 }
 
 /// The outside facts a decision depends on.
@@ -64,6 +68,9 @@ pub enum Decision {
     Run,
     /// Already handled this incident.
     Deduped,
+    /// The incident began before damaged journal lines were accepted: it may have been
+    /// handled, so it does not run.
+    JournalDamaged,
     /// The kill-switch file exists.
     KillSwitch,
     /// The hook was accepted too recently.
@@ -101,6 +108,12 @@ pub fn alert_ref(a: &Alert) -> AlertRef {
 pub fn decide(state: &State, rule: &HookRule, alert: &AlertRef, ctx: &Context) -> Decision {
     if state.taken.contains(&(rule.name.clone(), alert.clone())) {
         return Decision::Deduped;
+    }
+    if let Some(fence) = state.damage_fence {
+        // An unreadable startsAt could be anything: it counts as before.
+        if unix_time(&alert.starts_at).is_none_or(|t| t <= fence) {
+            return Decision::JournalDamaged;
+        }
     }
     if ctx.kill_switch {
         return Decision::KillSwitch;
@@ -174,6 +187,7 @@ pub fn plan(
                     }
                 }
                 Decision::Deduped => Event::Deduped { hook, alert },
+                Decision::JournalDamaged => Event::JournalDamaged { hook, alert },
                 Decision::KillSwitch => Event::KillSwitch { hook, alert },
                 Decision::Cooldown => Event::CooldownSkipped { hook, alert },
                 Decision::Budget => Event::BudgetSkipped { hook, alert },
@@ -225,6 +239,7 @@ impl State {
                         disruptive: *disruptive,
                         started: false,
                         notification: *notification,
+                        accepted_at: r.ts,
                         prev_accepted,
                     },
                 );
@@ -235,7 +250,12 @@ impl State {
             Event::Deduped { .. }
             | Event::CooldownSkipped { .. }
             | Event::BudgetSkipped { .. }
-            | Event::KillSwitch { .. } => {}
+            | Event::KillSwitch { .. }
+            | Event::JournalDamaged { .. }
+            | Event::Resumed { .. } => {}
+            Event::DamageAccepted { .. } => {
+                self.damage_fence = Some(self.damage_fence.unwrap_or(r.ts).max(r.ts));
+            }
             // A run that never acted gives its incident, cooldown and budget back, so a
             // later re-send of the same alert is decided afresh.
             Event::ValidateFailed { run, .. }
@@ -253,10 +273,10 @@ impl State {
             Event::Finished {
                 run, hook, result, ..
             } => {
-                if result != "retry" {
+                if *result != RunResult::Retry {
                     self.open.remove(run);
                 }
-                if result == "ok" {
+                if *result == RunResult::Ok {
                     self.last_success.insert(hook.clone(), r.ts);
                 }
             }
@@ -283,14 +303,19 @@ impl State {
     }
 
     /// For runs left open by a previous process: `unknown` if an attempt had started (it may
-    /// have acted), `abandoned` if not. Journal them before deciding anything new.
-    pub fn interrupted(&self, now: f64) -> Vec<(Record, OpenRun)> {
+    /// have acted); `resumed` if not and accepted less than `resume_max_age` seconds before
+    /// `now` (it will be started now); `abandoned` if older. Journal them before deciding
+    /// anything new.
+    pub fn interrupted(&self, now: f64, resume_max_age: f64) -> Vec<(Record, OpenRun)> {
         self.open
             .iter()
             .map(|(run, open)| {
                 let (run, hook) = (*run, open.hook.clone());
+                let age = now - open.accepted_at;
                 let event = if open.started {
                     Event::Unknown { run, hook }
+                } else if (0.0..resume_max_age).contains(&age) {
+                    Event::Resumed { run, hook }
                 } else {
                     Event::Abandoned {
                         run,
@@ -299,6 +324,21 @@ impl State {
                     }
                 };
                 (Record { ts: now, event }, open.clone())
+            })
+            .collect()
+    }
+
+    /// `unknown` for every open run: after damaged lines are dropped, none of them can be
+    /// known not to have started.
+    pub fn close_all_unknown(&self, now: f64) -> Vec<Record> {
+        self.open
+            .iter()
+            .map(|(run, open)| Record {
+                ts: now,
+                event: Event::Unknown {
+                    run: *run,
+                    hook: open.hook.clone(),
+                },
             })
             .collect()
     }
@@ -333,6 +373,28 @@ impl State {
     pub fn last_success(&self, hook: &str) -> Option<f64> {
         self.last_success.get(hook).copied()
     }
+}
+
+/// Unix seconds of an RFC 3339 time as Alertmanager writes it (`Z` or a `±HH:MM` offset).
+pub fn unix_time(s: &str) -> Option<f64> {
+    let (local, offset) = match s.strip_suffix('Z').or_else(|| s.strip_suffix('z')) {
+        Some(l) => (l, 0i64),
+        None => {
+            let at = s.len().checked_sub(6)?;
+            let (l, off) = s.split_at_checked(at)?;
+            let sign = match off.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let (h, m) = off[1..].split_once(':')?;
+            let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+            (l, sign * (h * 3600 + m * 60))
+        }
+    };
+    let t = humantime::parse_rfc3339_weak(&format!("{local}Z")).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    Some(secs - offset as f64)
 }
 
 #[cfg(test)]
@@ -462,7 +524,7 @@ pub(crate) mod tests {
             },
         });
         let restarted = State::replay(&journal);
-        let found = restarted.interrupted(2.0);
+        let found = restarted.interrupted(2.0, 600.0);
         assert_eq!(found.len(), 1);
         assert!(matches!(found[0].0.event, Event::Unknown { .. }));
         journal.push(found[0].0.clone());
@@ -516,5 +578,87 @@ pub(crate) mod tests {
         let (r, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(2.0));
         assert_eq!(kinds(&r), ["received", "matched"]);
         assert_eq!(runs[0].run, 1);
+    }
+
+    #[test]
+    fn unstarted_runs_resume_when_fresh_and_are_abandoned_when_stale() {
+        let rules = [rule("promote", true, 0), rule("notify", false, 0)];
+        let mut s = State::default();
+        let (mut journal, runs) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
+        assert_eq!(runs.len(), 2);
+        journal.push(Record {
+            ts: 1.0,
+            event: Event::Started {
+                run: runs[1].run,
+                hook: "notify".into(),
+                attempt: 1,
+            },
+        });
+        let s = State::replay(&journal);
+        let found: Vec<_> = s
+            .interrupted(300.0, 600.0)
+            .into_iter()
+            .map(|f| f.0.event)
+            .collect();
+        assert!(
+            matches!(found[0], Event::Resumed { run: 0, .. }),
+            "{found:?}"
+        );
+        assert!(
+            matches!(found[1], Event::Unknown { run: 1, .. }),
+            "{found:?}"
+        );
+        let found: Vec<_> = s
+            .interrupted(601.0, 600.0)
+            .into_iter()
+            .map(|f| f.0.event)
+            .collect();
+        assert!(
+            matches!(found[0], Event::Abandoned { run: 0, .. }),
+            "{found:?}"
+        );
+        assert!(
+            matches!(found[1], Event::Unknown { run: 1, .. }),
+            "{found:?}"
+        );
+        // A resumed run keeps its incident: a re-send meanwhile is a repeat.
+        journal.push(s.interrupted(300.0, 600.0).remove(0).0);
+        let mut s = State::replay(&journal);
+        assert!(s.open_run(0).is_some());
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(301.0));
+        assert_eq!(kinds(&r), ["received", "deduped", "deduped"]);
+    }
+
+    #[test]
+    fn after_accepted_damage_older_incidents_never_run() {
+        let rules = [rule("promote", true, 0)];
+        let fence = unix_time("2026-01-01T12:00:00Z").unwrap();
+        let mut s = State::replay(&[Record {
+            ts: fence,
+            event: Event::DamageAccepted {
+                lines: vec![3],
+                saved_as: "x".into(),
+            },
+        }]);
+        let c = ctx(fence + 10.0);
+        for starts in [
+            "2026-01-01T11:59:59.5Z",
+            "2026-01-01T13:30:00+02:00",
+            "garbage",
+        ] {
+            let (r, runs) = plan(&mut s, &rules, &note("firing", starts, starts), &c);
+            assert_eq!(kinds(&r), ["received", "other"], "{starts}");
+            assert!(matches!(r[1].event, Event::JournalDamaged { .. }));
+            assert!(runs.is_empty());
+        }
+        let (r, _) = plan(
+            &mut s,
+            &rules,
+            &note("firing", "f", "2026-01-01T12:00:01Z"),
+            &c,
+        );
+        assert_eq!(kinds(&r), ["received", "matched"]);
+        assert_eq!(unix_time("1970-01-01T01:00:00+01:00"), Some(0.0));
+        assert_eq!(unix_time("1970-01-01T00:00:00-00:30"), Some(1800.0));
     }
 }

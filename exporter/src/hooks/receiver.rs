@@ -1,6 +1,6 @@
 //! The webhook's HTTP side: authenticate (constant-time), cap the body, hand it to
-//! [`Hooks::receive`], map the result to a status. Bad input is a 4xx (Alertmanager does not
-//! retry it); a journal failure is a 500 (it retries). Bodies sent back are generic.
+//! [`Hooks::receive`], map the result to a status. Bad input is a 4xx (over the cap 413, cut
+//! short 400; Alertmanager does not retry it); a journal failure is a 500 (it retries).
 
 use std::sync::Arc;
 
@@ -47,6 +47,19 @@ fn authorized(auth: &Auth, headers: &HeaderMap) -> bool {
     }
 }
 
+/// A body read that failed: over the cap (413), or cut short, e.g. fewer bytes than its
+/// `Content-Length` (400: the request itself is wrong).
+fn body_error(e: axum::Error) -> HookError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return HookError::TooLarge;
+        }
+        source = err.source();
+    }
+    HookError::Incomplete(e.to_string())
+}
+
 async fn alertmanager(State(hooks): State<Arc<Hooks>>, request: Request) -> Response {
     let result = async {
         let limit = hooks.config().max_body_bytes;
@@ -66,7 +79,7 @@ async fn alertmanager(State(hooks): State<Arc<Hooks>>, request: Request) -> Resp
         }
         let body = axum::body::to_bytes(request.into_body(), limit)
             .await
-            .map_err(|_| HookError::TooLarge)?;
+            .map_err(body_error)?;
         hooks.receive(body).await
     }
     .await;
@@ -77,7 +90,7 @@ async fn alertmanager(State(hooks): State<Arc<Hooks>>, request: Request) -> Resp
             let status = match &e {
                 HookError::Unauthorized => StatusCode::UNAUTHORIZED,
                 HookError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                HookError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                HookError::BadRequest(_) | HookError::Incomplete(_) => StatusCode::BAD_REQUEST,
                 HookError::Journal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             // The full reason goes to the log; the client gets its kind only.
@@ -107,6 +120,22 @@ async fn alertmanager(State(hooks): State<Arc<Hooks>>, request: Request) -> Resp
 mod tests {
     use super::*;
     use crate::config::Secret;
+
+    #[tokio::test]
+    async fn a_short_body_is_a_bad_request_and_a_long_one_too_large() {
+        let cut: Body = Body::from_stream(futures::stream::iter(vec![
+            Ok(bytes::Bytes::from_static(b"{\"version\"")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before message completed",
+            )),
+        ]));
+        let e = axum::body::to_bytes(cut, 1024).await.unwrap_err();
+        assert!(matches!(body_error(e), HookError::Incomplete(_)));
+        let long = Body::from(vec![b'x'; 2048]);
+        let e = axum::body::to_bytes(long, 1024).await.unwrap_err();
+        assert!(matches!(body_error(e), HookError::TooLarge));
+    }
 
     #[test]
     fn auth_checks() {

@@ -3,7 +3,6 @@
 //! tails, and a timeout that sends SIGTERM to the group, waits, then SIGKILL. It decides
 //! nothing about whether to run; `policy` does.
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,17 +11,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-/// The only PATH a hook gets.
-pub const HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// Prefix of the variables carrying alert labels.
-pub const LABEL_PREFIX: &str = "CW_LABEL_";
-
 /// Bytes of stdout and stderr kept for the journal.
 pub const TAIL_BYTES: usize = 4096;
-
-/// A label value longer than this is cut (environment strings have a kernel limit).
-const MAX_LABEL_VALUE: usize = 8192;
 
 /// What to run.
 pub struct Spec<'a> {
@@ -73,37 +63,6 @@ pub struct Outcome {
     pub stdout_tail: String,
     /// Last [`TAIL_BYTES`] of stderr.
     pub stderr_tail: String,
-}
-
-/// Alert labels as environment variables: `CW_LABEL_` + the name upper-cased with everything
-/// outside `[A-Z0-9_]` turned into `_`. The prefix means no label can set PATH, LD_PRELOAD or
-/// IFS; NUL bytes (which cannot be in an environment) are dropped and long values cut.
-pub fn label_env(labels: &BTreeMap<String, String>) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for (k, v) in labels {
-        let name: String = k
-            .chars()
-            .map(|c| match c.to_ascii_uppercase() {
-                c @ ('A'..='Z' | '0'..='9' | '_') => c,
-                _ => '_',
-            })
-            .collect();
-        let name = format!("{LABEL_PREFIX}{name}");
-        // Two labels that reduce to one name: the first (in label order) wins, predictably.
-        if out.iter().any(|(n, _)| *n == name) {
-            continue;
-        }
-        let mut value: String = v.chars().filter(|c| *c != '\0').collect();
-        if value.len() > MAX_LABEL_VALUE {
-            let mut cut = MAX_LABEL_VALUE;
-            while !value.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            value.truncate(cut);
-        }
-        out.push((name, value));
-    }
-    out
 }
 
 /// Runs the process to its end or its timeout. Never panics on a bad command: a process
@@ -217,7 +176,7 @@ mod tests {
     fn spec<'a>(argv: &'a [String], timeout_ms: u64) -> Spec<'a> {
         Spec {
             argv,
-            env: vec![("PATH".into(), HOOK_PATH.into())],
+            env: vec![("PATH".into(), crate::hooks::env::HOOK_PATH.into())],
             stdin: Arc::new(b"{\"x\":1}".to_vec()),
             timeout: Duration::from_millis(timeout_ms),
             grace: Duration::from_millis(200),
@@ -226,24 +185,6 @@ mod tests {
 
     fn sh(script: &str) -> Vec<String> {
         vec!["/bin/sh".into(), "-c".into(), script.into()]
-    }
-
-    #[test]
-    fn label_names_cannot_escape_the_prefix() {
-        let labels: BTreeMap<String, String> = [
-            ("PATH", "/evil"),
-            ("LD_PRELOAD", "x.so"),
-            ("a-b.c", "v\0w"),
-            ("A_B_C", "second"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        let env = label_env(&labels);
-        assert!(env.iter().all(|(k, _)| k.starts_with(LABEL_PREFIX)));
-        assert!(env.contains(&("CW_LABEL_PATH".into(), "/evil".into())));
-        assert!(env.contains(&("CW_LABEL_A_B_C".into(), "second".into())));
-        assert_eq!(env.len(), 3, "{env:?}");
     }
 
     #[tokio::test]

@@ -85,6 +85,15 @@ impl RawHttp {
     ) -> Option<HttpProbe> {
         let before = problems.len();
         let url = match Url::parse(&self.url) {
+            // Refused rather than dropped: the probe would get 401 with no hint why. Never
+            // echoed: the URL with them is a secret.
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                problems.push(
+                    at.problem("url", "credentials in the URL (user:password@) are not supported")
+                        .hint("remove them from the URL and send them as a header, e.g. `headers: { Authorization: 'Basic <base64 of user:password>' }`"),
+                );
+                None
+            }
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Some(u),
             _ => {
                 problems.push(

@@ -238,11 +238,6 @@ pub async fn dial(
 pub fn token() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
+    h.write_u128(crate::clock::unix_now().as_nanos());
     format!("{:016x}", h.finish())
 }

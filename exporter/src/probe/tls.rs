@@ -175,7 +175,7 @@ pub struct ChainExpiry(Arc<Mutex<Option<f64>>>);
 impl ChainExpiry {
     /// The recorded expiry, if the server got as far as presenting certificates.
     pub fn get(&self) -> Option<f64> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        *crate::sync::lock(&self.0)
     }
 
     fn record(&self, certs: &[&CertificateDer<'_>]) {
@@ -185,7 +185,7 @@ impl ChainExpiry {
             .fold(None, |acc: Option<i64>, t| {
                 Some(acc.map_or(t, |a| a.min(t)))
             });
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = earliest.map(|t| t as f64);
+        *crate::sync::lock(&self.0) = earliest.map(|t| t as f64);
     }
 }
 

@@ -613,6 +613,30 @@ impl PgNode {
         .await
     }
 
+    /// Creates repmgr's own extension (Debian package `repmgr`) and fills its node table as
+    /// `repmgr primary register` / `standby register` would: `node1` the primary, `node2` its
+    /// standby. Their conninfo carries `password=hunter2`, which must never reach metrics.
+    /// [`MONITOR_USER`] cannot read the table until [`grant_repmgr`](Self::grant_repmgr).
+    pub async fn create_repmgr_nodes(&self) -> Result<()> {
+        self.psql("CREATE EXTENSION repmgr").await?;
+        self.psql(
+            "INSERT INTO repmgr.nodes (node_id, upstream_node_id, active, node_name, type, conninfo, repluser, config_file) VALUES \
+             (1, NULL, true, 'node1', 'primary', 'host=node1 user=repmgr password=hunter2', 'repmgr', '/etc/repmgr.conf'), \
+             (2, 1, true, 'node2', 'standby', 'host=node2 user=repmgr password=hunter2', 'repmgr', '/etc/repmgr.conf')",
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Lets [`MONITOR_USER`] read repmgr's node table (`pg_monitor` does not cover it).
+    pub async fn grant_repmgr(&self) -> Result<()> {
+        self.psql(&format!(
+            "GRANT USAGE ON SCHEMA repmgr TO {MONITOR_USER}; GRANT SELECT ON repmgr.nodes TO {MONITOR_USER}"
+        ))
+        .await?;
+        Ok(())
+    }
+
     /// Waits until this node's `pg_stat_replication` shows the standby `application_name`
     /// in state `streaming`.
     pub async fn wait_standby_streaming(

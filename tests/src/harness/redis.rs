@@ -111,7 +111,10 @@ impl RedisNode {
         let dir = super::temp_dir(&format!("cw-redis-{name}-"))?;
         let port = free_port()?;
         let mut command = Command::new(server);
+        // Run inside the temporary directory too: anything the server writes before `--dir`
+        // applies (or to a relative path) stays out of the working directory of the tests.
         command
+            .current_dir(dir.path())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(dir.path())

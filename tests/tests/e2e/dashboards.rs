@@ -141,12 +141,25 @@ struct Query {
     expr: String,
     /// The expression the test runs: variables replaced.
     promql: String,
+    /// Panel and variable queries must return data on the test stack; annotation queries
+    /// (a failover, a hook run in the last minutes) only have to be valid.
+    needs_data: bool,
 }
 
 /// Replaces Grafana variables in `expr`: the dashboard's own (`$name`, `${name}`) by `.*`,
 /// built-ins by [`BUILTINS`]. A dashboard variable must sit inside a `=~"…"` matcher (a
 /// multi-value or All selection is a regex), and an unknown variable is an error.
 fn expand(expr: &str, variables: &[String]) -> std::result::Result<String, String> {
+    expand_with(expr, variables, &[])
+}
+
+/// [`expand`], with the variables named in `chosen` set to a value (a regex, as Grafana
+/// writes a selection) instead of All.
+fn expand_with(
+    expr: &str,
+    variables: &[String],
+    chosen: &[(&str, &str)],
+) -> std::result::Result<String, String> {
     let mut out = String::with_capacity(expr.len());
     let mut rest = expr;
     while let Some(at) = rest.find('$') {
@@ -174,7 +187,11 @@ fn expand(expr: &str, variables: &[String]) -> std::result::Result<String, Strin
                     "`${name}` is not inside a `=~\"…\"` matcher (multi-select and All are regexes): `{expr}`"
                 ));
             }
-            out.push_str(".*");
+            let value = chosen
+                .iter()
+                .find(|(chosen, _)| *chosen == name)
+                .map_or(".*", |(_, value)| value);
+            out.push_str(value);
         } else {
             return Err(format!("unknown variable `${name}` in `{expr}`"));
         }
@@ -189,25 +206,42 @@ fn expand(expr: &str, variables: &[String]) -> std::result::Result<String, Strin
 fn queries(file: &str, dashboard: &Value, problems: &mut Vec<String>) -> Vec<Query> {
     let variables = query_variables(dashboard);
     let mut out = Vec::new();
-    for panel in panels(dashboard) {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let at = format!(
-                "{file}: {} ({})",
-                title(panel),
-                target["refId"].as_str().unwrap_or("?")
-            );
-            let Some(expr) = target["expr"].as_str() else {
-                problems.push(format!("{at}: a target without `expr`"));
-                continue;
-            };
-            match expand(expr, &variables) {
-                Ok(promql) => out.push(Query {
-                    at,
-                    expr: expr.to_owned(),
-                    promql,
-                }),
-                Err(e) => problems.push(format!("{at}: {e}")),
-            }
+    // Panel targets must return data on the test stack; annotation queries (a failover, a
+    // hook run in the last minutes) only have to be valid.
+    let panel_targets = panels(dashboard).into_iter().flat_map(|panel| {
+        panel["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(move |target| {
+                let at = format!(
+                    "{file}: {} ({})",
+                    title(panel),
+                    target["refId"].as_str().unwrap_or("?")
+                );
+                (at, target, true)
+            })
+    });
+    let annotation_queries = annotations(dashboard).into_iter().map(|annotation| {
+        let at = format!(
+            "{file}: annotation {}",
+            annotation["name"].as_str().unwrap_or("?")
+        );
+        (at, annotation, false)
+    });
+    for (at, holder, needs_data) in panel_targets.chain(annotation_queries) {
+        let Some(expr) = holder["expr"].as_str() else {
+            problems.push(format!("{at}: no `expr`"));
+            continue;
+        };
+        match expand(expr, &variables) {
+            Ok(promql) => out.push(Query {
+                at,
+                expr: expr.to_owned(),
+                promql,
+                needs_data,
+            }),
+            Err(e) => problems.push(format!("{at}: {e}")),
         }
     }
     for variable in dashboard["templating"]["list"]
@@ -242,11 +276,135 @@ fn queries(file: &str, dashboard: &Value, problems: &mut Vec<String>) -> Vec<Que
                 at,
                 expr: query.to_owned(),
                 promql: format!("count by ({}) ({selector})", label.trim()),
+                needs_data: true,
             }),
             Err(e) => problems.push(format!("{at}: {e}")),
         }
     }
     out
+}
+
+/// The dashboard's annotation queries.
+fn annotations(dashboard: &Value) -> Vec<&Value> {
+    dashboard["annotations"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The database dashboards, which also filter by Prometheus `job` and `instance`.
+const DATABASE_DASHBOARDS: &[&str] = &[
+    "clusterwatch-postgres.json",
+    "clusterwatch-redis.json",
+    "clusterwatch-mongodb.json",
+];
+
+/// Where panel links to runbooks point: the rules pack's `runbook_url` prefix.
+const RUNBOOK_PREFIX: &str = "https://clusterwatch.invalid/runbooks/";
+
+/// The alert names the rules pack defines (`- alert: Name` in `rules/*.rules.yml`).
+fn pack_alerts() -> BTreeSet<String> {
+    let rules = repo_root().join("rules");
+    let mut names = BTreeSet::new();
+    for entry in std::fs::read_dir(&rules).expect("rules/") {
+        let path = entry.expect("directory entry").path();
+        if path.to_string_lossy().ends_with(".rules.yml") {
+            let text = std::fs::read_to_string(&path).expect("rules file");
+            names.extend(text.lines().filter_map(|line| {
+                line.trim_start()
+                    .strip_prefix("- alert:")
+                    .map(|name| name.trim().to_owned())
+            }));
+        }
+    }
+    names
+}
+
+/// Every `clusterwatch_…{…}` selector in `expr`, with its braces.
+fn selectors(expr: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("clusterwatch_") {
+        let tail = &rest[at..];
+        let name_len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let after = &tail[name_len..];
+        if after.starts_with('{') {
+            let end = after.find('}').map_or(after.len(), |i| i + 1);
+            out.push(&tail[..name_len + end]);
+            rest = &after[end..];
+        } else {
+            out.push(&tail[..name_len]);
+            rest = after;
+        }
+    }
+    out
+}
+
+/// Runbook links: every link into the runbooks names an existing page, and every panel whose
+/// description names an alert of the pack links that alert's runbook.
+fn runbook_links(
+    file: &str,
+    dashboard: &Value,
+    alerts: &BTreeSet<String>,
+    problems: &mut Vec<String>,
+) {
+    let runbooks = repo_root().join("rules/runbooks");
+    for panel in panels(dashboard) {
+        let name = title(panel);
+        let mut urls: Vec<String> = panel["links"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["url"].as_str().map(str::to_owned))
+            .collect();
+        for override_ in panel["fieldConfig"]["overrides"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for property in override_["properties"].as_array().into_iter().flatten() {
+                if property["id"] == "links" {
+                    urls.extend(
+                        property["value"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|l| l["url"].as_str().map(str::to_owned)),
+                    );
+                }
+            }
+        }
+        for url in &urls {
+            let Some(page) = url.strip_prefix(RUNBOOK_PREFIX) else {
+                continue;
+            };
+            // A data link per alert name (the firing alerts table) is checked by its form.
+            if page == "${__value.raw}.md" {
+                continue;
+            }
+            if !runbooks.join(page).is_file() {
+                problems.push(format!(
+                    "{file}: panel `{name}` links {url}, which is no page of rules/runbooks/"
+                ));
+            }
+        }
+        let description = panel["description"].as_str().unwrap_or_default();
+        for alert in alerts {
+            let named = description.match_indices(alert.as_str()).any(|(at, _)| {
+                let next = description[at + alert.len()..].chars().next();
+                !next.is_some_and(|c| c.is_ascii_alphanumeric())
+            });
+            let expected = format!("{RUNBOOK_PREFIX}{alert}.md");
+            if named && !urls.contains(&expected) {
+                problems.push(format!(
+                    "{file}: panel `{name}` names {alert} but does not link {expected}"
+                ));
+            }
+        }
+    }
 }
 
 /// Every match of `clusterwatch_[a-z0-9_]+` in `text`.
@@ -360,6 +518,33 @@ fn conventions(file: &str, dashboard: &Value, problems: &mut Vec<String>) {
             complain(format!("no `{name}` template variable"));
         }
     }
+    if DATABASE_DASHBOARDS.contains(&file) {
+        for name in ["job", "instance"] {
+            if find(name).is_none() {
+                complain(format!("no `{name}` template variable"));
+            }
+        }
+        let exprs = panels(dashboard)
+            .into_iter()
+            .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+            .chain(annotations(dashboard).into_iter().cloned())
+            .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>();
+        for expr in &exprs {
+            for selector in selectors(expr) {
+                // Hook runs come from the receiver's clusterwatch, which need not be the one
+                // watching the database: they are narrowed by job only.
+                let hook = selector.starts_with("clusterwatch_hook_");
+                let filtered = selector.contains(r#"job=~"$job""#)
+                    && (hook || selector.contains(r#"instance=~"$instance""#));
+                if !filtered {
+                    complain(format!(
+                        "`{selector}` does not filter on job=~\"$job\" and instance=~\"$instance\""
+                    ));
+                }
+            }
+        }
+    }
     let all_exprs: String = panels(dashboard)
         .iter()
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
@@ -420,6 +605,15 @@ fn conventions(file: &str, dashboard: &Value, problems: &mut Vec<String>) {
         }
     }
 
+    for annotation in annotations(dashboard) {
+        if annotation["datasource"]["uid"] != DATASOURCE_UID {
+            complain(format!(
+                "annotation `{}` does not use ${{datasource}}",
+                annotation["name"]
+            ));
+        }
+    }
+
     let mut foreign = Vec::new();
     foreign_datasources(dashboard, "", &mut foreign);
     for f in foreign {
@@ -430,10 +624,18 @@ fn conventions(file: &str, dashboard: &Value, problems: &mut Vec<String>) {
 #[test]
 fn dashboards_follow_the_conventions() {
     let known = known_metrics();
+    let alerts = pack_alerts();
+    assert!(
+        !alerts.is_empty(),
+        "no `- alert:` found in rules/*.rules.yml"
+    );
     let mut problems = Vec::new();
     let mut uids = BTreeMap::new();
+    let mut annotated = 0;
     for (file, dashboard) in &dashboards() {
         conventions(file, dashboard, &mut problems);
+        runbook_links(file, dashboard, &alerts, &mut problems);
+        annotated += usize::from(!annotations(dashboard).is_empty());
         if let Some(previous) = uids.insert(dashboard["uid"].to_string(), file.clone()) {
             problems.push(format!("{file}: same uid as {previous}"));
         }
@@ -442,6 +644,11 @@ fn dashboards_follow_the_conventions() {
             .into_iter()
             .flat_map(|p| p["targets"].as_array().into_iter().flatten())
             .filter_map(|t| t["expr"].as_str())
+            .chain(
+                annotations(dashboard)
+                    .into_iter()
+                    .filter_map(|a| a["expr"].as_str()),
+            )
             .chain(
                 dashboard["templating"]["list"]
                     .as_array()
@@ -457,7 +664,22 @@ fn dashboards_follow_the_conventions() {
             }
         }
     }
+    assert!(
+        annotated >= 4,
+        "the overview, database and hooks dashboards carry hook-run and failover annotations"
+    );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn selectors_are_found_with_their_matchers() {
+    assert_eq!(
+        selectors(r#"max(clusterwatch_pg_role{role="primary"}) + clusterwatch_fs_used_ratio"#),
+        vec![
+            r#"clusterwatch_pg_role{role="primary"}"#,
+            "clusterwatch_fs_used_ratio"
+        ]
+    );
 }
 
 #[test]
@@ -472,6 +694,14 @@ fn variables_are_expanded_only_inside_regex_matchers() {
     );
     assert!(expand(r#"x{cluster="$cluster"}"#, &vars).is_err());
     assert!(expand(r#"x{cluster=~"$clusters"}"#, &vars).is_err());
+    assert_eq!(
+        expand_with(
+            r#"x{cluster=~"$cluster", target=~"$target"}"#,
+            &vars,
+            &[("target", "em1")]
+        ),
+        Ok(r#"x{cluster=~".*", target=~"em1"}"#.to_owned())
+    );
 }
 
 #[test]
@@ -525,6 +755,14 @@ const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
     ("Masters per group", "cluster", "redis", 1.0),
     ("Redis masters per group", "cluster", "redis", 1.0),
     ("MongoDB primaries per set", "cluster", "rs0", 1.0),
+    // A member and a status file configured without `cluster:` are one group of their own.
+    ("MongoDB primaries per set", "cluster", "(no cluster)", 1.0),
+    (
+        "Production nodes per cluster",
+        "cluster",
+        "(no cluster)",
+        1.0,
+    ),
     ("Production nodes per cluster", "cluster", "cp", 1.0),
     ("Nodes holding each VIP", "name", "vip", 1.0),
     ("Out of service now", "target", "cp1-out-of-service", 1.0),
@@ -570,6 +808,7 @@ fn node_checks(dir: &Path) -> Result<String> {
          files:\n\
          \x20 - {{ name: cp1-status, cluster: cp, path: '{}', states: [down, production, standby, production_alone, standby_as_production, production_as_standby] }}\n\
          \x20 - {{ name: cp1-out-of-service, cluster: cp, path: '{}' }}\n\
+         \x20 - {{ name: solo-status, path: '{}', states: [down, production, standby] }}\n\
          processes:\n  - {{ name: postgres, cluster: pg, process_name: '^postgres$', min: 2 }}\n\
          network:\n  cluster: cp\n  interfaces: [lo]\n  addresses:\n    - {{ name: vip, address: 127.0.0.1 }}\n\
          textfile:\n  directory: '{}'\n",
@@ -577,6 +816,7 @@ fn node_checks(dir: &Path) -> Result<String> {
         samples.display(),
         status.display(),
         flag.display(),
+        status.display(),
         textfiles.display(),
     ))
 }
@@ -678,7 +918,8 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
          \x20 - {{ name: redis-master, cluster: redis, address: '{}' }}\n\
          \x20 - {{ name: redis-replica, cluster: redis, address: '{}' }}\n\
          mongodb:\n\
-         \x20 - {{ name: mongo, cluster: rs0, uri: '{}' }}\n",
+         \x20 - {{ name: mongo, cluster: rs0, uri: '{}' }}\n\
+         \x20 - {{ name: mongo-solo, uri: '{}' }}\n",
         pair.primary.monitor_dsn(),
         pair.standby.monitor_dsn(),
         pair.primary.dir().display(),
@@ -686,6 +927,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         pair.primary.dir().join("no-such-directory").display(),
         redis.master.url(),
         redis.replica.url(),
+        mongo.uri(),
         mongo.uri(),
     ) + &probes
         + &node_sections
@@ -747,7 +989,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         for query in pending {
             match prometheus.query(&query.promql).await {
                 Err(e) => invalid.push(format!("{}: {e:#}\n    {}", query.at, query.promql)),
-                Ok(data) if series_count(&data) > 0 => {
+                Ok(data) if series_count(&data) > 0 || !query.needs_data => {
                     answers.insert(query.at.clone(), data);
                 }
                 Ok(_) => still.push(query),
@@ -807,6 +1049,43 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         }
         assert!(seen, "no panel titled `{panel}` answered");
     }
+
+    // The database dashboards' `job` and `instance` variables set to this stack's values
+    // still show every panel; set to a job that does not exist, no panel shows anything.
+    let instance = cw.addr().to_string();
+    let mut filtered = 0;
+    for (file, dashboard) in &dashboards() {
+        if !DATABASE_DASHBOARDS.contains(&file.as_str()) {
+            continue;
+        }
+        let variables = query_variables(dashboard);
+        let panel_queries = all.iter().filter(|q| {
+            q.needs_data && q.at.starts_with(&format!("{file}: ")) && !q.at.contains(": variable ")
+        });
+        for query in panel_queries {
+            for (job, expect_data) in [("clusterwatch", true), ("no-such-job", false)] {
+                let promql = expand_with(
+                    &query.expr,
+                    &variables,
+                    &[("job", job), ("instance", &instance)],
+                )
+                .map_err(anyhow::Error::msg)?;
+                let data = prometheus.query(&promql).await?;
+                let count = series_count(&data);
+                assert_eq!(
+                    count > 0,
+                    expect_data,
+                    "{} with job {job} and instance {instance}: {count} series\n    {promql}",
+                    query.at
+                );
+                filtered += 1;
+            }
+        }
+    }
+    assert!(
+        filtered > 0,
+        "no database dashboard query was run with job and instance set"
+    );
 
     eprintln!(
         "{} queries checked; stack ready after {:.0?}, scraped after {:.0?}, all data after {:.0?}",

@@ -577,14 +577,7 @@ async fn missing_privilege_is_reported_once_and_the_rest_still_works() -> Result
 #[tokio::test]
 async fn repmgr_node_table_is_reported_once_readable() -> Result<()> {
     let pair = PgCluster::start_pair().await?;
-    pair.primary.psql("CREATE EXTENSION repmgr").await?;
-    pair.primary
-        .psql(
-            "INSERT INTO repmgr.nodes (node_id, upstream_node_id, active, node_name, type, conninfo, repluser, config_file) VALUES \
-             (1, NULL, true, 'node1', 'primary', 'host=node1 user=repmgr password=hunter2', 'repmgr', '/etc/repmgr.conf'), \
-             (2, 1, true, 'node2', 'standby', 'host=node2 user=repmgr password=hunter2', 'repmgr', '/etc/repmgr.conf')",
-        )
-        .await?;
+    pair.primary.create_repmgr_nodes().await?;
     let cw = watch(&pair).await?;
     // pg_monitor does not cover repmgr's schema: reported, the rest works.
     let m = until(&cw, "the repmgr query to be tried", |m| {
@@ -599,9 +592,7 @@ async fn repmgr_node_table_is_reported_once_readable() -> Result<()> {
         Some(1.0)
     );
 
-    pair.primary
-        .psql("GRANT USAGE ON SCHEMA repmgr TO monitor; GRANT SELECT ON repmgr.nodes TO monitor")
-        .await?;
+    pair.primary.grant_repmgr().await?;
     let m = until(&cw, "repmgr nodes on both servers", |m| {
         Ok(m.value(
             "clusterwatch_pg_query_success",

@@ -16,13 +16,14 @@ use anyhow::{bail, Context, Result};
 use clusterwatch_tests::harness::process::{describe, find_program};
 use clusterwatch_tests::harness::repo_root;
 use clusterwatch_tests::harness::{
-    wait_until, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
+    wait_until, Alertmanager, Clusterwatch, PgCluster, Prometheus, PrometheusConfig, ScrapeJob,
 };
 use serde_json::Value;
 
 const RUNBOOK_PREFIX: &str = "https://clusterwatch.invalid/runbooks/";
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
 const HOOK_RECEIVER: &str = "clusterwatch-hooks";
+const ALERTMANAGER_CONFIG: &str = "alertmanager/alertmanager.yml";
 
 /// `promtool`, or a failure that says how to get it: CI installs it, so a missing tool is an
 /// error, never a reason to skip.
@@ -302,6 +303,45 @@ fn amtool_accepts_the_example_configuration() {
     assert!(ran.ok, "{}", ran.report);
 }
 
+/// The receivers `amtool config routes test` picks for `labels`, as it prints them
+/// (comma-separated, in route order).
+fn routed_to(amtool: &Path, labels: &[String]) -> Result<String, String> {
+    let mut command = Command::new(amtool);
+    command.args([
+        "config",
+        "routes",
+        "test",
+        &format!("--config.file={ALERTMANAGER_CONFIG}"),
+    ]);
+    command.args(labels);
+    let ran = run(command);
+    if !ran.ok {
+        return Err(ran.report);
+    }
+    Ok(ran
+        .stdout
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+/// An alert's own labels for `amtool config routes test`, with a cluster.
+fn route_labels(alert: &Alert) -> Vec<String> {
+    let mut labels = vec![
+        format!("alertname={}", alert.name),
+        "cluster=example".to_owned(),
+    ];
+    labels.extend(
+        alert
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", unquote(v))),
+    );
+    labels
+}
+
 /// Every alert labelled `action: failover` reaches the hook receiver, with its own labels and
 /// a cluster; an alert without the label never does.
 #[test]
@@ -310,25 +350,14 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
     let mut problems = Vec::new();
     let mut failover_alerts = 0;
     for alert in alerts() {
-        let mut command = Command::new(&amtool);
-        command.args([
-            "config",
-            "routes",
-            "test",
-            "--config.file=alertmanager/alertmanager.yml",
-        ]);
-        command.arg(format!("alertname={}", alert.name));
-        command.arg("cluster=example");
-        for (k, v) in &alert.labels {
-            command.arg(format!("{k}={}", unquote(v)));
-        }
-        let ran = run(command);
-        if !ran.ok {
-            problems.push(ran.report);
-            continue;
-        }
-        // amtool prints the receivers, comma-separated, on its last line of stdout.
-        let receivers = ran.stdout.lines().last().unwrap_or_default();
+        let receivers = match routed_to(&amtool, &route_labels(&alert)) {
+            Ok(receivers) => receivers,
+            Err(report) => {
+                problems.push(report);
+                continue;
+            }
+        };
+        let receivers = receivers.as_str();
         let to_hooks = receivers.split(',').any(|r| r.trim() == HOOK_RECEIVER);
         let failover = alert.labels.get("action").map(|v| unquote(v)) == Some("failover");
         failover_alerts += usize::from(failover);
@@ -356,6 +385,384 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
         "no alert carries action=failover (PostgresNoPrimary must)"
     );
     assert_no_problems("routing", &problems);
+}
+
+/// Hand-written cases of the example routing tree: the dead man's switch, the info route,
+/// warnings and criticals to the on-call people, failover to the hook receiver and people.
+#[test]
+fn amtool_routes_the_watchdog_info_and_paging_alerts() {
+    let amtool = amtool();
+    let cases: &[(&[&str], &str)] = &[
+        (&["alertname=Watchdog", "severity=info"], "watchdog"),
+        (
+            &[
+                "alertname=HookKillSwitchActive",
+                "severity=info",
+                "instance=em1:9469",
+            ],
+            "team-info",
+        ),
+        (
+            &[
+                "alertname=HostCpuHigh",
+                "severity=warning",
+                "instance=em1:9469",
+            ],
+            "oncall-email",
+        ),
+        (
+            &["alertname=PostgresDown", "severity=critical", "cluster=db"],
+            "oncall-email",
+        ),
+        (
+            &[
+                "alertname=PostgresNoPrimary",
+                "severity=critical",
+                "action=failover",
+                "cluster=db",
+            ],
+            "clusterwatch-hooks,oncall-email",
+        ),
+        // A label set nobody foresaw still reaches people.
+        (&["alertname=SomethingElse"], "oncall-email"),
+    ];
+    let mut problems = Vec::new();
+    for (labels, expected) in cases {
+        let labels: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        match routed_to(&amtool, &labels) {
+            Ok(got) if got == *expected => {}
+            Ok(got) => problems.push(format!(
+                "{labels:?}: routed to `{got}`, expected `{expected}`"
+            )),
+            Err(report) => problems.push(report),
+        }
+    }
+    assert_no_problems("routing cases", &problems);
+}
+
+/// Every alert of the pack with its own labels: the Watchdog reaches the watchdog receiver
+/// and nothing else, no other alert reaches it; info alerts go to the info mailbox; warnings
+/// and criticals reach the on-call people.
+#[test]
+fn every_alert_reaches_the_receiver_its_severity_calls_for() {
+    let amtool = amtool();
+    let mut problems = Vec::new();
+    let mut watchdogs = 0;
+    for alert in alerts() {
+        let got = match routed_to(&amtool, &route_labels(&alert)) {
+            Ok(got) => got,
+            Err(report) => {
+                problems.push(report);
+                continue;
+            }
+        };
+        let receivers: Vec<&str> = got.split(',').map(str::trim).collect();
+        let severity = alert.labels.get("severity").map(|v| unquote(v));
+        let expected: &[&str] = match (alert.name.as_str(), severity) {
+            ("Watchdog", _) => &["watchdog"],
+            (_, Some("info")) => &["team-info"],
+            _ => &["oncall-email"],
+        };
+        watchdogs += usize::from(alert.name == "Watchdog");
+        let people: Vec<&str> = receivers
+            .iter()
+            .copied()
+            .filter(|r| *r != HOOK_RECEIVER)
+            .collect();
+        if people != expected {
+            problems.push(format!(
+                "{} (severity {severity:?}) reaches `{got}`, expected {expected:?}",
+                alert.name
+            ));
+        }
+    }
+    assert_eq!(
+        watchdogs, 1,
+        "the pack must define exactly one Watchdog alert"
+    );
+    assert_no_problems("routing by severity", &problems);
+}
+
+/// One postable alert, firing since a minute ago.
+fn postable(labels: &[(&str, &str)]) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+        .collect();
+    serde_json::json!({
+        "labels": labels,
+        "annotations": {"summary": "posted by the rules pack test"},
+        "startsAt": humantime::format_rfc3339_seconds(std::time::SystemTime::now() - Duration::from_secs(60)).to_string(),
+    })
+}
+
+/// A case of the inhibition test: (what it is, its labels, whether it must be muted).
+type InhibitionCase = (&'static str, &'static [(&'static str, &'static str)], bool);
+
+/// `k=v,...` of a JSON label object, sorted, to find an alert again whatever the key order.
+fn label_key(labels: &Value) -> String {
+    let sorted: BTreeMap<&str, &str> = labels
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or_default()))
+        .collect();
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The example's inhibitions in a real Alertmanager: every muted alert is muted by the alert
+/// the README names, and its near miss (another cluster, another job, another node, another
+/// mount, a failover alert, the Watchdog) is not. Receivers point at closed loopback ports.
+#[tokio::test]
+async fn example_inhibitions_mute_symptoms_and_nothing_else() -> Result<()> {
+    let config = read(&repo_root().join(ALERTMANAGER_CONFIG))
+        .replace("mail.example.org:587", "127.0.0.1:9")
+        .replace(
+            "https://heartbeat.example.org/ping/clusterwatch-alertmanager",
+            "http://127.0.0.1:9/",
+        )
+        .replace("/etc/alertmanager/clusterwatch-hook.token", "/dev/null");
+    assert!(
+        !config.contains("example.org:") && !config.contains("heartbeat.example.org"),
+        "the test must not let Alertmanager reach beyond loopback"
+    );
+    let am = Alertmanager::start(Some(&config)).await?;
+
+    // (name, labels, muted). A node's services may be watched by another node's clusterwatch
+    // (instance em2:9469 watching em1's uwsgi): the `nodename` label, not `instance`, says
+    // which host they are on.
+    let cases: &[InhibitionCase] = &[
+        // Causes: they always speak.
+        (
+            "no primary",
+            &[
+                ("alertname", "PostgresNoPrimary"),
+                ("severity", "critical"),
+                ("action", "failover"),
+                ("cluster", "db"),
+            ],
+            false,
+        ),
+        (
+            "no master",
+            &[
+                ("alertname", "RedisNoMaster"),
+                ("severity", "critical"),
+                ("action", "failover"),
+                ("cluster", "r9001"),
+            ],
+            false,
+        ),
+        (
+            "quorum lost",
+            &[
+                ("alertname", "EtcdQuorumLost"),
+                ("severity", "critical"),
+                ("job", "cw"),
+                ("target", "ce"),
+            ],
+            false,
+        ),
+        (
+            "node down",
+            &[
+                ("alertname", "ClusterwatchExporterDown"),
+                ("severity", "critical"),
+                ("job", "cw"),
+                ("instance", "em1:9469"),
+                ("nodename", "em1"),
+            ],
+            false,
+        ),
+        (
+            "disk full",
+            &[
+                ("alertname", "HostFilesystemFull"),
+                ("severity", "critical"),
+                ("instance", "em2:9469"),
+                ("target", "local"),
+                ("mountpoint", "/var"),
+            ],
+            false,
+        ),
+        (
+            "watchdog",
+            &[("alertname", "Watchdog"), ("severity", "info")],
+            false,
+        ),
+        // Symptoms of the causes above.
+        (
+            "pg down in db",
+            &[
+                ("alertname", "PostgresDown"),
+                ("severity", "critical"),
+                ("job", "cw"),
+                ("instance", "em2:9469"),
+                ("target", "em1"),
+                ("cluster", "db"),
+            ],
+            true,
+        ),
+        (
+            "standby not streaming in db",
+            &[
+                ("alertname", "PostgresStandbyNotStreaming"),
+                ("severity", "warning"),
+                ("job", "cw"),
+                ("instance", "em2:9469"),
+                ("target", "em2"),
+                ("cluster", "db"),
+            ],
+            true,
+        ),
+        (
+            "replica link down in r9001",
+            &[
+                ("alertname", "RedisReplicaLinkDown"),
+                ("severity", "warning"),
+                ("job", "cw"),
+                ("instance", "em2:9469"),
+                ("target", "redis2"),
+                ("cluster", "r9001"),
+            ],
+            true,
+        ),
+        (
+            "etcd member down",
+            &[
+                ("alertname", "EtcdMemberDown"),
+                ("severity", "warning"),
+                ("job", "cw"),
+                ("target", "ce"),
+                ("endpoint", "http://m0:2379"),
+            ],
+            true,
+        ),
+        (
+            "service on the down node",
+            &[
+                ("alertname", "ProcessMissing"),
+                ("severity", "critical"),
+                ("job", "cw"),
+                ("instance", "em2:9469"),
+                ("target", "uwsgi"),
+                ("nodename", "em1"),
+            ],
+            true,
+        ),
+        (
+            "disk warning of the full mount",
+            &[
+                ("alertname", "HostFilesystemAboveThreshold"),
+                ("severity", "warning"),
+                ("instance", "em2:9469"),
+                ("target", "local"),
+                ("mountpoint", "/var"),
+            ],
+            true,
+        ),
+        // Near misses.
+        (
+            "pg down in another cluster",
+            &[
+                ("alertname", "PostgresDown"),
+                ("severity", "critical"),
+                ("job", "cw"),
+                ("instance", "em2:9469"),
+                ("target", "other1"),
+                ("cluster", "other"),
+            ],
+            false,
+        ),
+        (
+            "etcd member down in another job",
+            &[
+                ("alertname", "EtcdMemberDown"),
+                ("severity", "warning"),
+                ("job", "cw-staging"),
+                ("target", "ce"),
+                ("endpoint", "http://m0:2379"),
+            ],
+            false,
+        ),
+        (
+            "service on another node",
+            &[
+                ("alertname", "ProcessMissing"),
+                ("severity", "critical"),
+                ("job", "cw"),
+                ("instance", "em1:9469"),
+                ("target", "uwsgi"),
+                ("nodename", "em2"),
+            ],
+            false,
+        ),
+        (
+            "failover alert on the down node",
+            &[
+                ("alertname", "MongodbNoPrimary"),
+                ("severity", "critical"),
+                ("action", "failover"),
+                ("cluster", "rs"),
+                ("nodename", "em1"),
+            ],
+            false,
+        ),
+        (
+            "disk warning of another mount",
+            &[
+                ("alertname", "HostFilesystemAboveThreshold"),
+                ("severity", "warning"),
+                ("instance", "em2:9469"),
+                ("target", "local"),
+                ("mountpoint", "/srv"),
+            ],
+            false,
+        ),
+    ];
+    let posted: Vec<Value> = cases
+        .iter()
+        .map(|(_, labels, _)| postable(labels))
+        .collect();
+    am.post_alerts(&Value::Array(posted)).await?;
+
+    let mut statuses: BTreeMap<String, (bool, Value)> = BTreeMap::new();
+    wait_until(
+        WAIT,
+        "Alertmanager to hold every posted alert",
+        async || {
+            let held = am.alerts().await?;
+            statuses.clear();
+            for alert in held.as_array().into_iter().flatten() {
+                let key = label_key(&alert["labels"]);
+                let inhibited = alert["status"]["inhibitedBy"]
+                    .as_array()
+                    .is_some_and(|by| !by.is_empty());
+                statuses.insert(key, (inhibited, alert["status"].clone()));
+            }
+            Ok(statuses.len() >= cases.len())
+        },
+    )
+    .await?;
+
+    let mut problems = Vec::new();
+    for (name, labels, muted) in cases {
+        let key = label_key(&postable(labels)["labels"]);
+        match statuses.get(&key) {
+            None => problems.push(format!("{name}: not held by Alertmanager")),
+            Some((inhibited, status)) if inhibited != muted => problems.push(format!(
+                "{name}: expected {}, Alertmanager says {status}",
+                if *muted { "inhibited" } else { "not inhibited" }
+            )),
+            Some(_) => {}
+        }
+    }
+    assert_no_problems("inhibitions", &problems);
+    Ok(())
 }
 
 // ---- completeness ------------------------------------------------------------------------

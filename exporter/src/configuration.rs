@@ -1,0 +1,488 @@
+//! The whole configuration file put together: `global` first, then each section handed to its
+//! owner (a collector kind from `collector::registry::KINDS`, or the hook runner), giving a checked
+//! [`Config`] or every problem at once. The vocabulary the sections share lives in `config`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::collector::registry::KINDS;
+use crate::collector::{CollectorKind, Target};
+use crate::config::source::{suggest, Node, Value};
+use crate::config::{
+    read_text, ConfigError, Global, Located, Pos, Problem, SectionContext, DEFAULT_TIMEOUT,
+};
+
+/// The configuration used when no `--config.file` is given: local filesystems with default
+/// thresholds, host system statistics and clusterwatch's own process.
+pub const EMBEDDED_DEFAULT: &str = include_str!("config/default.yml");
+
+/// Name used in messages for the embedded default configuration.
+pub const EMBEDDED_NAME: &str = "<embedded default>";
+
+/// A checked configuration: every target built and ready to scrape.
+pub struct Config {
+    /// Where it came from (a path or [`EMBEDDED_NAME`]).
+    pub origin: String,
+    /// Settings that apply to every target.
+    pub global: Global,
+    /// Every configured target, in file order.
+    pub targets: Vec<Arc<Target>>,
+    /// Per target, a digest of the configuration it was built from (its list item, or its
+    /// whole section, plus the content of every `*_file` named there): a reload keeps a
+    /// running target whose digest did not change.
+    pub fingerprints: Vec<Option<u64>>,
+    /// The webhook receiver and hook runner, when a `hooks:` section is present.
+    pub hooks: Option<crate::hooks::config::HooksConfig>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("origin", &self.origin)
+            .field("global", &self.global)
+            .field("targets", &self.targets.len())
+            .field("hooks", &self.hooks.as_ref().map(|h| h.rules.len()))
+            .finish()
+    }
+}
+
+/// Reads and checks a configuration file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let text = read_text(path, "--config.file")?;
+    // Absolute, so relative paths stay right whatever directory a hook or a reload runs in.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    parse(&text, &path.display().to_string(), &base)
+}
+
+/// The embedded default configuration, checked.
+pub fn load_embedded() -> Result<Config, ConfigError> {
+    parse(EMBEDDED_DEFAULT, EMBEDDED_NAME, Path::new("."))
+}
+
+/// The configuration `--config.file` names, or the embedded default without one: what
+/// `serve` starts with and what every reload reads again.
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    match file {
+        Some(path) => load_file(path),
+        None => load_embedded(),
+    }
+}
+
+/// Checks configuration text. `file` is used in messages; `base_dir` resolves relative paths.
+pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        file: file.to_owned(),
+        problems,
+    };
+    let doc = Node::parse_document(text).map_err(|p| fail(vec![p]))?;
+    let Some(entries) = doc.as_map() else {
+        return Err(fail(vec![Problem::new(
+            "",
+            doc.pos,
+            "the configuration must be a mapping of sections",
+        )
+        .hint(
+            "start with e.g. `global:` or `filesystems:` at the beginning of a line",
+        )]));
+    };
+
+    let mut problems = Vec::new();
+    let global = entries
+        .iter()
+        .find(|(k, _)| k.name == "global")
+        .map(|(_, node)| Global::parse(Located::new(node, "global"), &mut problems))
+        .unwrap_or(Global {
+            timeout: DEFAULT_TIMEOUT,
+        });
+    let ctx = SectionContext {
+        global: &global,
+        base_dir,
+    };
+
+    let mut targets: Vec<Arc<Target>> = Vec::new();
+    let mut fingerprints: Vec<Option<u64>> = Vec::new();
+    let mut hooks = None;
+    let known: Vec<&str> = ["global", crate::hooks::config::SECTION]
+        .into_iter()
+        .chain(KINDS.iter().map(|k| k.section))
+        .collect();
+    let mut seen_sections = Vec::new();
+    for (key, node) in entries {
+        if seen_sections.contains(&key.name.as_str()) {
+            problems.push(
+                Problem::new(&key.name, key.pos, "section appears twice")
+                    .hint("merge both into one section"),
+            );
+            continue;
+        }
+        seen_sections.push(key.name.as_str());
+        if key.name == "global" {
+            continue;
+        }
+        // Not a collector: the webhook receiver and hook runner.
+        if key.name == crate::hooks::config::SECTION {
+            hooks = crate::hooks::config::parse(
+                Located::new(node, key.name.clone()),
+                &ctx,
+                &mut problems,
+            );
+            continue;
+        }
+        match KINDS.iter().find(|k| k.section == key.name) {
+            Some(kind) => {
+                let at = Located::new(node, key.name.clone());
+                let built = (kind.configure)(at, &ctx, &mut problems);
+                fingerprints.extend(
+                    built
+                        .iter()
+                        .map(|t| Some(fingerprint(kind, t.target(), node, &ctx))),
+                );
+                targets.extend(built);
+                check_unique_targets(kind, node, &key.name, &mut problems);
+            }
+            None => {
+                let mut p = Problem::new(
+                    &key.name,
+                    key.pos,
+                    format!("unknown section `{}`", key.name),
+                );
+                p = p.hint(
+                    suggest(&key.name, &known)
+                        .unwrap_or_else(|| format!("known sections: {}", known.join(", "))),
+                );
+                problems.push(p);
+            }
+        }
+    }
+    // Collectors that are always on (clusterwatch's own process) need no section.
+    for kind in KINDS.iter().filter(|k| k.always_on) {
+        if !seen_sections.contains(&kind.section) {
+            let empty = Node {
+                pos: Pos::default(),
+                value: Value::Null,
+            };
+            let built = (kind.configure)(Located::new(&empty, kind.section), &ctx, &mut problems);
+            fingerprints.extend(
+                built
+                    .iter()
+                    .map(|t| Some(fingerprint(kind, t.target(), &empty, &ctx))),
+            );
+            targets.extend(built);
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Config {
+            origin: file.to_owned(),
+            global,
+            targets,
+            fingerprints,
+            hooks,
+        })
+    } else {
+        problems.sort_by_key(|p| (p.pos.line, p.pos.column));
+        Err(fail(problems))
+    }
+}
+
+/// What a target was built from, as a digest: its item when the section is a list of named
+/// items, otherwise the whole section; the global settings and the base directory; and the
+/// content of every `*_file` it names, so a rotated password or certificate is picked up by a
+/// reload even though the text of the configuration did not change. The files are read first;
+/// hashing itself does no I/O.
+fn fingerprint(kind: &CollectorKind, target: &str, section: &Node, ctx: &SectionContext) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let item = match &section.value {
+        Value::Seq(items) => items
+            .iter()
+            .find(|item| item_name(item) == Some(target))
+            .unwrap_or(section),
+        _ => section,
+    };
+    let files = read_named_files(item, ctx);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (kind.name, target, ctx.global.timeout, ctx.base_dir).hash(&mut h);
+    hash_node(item, &mut h);
+    files.hash(&mut h);
+    h.finish()
+}
+
+/// The content of every `*_file` named in `node`, in document order. An unreadable file is
+/// its error kind, so the digest still differs from a readable file's.
+fn read_named_files(node: &Node, ctx: &SectionContext) -> Vec<Result<Vec<u8>, std::io::ErrorKind>> {
+    let mut paths = Vec::new();
+    named_files(node, &mut paths);
+    paths
+        .into_iter()
+        .map(|p| std::fs::read(ctx.resolve(Path::new(p))).map_err(|e| e.kind()))
+        .collect()
+}
+
+/// The values of every `*_file` key in `node`, depth first.
+fn named_files<'a>(node: &'a Node, out: &mut Vec<&'a str>) {
+    match &node.value {
+        Value::Seq(items) => items.iter().for_each(|item| named_files(item, out)),
+        Value::Map(entries) => {
+            for (key, value) in entries {
+                if let (true, Value::Str(path)) = (key.name.ends_with("_file"), &value.value) {
+                    out.push(path);
+                }
+                named_files(value, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Hashes the node tree: values and keys, never positions (moving an item is no change).
+fn hash_node(node: &Node, h: &mut impl std::hash::Hasher) {
+    use std::hash::Hash;
+    match &node.value {
+        Value::Null => 0u8.hash(h),
+        Value::Bool(b) => (1u8, b).hash(h),
+        Value::Int(i) => (2u8, i).hash(h),
+        Value::UInt(u) => (3u8, u).hash(h),
+        Value::Float(f) => (4u8, f.to_bits()).hash(h),
+        Value::Str(s) => (5u8, s).hash(h),
+        Value::Seq(items) => {
+            (6u8, items.len()).hash(h);
+            for item in items {
+                hash_node(item, h);
+            }
+        }
+        Value::Map(entries) => {
+            (7u8, entries.len()).hash(h);
+            for (key, value) in entries {
+                key.name.hash(h);
+                hash_node(value, h);
+            }
+        }
+    }
+}
+
+/// Two targets of one collector with the same name would produce clashing series. Checked on
+/// the YAML items themselves, so an item that failed for another reason is still counted.
+fn check_unique_targets(
+    kind: &CollectorKind,
+    node: &Node,
+    section: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let Value::Seq(items) = &node.value else {
+        return;
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = Located::new(item, format!("{section}[{i}]"));
+        let Some(name) = item_name(item) else {
+            continue;
+        };
+        if seen.contains(&name) {
+            problems.push(
+                at.problem(
+                    "name",
+                    format!("duplicate {} target name `{name}`", kind.name),
+                )
+                .hint("every target needs its own `name`; it becomes the `target` label"),
+            );
+        }
+        seen.push(name);
+    }
+}
+
+/// The `name` of a list item, when it is a string: the `target` label it will have.
+fn item_name(item: &Node) -> Option<&str> {
+    let (_, value) = item.as_map()?.iter().find(|(key, _)| key.name == "name")?;
+    match &value.value {
+        Value::Str(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = load_embedded().expect("embedded default must be valid");
+        assert!(cfg.targets.iter().any(|t| t.name() == "fs"));
+        assert!(cfg.targets.iter().any(|t| t.name() == "system"));
+    }
+
+    #[test]
+    fn unknown_section_gets_a_suggestion() {
+        let err = parse(
+            "filesystem:\n  default_threshold: 0.8\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        let line = err.render();
+        assert!(
+            line.starts_with("c.yml:1:1: filesystem: unknown section"),
+            "{line}"
+        );
+        assert!(line.contains("did you mean `filesystems`?"), "{line}");
+    }
+
+    #[test]
+    fn bad_duration_and_unknown_key_both_reported() {
+        let err = parse(
+            "global:\n  timeout: 5 parsecs\nfilesystems:\n  default_treshold: 0.8\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{}", err.render());
+        assert_eq!(err.problems[0].pos.line, 2);
+        assert!(err.problems[0].message.contains("invalid duration"));
+        assert_eq!(err.problems[1].pos.line, 4);
+        assert_eq!(
+            err.problems[1].hint.as_deref(),
+            Some("did you mean `default_threshold`?")
+        );
+    }
+
+    #[test]
+    fn fingerprints_change_only_for_the_edited_target_or_a_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "one\n").unwrap();
+        let text = |timeout: &str| {
+            format!(
+                "redis:\n  - {{ name: a, address: redis://127.0.0.1:1, password_file: pw }}\n  - {{ name: b, address: redis://127.0.0.1:2, timeout: {timeout} }}\n"
+            )
+        };
+        let prints = |t: &str| {
+            let cfg = parse(t, "test.yml", dir.path()).unwrap();
+            let names: Vec<String> = cfg.targets.iter().map(|t| t.target().to_owned()).collect();
+            names.into_iter().zip(cfg.fingerprints).collect::<Vec<_>>()
+        };
+        let first = prints(&text("2s"));
+        assert_eq!(first, prints(&text("2s")), "same text, same digests");
+        let edited = prints(&text("3s"));
+        let find = |v: &[(String, Option<u64>)], n: &str| v.iter().find(|(t, _)| t == n).unwrap().1;
+        assert_eq!(find(&first, "a"), find(&edited, "a"), "`a` was not edited");
+        assert_ne!(find(&first, "b"), find(&edited, "b"));
+        std::fs::write(dir.path().join("pw"), "two\n").unwrap();
+        assert_ne!(
+            find(&first, "a"),
+            find(&prints(&text("2s")), "a"),
+            "password rotated"
+        );
+        assert!(first.iter().all(|(_, fp)| fp.is_some()));
+    }
+
+    #[test]
+    fn a_timeout_of_500000000000y_is_a_config_error_not_a_panic_at_scrape() {
+        let err = parse(
+            "global:\n  timeout: 500000000000y\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .render();
+        assert!(err.starts_with("c.yml:2:"), "{err}");
+        assert!(err.contains("too long: the limit is 1y"), "{err}");
+
+        let err = parse(
+            "global:\n  timeout: 2h\nredis:\n  - { name: a, address: 'redis://127.0.0.1:1', timeout: 61m }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{}", err.render());
+        assert!(err
+            .problems
+            .iter()
+            .all(|p| p.message == "timeout must be at most 1h"));
+        assert!(parse("global:\n  timeout: 1h\n", "c.yml", Path::new(".")).is_ok());
+    }
+
+    #[test]
+    fn a_status_file_read_cap_beyond_16_mib_is_refused_with_the_limit() {
+        let err = parse(
+            "files:\n  - { name: s, path: /tmp/s, max_bytes: 18446744073709551615 }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .render();
+        assert!(err.contains("max_bytes must be at most 16777216"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_a_probe_url_are_refused_and_never_printed() {
+        let err = parse(
+            "probes:\n  - { name: web, http: { url: 'http://monitor:hunter2@127.0.0.1:8080/' } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .render();
+        assert!(
+            err.contains("probes[0].http.url: credentials in the URL"),
+            "{err}"
+        );
+        assert!(
+            err.contains("Authorization"),
+            "the hint says what to do: {err}"
+        );
+        assert!(
+            !err.contains("hunter2") && !err.contains("monitor"),
+            "{err}"
+        );
+    }
+
+    /// A server that accepts connections and never answers: each network collector must end
+    /// at the scrape deadline with reason `timeout`, not wait for its client's own timeouts
+    /// (the configured timeout here is 30s; mongo's driver sizes its own from it).
+    #[tokio::test]
+    async fn network_collectors_end_at_the_scrape_deadline_against_a_silent_server() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        // Accepted connections are kept open and never written to.
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                open.push(conn);
+            }
+        });
+        let yaml = format!(
+            "global:\n  timeout: 30s\n\
+             haproxy:\n  - {{ name: h, url: 'http://{addr}/stats' }}\n\
+             kamailio:\n  - {{ name: k, url: 'http://{addr}/RPC' }}\n\
+             mongodb:\n  - {{ name: m, uri: 'mongodb://{addr}/?directConnection=true' }}\n\
+             redis:\n  - {{ name: r, address: 'redis://{addr}' }}\n\
+             supervisord:\n  - {{ name: s, url: 'http://{addr}/RPC2' }}\n"
+        );
+        let cfg = parse(&yaml, "c.yml", Path::new(".")).unwrap();
+        let network: Vec<_> = cfg
+            .targets
+            .iter()
+            .filter(|t| t.name() != "exporter")
+            .collect();
+        assert_eq!(network.len(), 5);
+        for t in network {
+            let started = tokio::time::Instant::now();
+            let ctx = crate::collector::ScrapeContext {
+                deadline: started + std::time::Duration::from_millis(300),
+            };
+            let mut out = crate::snapshot::SampleBuffer::new();
+            let err = t.collect(&ctx, &mut out).await.unwrap_err();
+            assert_eq!(err.reason(), "timeout", "{}: {err}", t.name());
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(3),
+                "{} took {:?}",
+                t.name(),
+                started.elapsed()
+            );
+        }
+        held.abort();
+    }
+}

@@ -1,0 +1,245 @@
+//! A run's life after `policy` accepted it: a run slot, validation, the gate (disruptive
+//! runs), then attempts (`started` → process → `finished`) with bounded backoff. Every step is
+//! journaled before the next acts. Deciding to run is `policy`'s; a process is `runner`'s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::config::{HookRule, HooksConfig};
+use super::env::{self, RunFacts};
+use super::gate::{self, AbortOnDrop, Pass};
+use super::journal::{Event, Record, RunResult};
+use super::payload::Alert;
+use super::runner::{self, Exit, Outcome, Spec};
+use super::{now, policy, Hooks};
+
+/// Longest wait between retries of a hook that exits 1.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// One accepted run and what it needs: the configuration it was decided under, its alert and
+/// the notification's body (the hook's stdin).
+pub(super) struct Run {
+    pub(super) hooks: Arc<Hooks>,
+    pub(super) cfg: Arc<HooksConfig>,
+    /// Index into `cfg.rules`.
+    pub(super) rule: usize,
+    pub(super) run: u64,
+    pub(super) notification: u64,
+    pub(super) alert: Alert,
+    pub(super) body: Arc<Vec<u8>>,
+}
+
+/// How an attempt's exit reads: exit 1 is a retry while attempts are left.
+pub(super) fn result_of(exit: &Exit, retries_left: bool) -> RunResult {
+    match exit {
+        Exit::Code(0) => RunResult::Ok,
+        Exit::Code(1) if retries_left => RunResult::Retry,
+        Exit::Code(_) | Exit::Signal(_) => RunResult::Failed,
+        Exit::Timeout => RunResult::Timeout,
+        Exit::SpawnFailed(_) => RunResult::Error,
+    }
+}
+
+/// The wait before attempt `attempt + 1`: doubling from `first`, at most [`MAX_BACKOFF`].
+fn backoff(first: Duration, attempt: u32) -> Duration {
+    first
+        .saturating_mul(1 << (attempt.saturating_sub(1)).min(16))
+        .min(MAX_BACKOFF)
+}
+
+impl Run {
+    /// Starts the run in the background.
+    pub(super) fn spawn(self) {
+        tokio::spawn(self.execute());
+    }
+
+    fn rule(&self) -> &HookRule {
+        &self.cfg.rules[self.rule]
+    }
+
+    fn hook(&self) -> &str {
+        &self.rule().name
+    }
+
+    /// Validation, the gate for disruptive runs, attempts with backoff.
+    async fn execute(self) {
+        let Ok(_slot) = self.hooks.slots.acquire().await else {
+            return;
+        };
+        if !self.validate().await {
+            return;
+        }
+        let held = match self.rule().disruptive {
+            true => match self.gate().await {
+                Some(held) => Some(held),
+                None => return,
+            },
+            false => None,
+        };
+        let token = held.as_ref().and_then(|(pass, _)| pass.fencing_token);
+        let mut attempt = 1;
+        while let Some(RunResult::Retry) = self.attempt(attempt, token).await {
+            tokio::time::sleep(backoff(self.rule().retry_backoff, attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    /// Runs `argv` as a process of this run (attempt 0 is the validation).
+    async fn process(&self, argv: &[String], attempt: u32, fencing_token: Option<u64>) -> Outcome {
+        let payload_file = self.hooks.payload_path(self.notification);
+        let env = env::build(&RunFacts {
+            rule: self.rule(),
+            run: self.run,
+            attempt,
+            alert: &self.alert,
+            payload_file: &payload_file,
+            fencing_token,
+        });
+        if env.dropped_labels > 0 {
+            tracing::warn!(
+                hook = self.hook(),
+                run = self.run,
+                dropped = env.dropped_labels,
+                "alert labels left out of the hook's environment (over its budget)"
+            );
+            self.hooks
+                .count()
+                .labels_dropped(self.hook(), env.dropped_labels);
+        }
+        runner::run(Spec {
+            argv,
+            env: env.vars,
+            stdin: self.body.clone(),
+            timeout: self.rule().timeout,
+            grace: self.cfg.kill_grace,
+        })
+        .await
+    }
+
+    /// The validation command, if any: `true` when it exited 0; otherwise journaled.
+    async fn validate(&self) -> bool {
+        let Some(argv) = &self.rule().validate else {
+            return true;
+        };
+        let o = self.process(argv, 0, None).await;
+        if o.exit == Exit::Code(0) {
+            return true;
+        }
+        let (hook, run) = (self.hook().to_owned(), self.run);
+        tracing::warn!(hook = %hook, run, outcome = %o.exit, "hook validation failed; not running it");
+        self.hooks.count().skip(&hook, "validate_failed");
+        let outcome = o.exit.to_string();
+        let stderr_tail = o.stderr_tail;
+        let event = Event::ValidateFailed {
+            run,
+            hook,
+            outcome,
+            stderr_tail,
+        };
+        let _ = self.hooks.commit(vec![Record { ts: now(), event }]).await;
+        false
+    }
+
+    /// Takes the gate and journals its answer. `None`: do not run. Otherwise the pass and a
+    /// task that journals `lock_lost` if the lock goes while the run goes on.
+    async fn gate(&self) -> Option<(Pass, Option<AbortOnDrop>)> {
+        let (hook, run) = (self.hook(), self.run);
+        let answer = self
+            .hooks
+            .gate
+            .acquire(hook, run, &policy::alert_ref(&self.alert))
+            .await;
+        if let Some((event, result, skip)) = gate::outcome(hook, run, &answer) {
+            {
+                let mut count = self.hooks.count();
+                count.lock(hook, result);
+                if let Some(reason) = skip {
+                    count.skip(hook, reason);
+                }
+            }
+            // Journal first: a run whose lock is not on record must not act.
+            let ts = now();
+            self.hooks.commit(vec![Record { ts, event }]).await.ok()?;
+        }
+        let mut pass = answer.ok()?;
+        let watch = pass.lost.take().map(|lost| self.watch_lock(lost));
+        Some((pass, watch))
+    }
+
+    fn watch_lock(&self, lost: tokio::sync::oneshot::Receiver<String>) -> AbortOnDrop {
+        let (hooks, hook, run) = (self.hooks.clone(), self.hook().to_owned(), self.run);
+        AbortOnDrop(tokio::spawn(async move {
+            let Ok(error) = lost.await else { return };
+            tracing::error!(hook = %hook, run, error = %error, "the hook lock was lost while the hook runs; it is left to finish");
+            hooks.count().lock(&hook, "lost");
+            let event = Event::LockLost { run, hook, error };
+            let _ = hooks.commit(vec![Record { ts: now(), event }]).await;
+        }))
+    }
+
+    /// One attempt: `started` on disk, the process, `finished`. `None` if it did not start.
+    async fn attempt(&self, attempt: u32, fencing_token: Option<u64>) -> Option<RunResult> {
+        let (hook, run) = (self.hook().to_owned(), self.run);
+        if self.hooks.context().kill_switch {
+            self.hooks.abandon(&hook, run, "kill switch".into()).await;
+            return None;
+        }
+        let event = Event::Started {
+            run,
+            hook: hook.clone(),
+            attempt,
+        };
+        // Journal first: if the record cannot be written, the hook must not act.
+        self.hooks
+            .commit(vec![Record { ts: now(), event }])
+            .await
+            .ok()?;
+        tracing::info!(hook = %hook, run, attempt, "hook started");
+        self.hooks.count().started(&hook);
+        let o = self
+            .process(&self.rule().command, attempt, fencing_token)
+            .await;
+        let result = result_of(&o.exit, attempt <= self.rule().retries);
+        let seconds = o.duration.as_secs_f64();
+        self.hooks.count().finished(&hook, result, seconds);
+        tracing::info!(hook = %hook, run, attempt, result = result.as_str(), outcome = %o.exit, seconds, "hook finished");
+        let exit_code = match o.exit {
+            Exit::Code(c) => Some(c),
+            _ => None,
+        };
+        let event = Event::Finished {
+            run,
+            hook,
+            attempt,
+            result,
+            exit_code,
+            duration_seconds: seconds,
+            stdout_tail: o.stdout_tail,
+            stderr_tail: o.stderr_tail,
+        };
+        let _ = self.hooks.commit(vec![Record { ts: now(), event }]).await;
+        Some(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_read_as_results_and_backoff_is_bounded() {
+        assert_eq!(result_of(&Exit::Code(0), false), RunResult::Ok);
+        assert_eq!(result_of(&Exit::Code(1), true), RunResult::Retry);
+        assert_eq!(result_of(&Exit::Code(1), false), RunResult::Failed);
+        assert_eq!(result_of(&Exit::Signal(9), true), RunResult::Failed);
+        assert_eq!(result_of(&Exit::Timeout, true), RunResult::Timeout);
+        assert_eq!(
+            result_of(&Exit::SpawnFailed("x".into()), true),
+            RunResult::Error
+        );
+        let s = Duration::from_secs(10);
+        assert_eq!(backoff(s, 1), s);
+        assert_eq!(backoff(s, 2), 2 * s);
+        assert_eq!(backoff(s, 40), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,96 @@
+//! The offline commands: `hooks journal` (print, `--check`, `--accept-damage`) and
+//! `hooks replay` (the decisions a payload would get). They read the journal and decide with
+//! `policy`; they never run a hook.
+
+use std::path::Path;
+
+use super::config::HooksConfig;
+use super::policy::State;
+use super::{context, journal, now, payload, policy};
+
+/// `clusterwatch hooks journal [--check | --accept-damage]`: the journal as lines (damaged
+/// lines in place), only its damage, or the damage dropped. `Err` when a check finds damage.
+pub fn journal_command(
+    cfg: &HooksConfig,
+    check: bool,
+    accept: bool,
+) -> Result<Vec<String>, String> {
+    let dir = &cfg.state_dir;
+    if accept {
+        return accept_damage(dir);
+    }
+    let file = dir.join(journal::FILE_NAME);
+    let scan = journal::scan(dir).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if check {
+        return check_scan(&file, &scan);
+    }
+    let mut out: Vec<(u64, String)> = scan
+        .records
+        .iter()
+        .zip(&scan.lines)
+        .map(|(r, l)| (*l, journal::render(r)))
+        .collect();
+    let damaged = scan.damage.iter();
+    out.extend(damaged.map(|d| (d.line, format!("!! damaged {d}"))));
+    out.sort_by_key(|(l, _)| *l);
+    Ok(out.into_iter().map(|(_, l)| l).collect())
+}
+
+/// `--check`: one line when the journal is sound, every damaged line as the error otherwise.
+fn check_scan(file: &Path, scan: &journal::Scan) -> Result<Vec<String>, String> {
+    if scan.damage.is_empty() {
+        let torn = match scan.len - scan.good_len {
+            0 => String::new(),
+            n => format!(" ({n} bytes of torn tail, cut at the next start)"),
+        };
+        let records = scan.records.len();
+        return Ok(vec![format!(
+            "{}: {records} records, no damage{torn}",
+            file.display()
+        )]);
+    }
+    let mut msg: Vec<String> = scan
+        .damage
+        .iter()
+        .map(|d| format!("{}: damaged {d}", file.display()))
+        .collect();
+    msg.push("clusterwatch will not start on this journal: recover with `hooks journal --accept-damage` (keeps the readable records) or by moving it aside (README, \"The journal\")".into());
+    Err(msg.join("\n"))
+}
+
+/// `--accept-damage`: drops the damaged lines; every run still open becomes `unknown`.
+fn accept_damage(dir: &Path) -> Result<Vec<String>, String> {
+    let file = dir.join(journal::FILE_NAME);
+    let dropped = journal::accept_damage(dir, now(), |records| {
+        State::replay(records).close_all_unknown(now())
+    })
+    .map_err(|e| e.to_string())?;
+    if dropped.is_empty() {
+        return Ok(vec![format!(
+            "{}: no damaged line; nothing changed",
+            file.display()
+        )]);
+    }
+    let mut lines: Vec<String> = dropped.iter().map(|d| format!("dropped {d}")).collect();
+    lines.push(format!(
+        "{}: {} damaged line(s) dropped; incidents that began before now will not run automatically",
+        file.display(),
+        dropped.len()
+    ));
+    Ok(lines)
+}
+
+/// `clusterwatch hooks replay`: the decisions for `body` against the current journal, as
+/// lines, without journaling or running anything.
+pub fn replay(cfg: &HooksConfig, body: &[u8]) -> Result<Vec<String>, String> {
+    let n = payload::decode(body).map_err(|e| e.to_string())?;
+    let records =
+        journal::read(&cfg.state_dir).map_err(|e| format!("cannot read the journal: {e}"))?;
+    let mut state = State::replay(&records);
+    let (decided, _) = policy::plan(&mut state, &cfg.rules, &n, &context(cfg));
+    let mut lines: Vec<String> = decided.iter().skip(1).map(journal::render).collect();
+    if lines.is_empty() {
+        lines.push("no hook matches any alert of this notification".into());
+    }
+    Ok(lines)
+}
