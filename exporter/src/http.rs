@@ -17,6 +17,10 @@ use crate::hooks::Hooks;
 use crate::reload::Reloader;
 use crate::snapshot::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
+/// The webhook path, on whichever listener serves it: routing knows it, and the web layer
+/// exempts it from basic auth (the webhook has its own credentials).
+pub const WEBHOOK_PATH: &str = "/hooks/alertmanager";
+
 /// Everything the handlers need.
 #[derive(Clone)]
 pub struct AppState {
@@ -30,6 +34,8 @@ pub struct AppState {
     pub hooks: Option<Arc<Hooks>>,
     /// Reloads the configuration on `POST /-/reload` (and SIGHUP); its metrics join `/metrics`.
     pub reloader: Arc<Reloader>,
+    /// Every listener's connections; their counters join `/metrics`.
+    pub listeners: Vec<Arc<crate::web::Connections>>,
 }
 
 /// The router with every route.
@@ -78,6 +84,9 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         hooks.write_metrics(&mut buffer);
     }
     state.reloader.write_metrics(&mut buffer);
+    for l in &state.listeners {
+        l.write_metrics(&mut buffer);
+    }
     let snapshot = buffer.into_snapshot();
     crate::memory::scraped();
     if wants_openmetrics(&headers) {
