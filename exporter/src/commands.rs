@@ -15,8 +15,9 @@ use crate::configuration::{self, Config};
 use crate::hooks::config::Listen;
 use crate::hooks::lock::EtcdLock;
 use crate::hooks::{Hooks, LocalGate, RunGate};
-use crate::http::{app, AppState, WEBHOOK_PATH};
+use crate::http::{app, AppState};
 use crate::reload::{reload_on_sighup, Reloader};
+use crate::routes::WEBHOOK_PATH;
 
 /// Runs the command the user asked for and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {

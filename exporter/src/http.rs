@@ -17,10 +17,6 @@ use crate::hooks::Hooks;
 use crate::reload::Reloader;
 use crate::snapshot::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
-/// The webhook path, on whichever listener serves it: routing knows it, and the web layer
-/// exempts it from basic auth (the webhook has its own credentials).
-pub const WEBHOOK_PATH: &str = "/hooks/alertmanager";
-
 /// Everything the handlers need.
 #[derive(Clone)]
 pub struct AppState {

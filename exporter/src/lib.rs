@@ -17,6 +17,7 @@ pub mod logging;
 pub mod memory;
 pub mod probe;
 pub mod reload;
+pub mod routes;
 pub mod snapshot;
 pub mod sre_csv;
 pub mod status;

@@ -18,9 +18,6 @@ pub const SECTION: &str = "hooks";
 /// example points at.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
 
-/// The webhook path, on whichever listener serves it (defined with the HTTP routes).
-pub use crate::http::WEBHOOK_PATH;
-
 const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
 /// Upper bounds `check-config` holds values to: past them `serve` could not honour a value (a
