@@ -81,6 +81,8 @@ pub struct HooksConfig {
     pub rules: Vec<HookRule>,
     /// With several receivers: the etcd lock a disruptive run must take first.
     pub lock: Option<super::lock::LockConfig>,
+    /// The storm breaker across replication groups (`hooks.storm`); off when unset.
+    pub storm: Option<super::policy::Storm>,
     /// TLS for the webhook's own listener (`web_config_file`).
     pub web: Option<crate::web::Settings>,
 }
@@ -232,6 +234,7 @@ struct RawHooks {
     kill_grace: Option<HumanDuration>,
     resume_max_age: Option<HumanDuration>,
     web_config_file: Option<PathBuf>,
+    storm: Option<RawStorm>,
     // Checked by `lock::parse`, so problems name `lock.<field>`.
     #[allow(dead_code)]
     lock: Option<serde::de::IgnoredAny>,
@@ -239,6 +242,31 @@ struct RawHooks {
     #[allow(dead_code)]
     rules: serde::de::IgnoredAny,
 }
+
+// --- replication-group limits: `hooks.storm` ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorm {
+    max_groups: usize,
+    window: HumanDuration,
+}
+
+/// `hooks.storm`: at least one group, a window of at most an hour (the span the journal's
+/// state keeps disruptive runs for).
+fn check_storm(at: &Located, raw: &RawStorm, problems: &mut Vec<Problem>) -> super::policy::Storm {
+    in_range(at, "storm.max_groups", raw.max_groups, 1, 1000, problems);
+    let window = raw.window.0;
+    if window.is_zero() || window > Duration::from_secs(3600) {
+        problems.push(at.problem("storm.window", "must be more than 0s and at most 1h"));
+    }
+    super::policy::Storm {
+        max_groups: raw.max_groups,
+        window: window.as_secs_f64(),
+    }
+}
+
+// --- end of replication-group limits ---
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -392,6 +420,7 @@ pub fn parse(
     let lock = at
         .field("lock")
         .and_then(|l| super::lock::parse(l, ctx, problems));
+    let storm = raw.storm.as_ref().map(|s| check_storm(&at, s, problems));
 
     if problems.len() > before {
         return None;
@@ -409,6 +438,7 @@ pub fn parse(
         resume_max_age,
         rules,
         lock,
+        storm,
         web,
     })
 }
@@ -676,6 +706,26 @@ mod tests {
         // Anchored: a partial match is no match.
         assert!(!r.applies(&labels("x-db-1"), false));
         assert!(!format!("{:?}", h.auth).contains("tok"));
+    }
+
+    #[test]
+    fn the_storm_breaker_parses_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let with = |storm: &str| {
+            format!("hooks:\n  bearer_token_file: t\n  state_dir: st\n  storm: {storm}\n  rules:\n    - name: r\n      match: {{ a: b }}\n      command: [/bin/true]\n")
+        };
+        let cfg = parse_config(&with("{ max_groups: 3, window: 10m }"), "c.yml", dir.path());
+        let storm = cfg.unwrap().hooks.unwrap().storm.unwrap();
+        assert_eq!((storm.max_groups, storm.window), (3, 600.0));
+        let text = parse_config(&with("{ max_groups: 0, window: 2h }"), "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        assert!(text.contains("hooks.storm.max_groups"), "{text}");
+        assert!(
+            text.contains("hooks.storm.window: must be more than 0s and at most 1h"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub enum Event {
         disruptive: bool,
         /// The notification whose payload the hook gets.
         notification: u64,
+        /// The alert's `cluster` label: the replication group whose cooldown and budget it
+        /// spends (empty: no such label; absent in journals from before groups).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
     },
     /// Skipped: this hook already handled this incident.
     Deduped {
@@ -103,20 +107,43 @@ pub enum Event {
         /// The alert.
         alert: AlertRef,
     },
-    /// Skipped: the hook ran too recently.
+    /// Skipped: the hook ran too recently for this replication group.
     CooldownSkipped {
         /// The hook.
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// The alert's `cluster` label (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
     },
-    /// Skipped: the hourly budget of disruptive runs is spent.
+    /// Skipped: the hourly budget of disruptive runs of this hook for this replication group
+    /// is spent.
     BudgetSkipped {
         /// The hook.
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// The alert's `cluster` label (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
     },
+    /// Skipped: disruptive runs started for more replication groups than `hooks.storm`
+    /// allows within its window; no disruptive run starts until `until`.
+    StormBreaker {
+        /// The hook.
+        hook: String,
+        /// The alert.
+        alert: AlertRef,
+        /// The alert's `cluster` label (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
+        /// The groups that started disruptive runs within the window.
+        groups: Vec<String>,
+        /// Unix time until which the breaker holds.
+        until: f64,
+    },
+
     /// Skipped: the kill-switch file exists.
     KillSwitch {
         /// The hook.

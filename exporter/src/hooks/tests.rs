@@ -22,6 +22,7 @@ fn config(dir: &std::path::Path, rules: Vec<HookRule>) -> HooksConfig {
         resume_max_age: Duration::from_secs(600),
         rules,
         lock: None,
+        storm: None,
         web: None,
     }
 }
@@ -227,6 +228,7 @@ async fn runs_accepted_before_a_restart_start_after_it_when_fresh() {
                 alert: alert(fp),
                 disruptive: true,
                 notification: n,
+                cluster: String::new(),
             },
         ] {
             journal::encode(&Record { ts: t - age, event }, &mut bytes);
