@@ -185,8 +185,10 @@ pub struct HookRule {
     pub matchers: Vec<Matcher>,
     /// Which alert status starts it.
     pub on: On,
-    /// The program and its arguments, executed without a shell.
+    /// The program and its arguments, executed without a shell (empty when `steps` is set).
     pub command: Vec<String>,
+    /// Ordered steps run instead of `command`, stopping at the first failure.
+    pub steps: Vec<Step>,
     /// Runs first; the hook runs only if it exits 0.
     pub validate: Option<Vec<String>>,
     /// Deadline for one attempt (and for the validation).
@@ -268,6 +270,95 @@ fn check_storm(at: &Located, raw: &RawStorm, problems: &mut Vec<Problem>) -> sup
 
 // --- end of replication-group limits ---
 
+// --- ordered steps: a hook's `steps:` ---
+
+/// One step of a hook with `steps:`.
+#[derive(Debug)]
+pub struct Step {
+    /// Its name: `CW_STEP` and the journal's `step`.
+    pub name: String,
+    /// The program and its arguments, executed without a shell.
+    pub command: Vec<String>,
+    /// Deadline for this step (default: the hook's `timeout`).
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    command: Vec<String>,
+    timeout: Option<HumanDuration>,
+}
+
+/// A hook runs either `command` or `steps` (uniquely named, each resolved like `command`);
+/// a step's exit 1 is no retry, since steps before it have acted.
+fn check_steps(
+    raw: Option<Vec<RawStep>>,
+    command_set: bool,
+    retries: u32,
+    timeout: Duration,
+    at: &Located,
+    ctx: &SectionContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<Step> {
+    let Some(raw) = raw else {
+        if !command_set {
+            problems.push(
+                at.problem("command", "missing field `command`")
+                    .hint("or `steps`"),
+            );
+        }
+        return Vec::new();
+    };
+    if command_set {
+        problems.push(at.problem("steps", "set either command or steps, not both"));
+    }
+    if raw.is_empty() {
+        problems.push(at.problem("steps", "steps must not be empty"));
+    }
+    if retries > 0 {
+        problems.push(
+            at.problem("retries", "a hook with steps is not retried")
+                .hint("a failed step may follow steps that acted; make each step retry itself"),
+        );
+    }
+    let mut steps: Vec<Step> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let field = format!("steps[{i}]");
+        let valid = !r.name.is_empty()
+            && r.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid || steps.iter().any(|s| s.name == r.name) {
+            problems.push(at.problem(
+                &format!("{field}.name"),
+                "step names are unique letters, digits, `-`, `_` and `.`",
+            ));
+        }
+        let command = resolve_argv(r.command, at, &format!("{field}.command"), ctx, problems);
+        let timeout = duration(
+            at,
+            &format!("{field}.timeout"),
+            r.timeout,
+            timeout,
+            limits::TIMEOUT,
+            problems,
+        );
+        if timeout.is_zero() {
+            problems.push(at.problem(&format!("{field}.timeout"), "must be greater than zero"));
+        }
+        steps.push(Step {
+            name: r.name,
+            command,
+            timeout,
+        });
+    }
+    steps
+}
+
+// --- end of ordered steps ---
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBasicAuth {
@@ -283,7 +374,8 @@ struct RawRule {
     match_eq: Option<BTreeMap<String, String>>,
     match_re: Option<BTreeMap<String, String>>,
     on: Option<On>,
-    command: Vec<String>,
+    command: Option<Vec<String>>,
+    steps: Option<Vec<RawStep>>,
     validate: Option<Vec<String>>,
     timeout: Option<HumanDuration>,
     cooldown: Option<HumanDuration>,
@@ -531,7 +623,11 @@ fn check_rule(
                 .hint("a hook without `match` or `match_re` would run for every alert"),
         );
     }
-    let command = resolve_argv(r.command, at, "command", ctx, problems);
+    let command_set = r.command.is_some();
+    let command = r
+        .command
+        .map(|c| resolve_argv(c, at, "command", ctx, problems))
+        .unwrap_or_default();
     let validate = r
         .validate
         .map(|v| resolve_argv(v, at, "validate", ctx, problems));
@@ -567,6 +663,7 @@ fn check_rule(
     }
     let retries = r.retries.unwrap_or(0);
     in_range(at, "retries", retries, 0, limits::RETRIES, problems);
+    let steps = check_steps(r.steps, command_set, retries, timeout, at, ctx, problems);
     let mut env = Vec::new();
     for (k, v) in r.env.unwrap_or_default() {
         let ok = !k.is_empty()
@@ -589,6 +686,7 @@ fn check_rule(
         matchers,
         on: r.on.unwrap_or(On::Firing),
         command,
+        steps,
         validate,
         timeout,
         cooldown,
@@ -726,6 +824,49 @@ mod tests {
             text.contains("hooks.storm.window: must be more than 0s and at most 1h"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn steps_replace_command_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let with = |rule: &str| {
+            format!("hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - name: r\n      match: {{ a: b }}\n{rule}")
+        };
+        let ok = with("      timeout: 9s\n      steps:\n        - { name: fence, command: [/bin/true] }\n        - { name: promote, command: [/bin/true], timeout: 2s }\n");
+        let h = parse_config(&ok, "c.yml", dir.path())
+            .unwrap()
+            .hooks
+            .unwrap();
+        let steps = &h.rules[0].steps;
+        assert_eq!(steps.len(), 2);
+        assert_eq!(
+            (steps[0].name.as_str(), steps[0].timeout),
+            ("fence", Duration::from_secs(9))
+        );
+        assert_eq!(steps[1].timeout, Duration::from_secs(2));
+        assert!(h.rules[0].command.is_empty());
+        for (rule, expect) in [
+            (
+                "      command: [/bin/true]\n      steps: [{ name: a, command: [/bin/true] }]\n",
+                "set either command or steps",
+            ),
+            ("      steps: []\n", "steps must not be empty"),
+            (
+                "      retries: 1\n      steps: [{ name: a, command: [/bin/true] }]\n",
+                "a hook with steps is not retried",
+            ),
+            (
+                "      steps: [{ name: a, command: [/bin/true] }, { name: a, command: [] }]\n",
+                "steps[1].name",
+            ),
+            ("      disruptive: true\n", "missing field `command`"),
+        ] {
+            let text = parse_config(&with(rule), "c.yml", dir.path())
+                .unwrap_err()
+                .render();
+            assert!(text.contains(expect), "{expect}: {text}");
+        }
     }
 
     #[test]

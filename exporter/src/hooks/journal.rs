@@ -197,6 +197,39 @@ pub enum Event {
         /// Last bytes of stderr.
         stderr_tail: String,
     },
+    /// A step of a hook with `steps:` is about to start (inside its run's `started`).
+    StepStarted {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The step's name.
+        step: String,
+        /// 0 for the first step.
+        index: usize,
+    },
+    /// A step ended. A step that did not end `ok` is the last of its run, and the run's
+    /// `finished` carries its result.
+    StepFinished {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The step's name.
+        step: String,
+        /// 0 for the first step.
+        index: usize,
+        /// `ok`, `failed`, `timeout` or `error`.
+        result: RunResult,
+        /// The exit code, if it exited.
+        exit_code: Option<i32>,
+        /// Wall-clock time of the step.
+        duration_seconds: f64,
+        /// Last bytes of stdout.
+        stdout_tail: String,
+        /// Last bytes of stderr.
+        stderr_tail: String,
+    },
     /// Found at start: the run had started when clusterwatch stopped; its effect is unknown.
     Unknown {
         /// The run.

@@ -337,7 +337,11 @@ impl State {
             // The incident was taken by another receiver: it stays handled here too (a
             // re-send is deduped), but this receiver spent no cooldown or budget on it.
             Event::LockHeldElsewhere { run, .. } => self.give_back(*run, false),
-            Event::LockAcquired { .. } | Event::LockLost { .. } => {}
+            // Steps happen inside a started run: the run's own records decide.
+            Event::LockAcquired { .. }
+            | Event::LockLost { .. }
+            | Event::StepStarted { .. }
+            | Event::StepFinished { .. } => {}
             Event::Started { run, .. } => {
                 if let Some(open) = self.open.get_mut(run) {
                     open.started = true;
@@ -528,6 +532,7 @@ pub(crate) mod tests {
             matchers: vec![Matcher::Eq("alertname".into(), "NoPrimary".into())],
             on: On::Firing,
             command: vec!["/bin/true".into()],
+            steps: Vec::new(),
             validate: None,
             timeout: Duration::from_secs(5),
             cooldown: Duration::from_secs(cooldown),

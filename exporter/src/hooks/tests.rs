@@ -265,3 +265,67 @@ async fn runs_accepted_before_a_restart_start_after_it_when_fresh() {
     let payload = dir.path().join("payloads/0.json");
     assert_eq!(ran, format!("0 {}\n", payload.display()));
 }
+
+#[tokio::test]
+async fn steps_run_in_order_and_stop_at_the_first_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.log");
+    let step = |name: &str, exit: u8| config::Step {
+        name: name.into(),
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"$CW_STEP $CW_STEP_INDEX $CW_RUN $CW_LABEL_ALERTNAME\" >> {}; exit {exit}",
+                log.display()
+            ),
+        ],
+        timeout: Duration::from_secs(5),
+    };
+    let mut r = rule("failover", true, 0);
+    r.command = Vec::new();
+    r.steps = vec![step("fence", 0), step("promote", 3), step("repoint", 0)];
+    let hooks = Hooks::start(config(dir.path(), vec![r]), Box::new(LocalGate))
+        .await
+        .unwrap();
+    assert_eq!(hooks.receive(alert_body("f1")).await.unwrap().runs, 1);
+    until("the run to finish", || {
+        events(dir.path())
+            .iter()
+            .any(|e| matches!(e, Event::Finished { .. }))
+    })
+    .await;
+    // The third step never ran; each step saw its own name and index.
+    let ran = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(ran, "fence 0 0 NoPrimary\npromote 1 0 NoPrimary\n");
+    let steps: Vec<(String, Option<RunResult>)> = events(dir.path())
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::StepStarted { step, .. } => Some((step, None)),
+            Event::StepFinished { step, result, .. } => Some((step, Some(result))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("fence".into(), None),
+            ("fence".into(), Some(RunResult::Ok)),
+            ("promote".into(), None),
+            ("promote".into(), Some(RunResult::Failed)),
+        ]
+    );
+    let finished: Vec<_> = events(dir.path())
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Finished {
+                run,
+                result,
+                exit_code,
+                ..
+            } => Some((run, result, exit_code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished, [(0, RunResult::Failed, Some(3))]);
+}
