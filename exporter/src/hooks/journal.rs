@@ -27,6 +27,10 @@ pub struct AlertRef {
     pub alertname: String,
 }
 
+/// The facts an alert brought that explain a decision, by name (absent in journals from
+/// before evidence was kept).
+pub type Evidence = std::collections::BTreeMap<String, String>;
+
 /// One journal line: a unix time and what happened.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -91,6 +95,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
         /// Whether it counts against the budget and must never run twice.
         disruptive: bool,
         /// The notification whose payload the hook gets.
@@ -106,6 +114,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// Skipped: the hook ran too recently for this replication group.
     CooldownSkipped {
@@ -113,6 +125,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
         /// The alert's `cluster` label (empty: none).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         cluster: String,
@@ -124,6 +140,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
         /// The alert's `cluster` label (empty: none).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         cluster: String,
@@ -135,6 +155,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
         /// The alert's `cluster` label (empty: none).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         cluster: String,
@@ -150,6 +174,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// Would have run, but dry run is on.
     DryRun {
@@ -157,6 +185,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// The validation command did not exit 0; the hook did not run.
     ValidateFailed {
@@ -290,6 +322,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// `hooks journal --accept-damage` dropped these unreadable lines. Incidents that began
     /// before this record are never run automatically.
@@ -737,6 +773,12 @@ pub fn render(r: &Record) -> String {
         if let Some(serde_json::Value::Object(alert)) = obj.remove("alert") {
             for (k, v) in alert {
                 fields.push(format!("{}={}", escape(&k), plain(&v)));
+            }
+        }
+        let evidence = obj.remove("evidence");
+        if let Some(serde_json::Value::Object(evidence)) = &evidence {
+            for (k, v) in evidence {
+                fields.push(format!("evidence.{}={}", escape(k), plain(v)));
             }
         }
         for (k, v) in obj.iter() {

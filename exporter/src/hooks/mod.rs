@@ -321,6 +321,7 @@ impl Hooks {
             disruptive: false,
             notification: open.notification,
             cluster: open.cluster.clone(),
+            evidence: policy::evidence_of(&alert),
         };
         if self
             .commit(vec![Record { ts: now(), event }])

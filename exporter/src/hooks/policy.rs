@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::config::HookRule;
-use super::journal::{AlertRef, Event, Record, RunResult};
+use super::journal::{AlertRef, Event, Evidence, Record, RunResult};
 use super::payload::{Alert, Notification};
 
 /// How far back unknown runs are reported (the `HookRunUnknown` alert fires this long).
@@ -127,6 +127,27 @@ pub fn group_of(a: &Alert) -> String {
     a.labels.get("cluster").cloned().unwrap_or_default()
 }
 
+/// Alert facts that explain a failover decision: from labels first, then annotations.
+const EVIDENCE_FACTS: &[&str] = &["candidate", "failed", "observers", "lag"];
+/// Annotations kept as evidence.
+const EVIDENCE_ANNOTATIONS: &[&str] = &["description", "value"];
+
+/// What the journal keeps of an alert to explain a decision about it.
+pub fn evidence_of(a: &Alert) -> Evidence {
+    let mut e = Evidence::new();
+    for k in EVIDENCE_FACTS {
+        if let Some(v) = a.labels.get(*k).or_else(|| a.annotations.get(*k)) {
+            e.insert((*k).to_owned(), v.clone());
+        }
+    }
+    for k in EVIDENCE_ANNOTATIONS {
+        if let Some(v) = a.annotations.get(*k) {
+            e.insert((*k).to_owned(), v.clone());
+        }
+    }
+    e
+}
+
 /// The dedupe key's alert part.
 pub fn alert_ref(a: &Alert) -> AlertRef {
     AlertRef {
@@ -216,6 +237,7 @@ pub fn plan(
             let alert = alert_ref(a);
             let hook = rule.name.clone();
             let cluster = group_of(a);
+            let evidence = evidence_of(a);
             let event = match decide(state, rule, &alert, &cluster, ctx) {
                 Decision::Run => {
                     let run = state.next_run;
@@ -231,15 +253,29 @@ pub fn plan(
                         disruptive: rule.disruptive,
                         notification,
                         cluster,
+                        evidence,
                     }
                 }
-                Decision::Deduped => Event::Deduped { hook, alert },
-                Decision::JournalDamaged => Event::JournalDamaged { hook, alert },
-                Decision::KillSwitch => Event::KillSwitch { hook, alert },
+                Decision::Deduped => Event::Deduped {
+                    hook,
+                    alert,
+                    evidence,
+                },
+                Decision::JournalDamaged => Event::JournalDamaged {
+                    hook,
+                    alert,
+                    evidence,
+                },
+                Decision::KillSwitch => Event::KillSwitch {
+                    hook,
+                    alert,
+                    evidence,
+                },
                 Decision::Cooldown => Event::CooldownSkipped {
                     hook,
                     alert,
                     cluster,
+                    evidence,
                 },
                 Decision::Storm => {
                     let (groups, until) = state.storm_trips(&cluster, ctx).unwrap_or_default();
@@ -249,14 +285,20 @@ pub fn plan(
                         cluster,
                         groups,
                         until,
+                        evidence,
                     }
                 }
                 Decision::Budget => Event::BudgetSkipped {
                     hook,
                     alert,
                     cluster,
+                    evidence,
                 },
-                Decision::DryRun => Event::DryRun { hook, alert },
+                Decision::DryRun => Event::DryRun {
+                    hook,
+                    alert,
+                    evidence,
+                },
             };
             push(state, &mut records, event);
         }
@@ -288,6 +330,7 @@ impl State {
                 disruptive,
                 notification,
                 cluster,
+                ..
             } => {
                 self.next_run = self.next_run.max(run + 1);
                 self.taken.insert((hook.clone(), alert.clone()));
@@ -316,7 +359,7 @@ impl State {
                     },
                 );
             }
-            Event::DryRun { hook, alert } => {
+            Event::DryRun { hook, alert, .. } => {
                 self.taken.insert((hook.clone(), alert.clone()));
             }
             Event::Deduped { .. }

@@ -229,6 +229,7 @@ async fn runs_accepted_before_a_restart_start_after_it_when_fresh() {
                 disruptive: true,
                 notification: n,
                 cluster: String::new(),
+                evidence: Default::default(),
             },
         ] {
             journal::encode(&Record { ts: t - age, event }, &mut bytes);
@@ -328,4 +329,62 @@ async fn steps_run_in_order_and_stop_at_the_first_failure() {
         })
         .collect();
     assert_eq!(finished, [(0, RunResult::Failed, Some(3))]);
+}
+
+#[test]
+fn replay_shows_the_evidence_and_each_steps_argv_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = rule("failover", true, 0);
+    r.command = Vec::new();
+    r.steps = ["fence", "promote"]
+        .map(|name| config::Step {
+            name: name.into(),
+            command: vec![format!("/opt/{name}"), "--now".into()],
+            timeout: Duration::from_secs(5),
+        })
+        .into();
+    let cfg = config(dir.path(), vec![r]);
+    let body = body(
+        "firing",
+        r#"{"alertname":"NoPrimary","cluster":"pg","candidate":"pg2","failed":"pg1"}"#,
+        "f1",
+        "t0",
+    )
+    .replace(
+        r#""annotations":{}"#,
+        r#""annotations":{"description":"pg1 lost by 2 of 3 observers","lag":"0 bytes"}"#,
+    );
+    let lines = replay(&cfg, body.as_bytes()).unwrap();
+    let text = lines.join("\n");
+    assert!(lines[0].contains("matched"), "{text}");
+    for want in [
+        "evidence.candidate=pg2",
+        "evidence.failed=pg1",
+        "evidence.lag=\"0 bytes\"",
+        "evidence.description=\"pg1 lost by 2 of 3 observers\"",
+        "cluster=pg",
+    ] {
+        assert!(lines[0].contains(want), "{want}: {text}");
+    }
+    let at = |s: &str| lines.iter().position(|l| l == s);
+    let fence = at("  would run step 0 fence: /opt/fence --now").expect(&text);
+    let promote = at("  would run step 1 promote: /opt/promote --now").expect(&text);
+    assert!(fence < promote);
+    for want in [
+        "CW_STEP=fence",
+        "CW_STEP_INDEX=0",
+        "CW_LABEL_CANDIDATE=pg2",
+        "CW_RUN=0",
+    ] {
+        assert!(
+            lines[fence..promote].contains(&format!("    {want}")),
+            "{want}: {text}"
+        );
+    }
+    assert!(
+        lines[promote..].contains(&"    CW_STEP_INDEX=1".to_owned()),
+        "{text}"
+    );
+    // Nothing was journaled or run.
+    assert!(journal::read(dir.path()).unwrap().is_empty());
 }
