@@ -207,6 +207,8 @@ pub struct HookRule {
     pub rerun_after_crash: bool,
     /// Extra fixed environment variables.
     pub env: Vec<(String, String)>,
+    /// Run only when the alert's `candidate` label is this (this host's target name).
+    pub only_if_candidate: Option<String>,
 }
 
 impl HookRule {
@@ -385,6 +387,7 @@ struct RawRule {
     retry_backoff: Option<HumanDuration>,
     rerun_after_crash: Option<bool>,
     env: Option<BTreeMap<String, String>>,
+    only_if_candidate: Option<String>,
 }
 
 /// Parses and checks the `hooks:` section, recording problems with their lines.
@@ -664,6 +667,12 @@ fn check_rule(
     let retries = r.retries.unwrap_or(0);
     in_range(at, "retries", retries, 0, limits::RETRIES, problems);
     let steps = check_steps(r.steps, command_set, retries, timeout, at, ctx, problems);
+    if r.only_if_candidate
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        problems.push(at.problem("only_if_candidate", "must name a target"));
+    }
     let mut env = Vec::new();
     for (k, v) in r.env.unwrap_or_default() {
         let ok = !k.is_empty()
@@ -696,6 +705,7 @@ fn check_rule(
         retry_backoff,
         rerun_after_crash,
         env,
+        only_if_candidate: r.only_if_candidate,
     })
 }
 

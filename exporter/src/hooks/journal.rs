@@ -119,6 +119,19 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Evidence::is_empty")]
         evidence: Evidence,
     },
+    /// Skipped: the hook acts only on the candidate's host (`only_if_candidate`) and the
+    /// alert names another candidate, or none.
+    NotCandidate {
+        /// The hook.
+        hook: String,
+        /// The alert.
+        alert: AlertRef,
+        /// The alert's `candidate` label (empty: none).
+        candidate: String,
+        /// What explains the decision (see `Matched`).
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
+    },
     /// Skipped: the hook ran too recently for this replication group.
     CooldownSkipped {
         /// The hook.

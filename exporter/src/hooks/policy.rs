@@ -99,6 +99,8 @@ pub enum Decision {
     /// The incident began before damaged journal lines were accepted: it may have been
     /// handled, so it does not run.
     JournalDamaged,
+    /// The alert's candidate is not this host (`only_if_candidate`).
+    NotCandidate,
     /// The kill-switch file exists.
     KillSwitch,
     /// The hook was accepted too recently for this group.
@@ -166,6 +168,7 @@ pub fn decide(
     rule: &HookRule,
     alert: &AlertRef,
     cluster: &str,
+    candidate: Option<&str>,
     ctx: &Context,
 ) -> Decision {
     if state.taken.contains(&(rule.name.clone(), alert.clone())) {
@@ -175,6 +178,11 @@ pub fn decide(
         // An unreadable startsAt could be anything: it counts as before.
         if unix_time(&alert.starts_at).is_none_or(|t| t <= fence) {
             return Decision::JournalDamaged;
+        }
+    }
+    if let Some(me) = &rule.only_if_candidate {
+        if candidate != Some(me.as_str()) {
+            return Decision::NotCandidate;
         }
     }
     if ctx.kill_switch {
@@ -238,7 +246,8 @@ pub fn plan(
             let hook = rule.name.clone();
             let cluster = group_of(a);
             let evidence = evidence_of(a);
-            let event = match decide(state, rule, &alert, &cluster, ctx) {
+            let candidate = a.labels.get("candidate").map(String::as_str);
+            let event = match decide(state, rule, &alert, &cluster, candidate, ctx) {
                 Decision::Run => {
                     let run = state.next_run;
                     runs.push(Planned {
@@ -264,6 +273,12 @@ pub fn plan(
                 Decision::JournalDamaged => Event::JournalDamaged {
                     hook,
                     alert,
+                    evidence,
+                },
+                Decision::NotCandidate => Event::NotCandidate {
+                    hook,
+                    alert,
+                    candidate: candidate.unwrap_or_default().to_owned(),
                     evidence,
                 },
                 Decision::KillSwitch => Event::KillSwitch {
@@ -364,6 +379,7 @@ impl State {
             }
             Event::Deduped { .. }
             | Event::CooldownSkipped { .. }
+            | Event::NotCandidate { .. }
             | Event::BudgetSkipped { .. }
             | Event::KillSwitch { .. }
             | Event::JournalDamaged { .. }
@@ -585,6 +601,7 @@ pub(crate) mod tests {
             retry_backoff: Duration::from_secs(1),
             rerun_after_crash: false,
             env: Vec::new(),
+            only_if_candidate: None,
         }
     }
 
@@ -716,6 +733,33 @@ pub(crate) mod tests {
             &ctx(900.0),
         );
         assert_eq!(kinds(&r), ["received", "budget", "matched"]);
+    }
+
+    #[test]
+    fn a_candidate_only_hook_runs_on_the_candidates_host_alone() {
+        let mut r = rule("promote-here", true, 0);
+        r.only_if_candidate = Some("pg2".into());
+        let rules = [r];
+        let with = |candidate: Option<&str>, fp: &str| {
+            let mut n = note("firing", fp, "t0");
+            if let Some(c) = candidate {
+                n.alerts[0].labels.insert("candidate".into(), c.into());
+            }
+            n
+        };
+        let mut s = State::default();
+        for (candidate, fp) in [(Some("pg3"), "a"), (None, "b")] {
+            let (r, runs) = plan(&mut s, &rules, &with(candidate, fp), &ctx(0.0));
+            assert_eq!(kinds(&r), ["received", "other"]);
+            assert!(
+                matches!(&r[1].event, Event::NotCandidate { candidate: c, .. } if c == candidate.unwrap_or(""))
+            );
+            assert!(runs.is_empty());
+        }
+        // Not taken: once the alert names this host, the same incident runs.
+        let (r, runs) = plan(&mut s, &rules, &with(Some("pg2"), "a"), &ctx(1.0));
+        assert_eq!(kinds(&r), ["received", "matched"]);
+        assert_eq!(runs.len(), 1);
     }
 
     #[test]
