@@ -1,9 +1,11 @@
 //! The `probe` collector: one target per configured probe (HTTP(S), TCP or SIP OPTIONS), so the
 //! engine runs them concurrently under the deadline. It turns a probe's outcome into metrics and
-//! keeps the consecutive-failure count across scrapes; the probing itself lives in `crate::probe`.
+//! keeps the consecutive-failure count per collection cycle (at most one probe run per
+//! `interval`, whoever scrapes); the probing itself lives in `crate::probe`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -31,6 +33,7 @@ struct RawProbe {
     name: String,
     cluster: Option<String>,
     timeout: Option<HumanDuration>,
+    interval: Option<HumanDuration>,
     http: Option<RawHttp>,
     tcp: Option<RawTcp>,
     sip_options: Option<RawSip>,
@@ -77,6 +80,11 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
         if problems.len() > before {
             continue;
         }
+        let interval = raw.interval.map_or(DEFAULT_INTERVAL, |d| d.0);
+        if interval > MAX_INTERVAL {
+            problems.push(item.problem("interval", "must be at most 1h"));
+            continue;
+        }
         let name = id.name.clone();
         out.push(Target::new(
             &KIND,
@@ -85,10 +93,24 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
                 name,
                 kind,
                 consecutive_failures: AtomicU64::new(0),
+                interval,
+                last: tokio::sync::Mutex::new(None),
             },
         ));
     }
     out
+}
+
+/// A probe runs at most once per this long; scrapes in between get its last outcome.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// One collection cycle's result, served to every scrape within `interval`.
+struct Cycle {
+    at: Instant,
+    outcome: Outcome,
+    elapsed: Duration,
+    failures: u64,
 }
 
 /// One configured probe.
@@ -96,8 +118,12 @@ pub struct ProbeCollector {
     /// The target name, for log lines.
     name: String,
     kind: Kind,
-    /// Failed runs since the last success, kept across scrapes for "N in a row" rules.
+    /// Failed cycles since the last success, kept across scrapes for "N in a row" rules.
     consecutive_failures: AtomicU64,
+    /// Shortest time between two probe runs (`0s`: every scrape runs it).
+    interval: Duration,
+    /// The last cycle; the lock also makes concurrent scrapes share one run.
+    last: tokio::sync::Mutex<Option<Cycle>>,
 }
 
 impl ProbeCollector {
@@ -110,15 +136,9 @@ impl ProbeCollector {
     }
 }
 
-const PHASES: &[&str] = &["resolve", "connect", "tls", "processing", "transfer"];
-
-#[async_trait]
-impl Collector for ProbeCollector {
-    async fn collect(
-        &self,
-        ctx: &ScrapeContext,
-        out: &mut SampleBuffer,
-    ) -> Result<(), CollectError> {
+impl ProbeCollector {
+    /// Runs the probe once and advances the failure streak: one collection cycle.
+    async fn run_cycle(&self, ctx: &ScrapeContext) -> Cycle {
         let started = Instant::now();
         // Ends before the engine's deadline, so a probe that runs out of time still reports
         // `reason="timeout"` itself instead of being aborted with nothing to show.
@@ -136,6 +156,41 @@ impl Collector for ProbeCollector {
             tracing::debug!(probe = %self.name, reason = outcome.failure.map(|r| r.label()), detail = %outcome.detail, "probe failed");
             self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
         };
+        Cycle {
+            at: started,
+            outcome,
+            elapsed,
+            failures,
+        }
+    }
+}
+
+const PHASES: &[&str] = &["resolve", "connect", "tls", "processing", "transfer"];
+
+#[async_trait]
+impl Collector for ProbeCollector {
+    async fn collect(
+        &self,
+        ctx: &ScrapeContext,
+        out: &mut SampleBuffer,
+    ) -> Result<(), CollectError> {
+        let mut last = self.last.lock().await;
+        let fresh = last
+            .as_ref()
+            .is_some_and(|c| c.at.elapsed() < self.interval);
+        if !fresh {
+            *last = Some(self.run_cycle(ctx).await);
+        }
+        let Some(Cycle {
+            outcome,
+            elapsed,
+            failures,
+            ..
+        }) = last.as_ref()
+        else {
+            unreachable!("a cycle was just stored");
+        };
+        let (elapsed, failures) = (*elapsed, *failures);
         let kind = [("kind", self.kind_label())];
         out.gauge(
             "clusterwatch_probe_success",
@@ -227,6 +282,41 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_failure_streak_counts_cycles_not_scrapes() {
+        // Port 1 on loopback refuses: every run fails at once.
+        let yaml = "probes:\n  - { name: cycled, interval: 1h, tcp: { address: '127.0.0.1:1' } }\n  - { name: every, interval: 0s, tcp: { address: '127.0.0.1:1' } }\n";
+        let cfg = parse(yaml, "c.yml", Path::new(".")).unwrap();
+        let ctx = crate::collector::ScrapeContext {
+            deadline: tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+        };
+        let mut streaks = Vec::new();
+        for t in cfg.targets.iter().filter(|t| t.name() == "probe") {
+            let mut last = 0.0;
+            for _ in 0..4 {
+                let mut b = crate::snapshot::SampleBuffer::new();
+                t.collect(&ctx, &mut b).await.unwrap();
+                let family = b.get("clusterwatch_probe_consecutive_failures").unwrap();
+                last = family.samples[0].value;
+            }
+            streaks.push((t.target().to_owned(), last));
+        }
+        // Four scrapes within one interval are one cycle; with `0s` each scrape is one.
+        assert_eq!(
+            streaks,
+            [("cycled".to_owned(), 1.0), ("every".to_owned(), 4.0)]
+        );
+        let err = parse(
+            "probes:\n  - { name: x, interval: 2h, tcp: { address: '127.0.0.1:1' } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err
+            .render()
+            .contains("probes[0].interval: must be at most 1h"));
     }
 
     #[test]

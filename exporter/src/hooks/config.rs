@@ -78,6 +78,8 @@ pub struct HooksConfig {
     pub rules: Vec<HookRule>,
     /// With several receivers: the etcd lock a disruptive run must take first.
     pub lock: Option<super::lock::LockConfig>,
+    /// The storm breaker across replication groups (`hooks.storm`); off when unset.
+    pub storm: Option<super::policy::Storm>,
     /// TLS for the webhook's own listener (`web_config_file`).
     pub web: Option<crate::web::Settings>,
 }
@@ -180,8 +182,10 @@ pub struct HookRule {
     pub matchers: Vec<Matcher>,
     /// Which alert status starts it.
     pub on: On,
-    /// The program and its arguments, executed without a shell.
+    /// The program and its arguments, executed without a shell (empty when `steps` is set).
     pub command: Vec<String>,
+    /// Ordered steps run instead of `command`, stopping at the first failure.
+    pub steps: Vec<Step>,
     /// Runs first; the hook runs only if it exits 0.
     pub validate: Option<Vec<String>>,
     /// Deadline for one attempt (and for the validation).
@@ -200,6 +204,8 @@ pub struct HookRule {
     pub rerun_after_crash: bool,
     /// Extra fixed environment variables.
     pub env: Vec<(String, String)>,
+    /// Run only when the alert's `candidate` label is this (this host's target name).
+    pub only_if_candidate: Option<String>,
 }
 
 impl HookRule {
@@ -229,6 +235,7 @@ struct RawHooks {
     kill_grace: Option<HumanDuration>,
     resume_max_age: Option<HumanDuration>,
     web_config_file: Option<PathBuf>,
+    storm: Option<RawStorm>,
     // Checked by `lock::parse`, so problems name `lock.<field>`.
     #[allow(dead_code)]
     lock: Option<serde::de::IgnoredAny>,
@@ -236,6 +243,120 @@ struct RawHooks {
     #[allow(dead_code)]
     rules: serde::de::IgnoredAny,
 }
+
+// --- replication-group limits: `hooks.storm` ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorm {
+    max_groups: usize,
+    window: HumanDuration,
+}
+
+/// `hooks.storm`: at least one group, a window of at most an hour (the span the journal's
+/// state keeps disruptive runs for).
+fn check_storm(at: &Located, raw: &RawStorm, problems: &mut Vec<Problem>) -> super::policy::Storm {
+    in_range(at, "storm.max_groups", raw.max_groups, 1, 1000, problems);
+    let window = raw.window.0;
+    if window.is_zero() || window > Duration::from_secs(3600) {
+        problems.push(at.problem("storm.window", "must be more than 0s and at most 1h"));
+    }
+    super::policy::Storm {
+        max_groups: raw.max_groups,
+        window: window.as_secs_f64(),
+    }
+}
+
+// --- end of replication-group limits ---
+
+// --- ordered steps: a hook's `steps:` ---
+
+/// One step of a hook with `steps:`.
+#[derive(Debug)]
+pub struct Step {
+    /// Its name: `CW_STEP` and the journal's `step`.
+    pub name: String,
+    /// The program and its arguments, executed without a shell.
+    pub command: Vec<String>,
+    /// Deadline for this step (default: the hook's `timeout`).
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    command: Vec<String>,
+    timeout: Option<HumanDuration>,
+}
+
+/// A hook runs either `command` or `steps` (uniquely named, each resolved like `command`);
+/// a step's exit 1 is no retry, since steps before it have acted.
+fn check_steps(
+    raw: Option<Vec<RawStep>>,
+    command_set: bool,
+    retries: u32,
+    timeout: Duration,
+    at: &Located,
+    ctx: &SectionContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<Step> {
+    let Some(raw) = raw else {
+        if !command_set {
+            problems.push(
+                at.problem("command", "missing field `command`")
+                    .hint("or `steps`"),
+            );
+        }
+        return Vec::new();
+    };
+    if command_set {
+        problems.push(at.problem("steps", "set either command or steps, not both"));
+    }
+    if raw.is_empty() {
+        problems.push(at.problem("steps", "steps must not be empty"));
+    }
+    if retries > 0 {
+        problems.push(
+            at.problem("retries", "a hook with steps is not retried")
+                .hint("a failed step may follow steps that acted; make each step retry itself"),
+        );
+    }
+    let mut steps: Vec<Step> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let field = format!("steps[{i}]");
+        let valid = !r.name.is_empty()
+            && r.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid || steps.iter().any(|s| s.name == r.name) {
+            problems.push(at.problem(
+                &format!("{field}.name"),
+                "step names are unique letters, digits, `-`, `_` and `.`",
+            ));
+        }
+        let command = resolve_argv(r.command, at, &format!("{field}.command"), ctx, problems);
+        let timeout = duration(
+            at,
+            &format!("{field}.timeout"),
+            r.timeout,
+            timeout,
+            limits::TIMEOUT,
+            problems,
+        );
+        if timeout.is_zero() {
+            problems.push(at.problem(&format!("{field}.timeout"), "must be greater than zero"));
+        }
+        steps.push(Step {
+            name: r.name,
+            command,
+            timeout,
+        });
+    }
+    steps
+}
+
+// --- end of ordered steps ---
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -252,7 +373,8 @@ struct RawRule {
     match_eq: Option<BTreeMap<String, String>>,
     match_re: Option<BTreeMap<String, String>>,
     on: Option<On>,
-    command: Vec<String>,
+    command: Option<Vec<String>>,
+    steps: Option<Vec<RawStep>>,
     validate: Option<Vec<String>>,
     timeout: Option<HumanDuration>,
     cooldown: Option<HumanDuration>,
@@ -262,6 +384,7 @@ struct RawRule {
     retry_backoff: Option<HumanDuration>,
     rerun_after_crash: Option<bool>,
     env: Option<BTreeMap<String, String>>,
+    only_if_candidate: Option<String>,
 }
 
 /// Parses and checks the `hooks:` section, recording problems with their lines.
@@ -389,6 +512,7 @@ pub fn parse(
     let lock = at
         .field("lock")
         .and_then(|l| super::lock::parse(l, ctx, problems));
+    let storm = raw.storm.as_ref().map(|s| check_storm(&at, s, problems));
 
     if problems.len() > before {
         return None;
@@ -406,6 +530,7 @@ pub fn parse(
         resume_max_age,
         rules,
         lock,
+        storm,
         web,
     })
 }
@@ -498,7 +623,11 @@ fn check_rule(
                 .hint("a hook without `match` or `match_re` would run for every alert"),
         );
     }
-    let command = resolve_argv(r.command, at, "command", ctx, problems);
+    let command_set = r.command.is_some();
+    let command = r
+        .command
+        .map(|c| resolve_argv(c, at, "command", ctx, problems))
+        .unwrap_or_default();
     let validate = r
         .validate
         .map(|v| resolve_argv(v, at, "validate", ctx, problems));
@@ -534,6 +663,13 @@ fn check_rule(
     }
     let retries = r.retries.unwrap_or(0);
     in_range(at, "retries", retries, 0, limits::RETRIES, problems);
+    let steps = check_steps(r.steps, command_set, retries, timeout, at, ctx, problems);
+    if r.only_if_candidate
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        problems.push(at.problem("only_if_candidate", "must name a target"));
+    }
     let mut env = Vec::new();
     for (k, v) in r.env.unwrap_or_default() {
         let ok = !k.is_empty()
@@ -556,6 +692,7 @@ fn check_rule(
         matchers,
         on: r.on.unwrap_or(On::Firing),
         command,
+        steps,
         validate,
         timeout,
         cooldown,
@@ -565,6 +702,7 @@ fn check_rule(
         retry_backoff,
         rerun_after_crash,
         env,
+        only_if_candidate: r.only_if_candidate,
     })
 }
 
@@ -673,6 +811,69 @@ mod tests {
         // Anchored: a partial match is no match.
         assert!(!r.applies(&labels("x-db-1"), false));
         assert!(!format!("{:?}", h.auth).contains("tok"));
+    }
+
+    #[test]
+    fn the_storm_breaker_parses_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let with = |storm: &str| {
+            format!("hooks:\n  bearer_token_file: t\n  state_dir: st\n  storm: {storm}\n  rules:\n    - name: r\n      match: {{ a: b }}\n      command: [/bin/true]\n")
+        };
+        let cfg = parse_config(&with("{ max_groups: 3, window: 10m }"), "c.yml", dir.path());
+        let storm = cfg.unwrap().hooks.unwrap().storm.unwrap();
+        assert_eq!((storm.max_groups, storm.window), (3, 600.0));
+        let text = parse_config(&with("{ max_groups: 0, window: 2h }"), "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        assert!(text.contains("hooks.storm.max_groups"), "{text}");
+        assert!(
+            text.contains("hooks.storm.window: must be more than 0s and at most 1h"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn steps_replace_command_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let with = |rule: &str| {
+            format!("hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - name: r\n      match: {{ a: b }}\n{rule}")
+        };
+        let ok = with("      timeout: 9s\n      steps:\n        - { name: fence, command: [/bin/true] }\n        - { name: promote, command: [/bin/true], timeout: 2s }\n");
+        let h = parse_config(&ok, "c.yml", dir.path())
+            .unwrap()
+            .hooks
+            .unwrap();
+        let steps = &h.rules[0].steps;
+        assert_eq!(steps.len(), 2);
+        assert_eq!(
+            (steps[0].name.as_str(), steps[0].timeout),
+            ("fence", Duration::from_secs(9))
+        );
+        assert_eq!(steps[1].timeout, Duration::from_secs(2));
+        assert!(h.rules[0].command.is_empty());
+        for (rule, expect) in [
+            (
+                "      command: [/bin/true]\n      steps: [{ name: a, command: [/bin/true] }]\n",
+                "set either command or steps",
+            ),
+            ("      steps: []\n", "steps must not be empty"),
+            (
+                "      retries: 1\n      steps: [{ name: a, command: [/bin/true] }]\n",
+                "a hook with steps is not retried",
+            ),
+            (
+                "      steps: [{ name: a, command: [/bin/true] }, { name: a, command: [] }]\n",
+                "steps[1].name",
+            ),
+            ("      disruptive: true\n", "missing field `command`"),
+        ] {
+            let text = parse_config(&with(rule), "c.yml", dir.path())
+                .unwrap_err()
+                .render();
+            assert!(text.contains(expect), "{expect}: {text}");
+        }
     }
 
     #[test]

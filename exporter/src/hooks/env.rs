@@ -38,6 +38,8 @@ pub struct RunFacts<'a> {
     pub payload_file: &'a Path,
     /// The lock's fencing token, for disruptive runs under `hooks.lock`.
     pub fencing_token: Option<u64>,
+    /// For a hook with `steps:`: the step's name and index (0 for the first).
+    pub step: Option<(&'a str, usize)>,
 }
 
 /// A hook's environment, and how many labels did not fit the budget.
@@ -70,6 +72,10 @@ pub fn build(f: &RunFacts<'_>) -> HookEnv {
     ];
     if let Some(t) = f.fencing_token {
         vars.push(("CW_FENCING_TOKEN".to_owned(), t.to_string()));
+    }
+    if let Some((name, index)) = f.step {
+        vars.push(("CW_STEP".to_owned(), name.to_owned()));
+        vars.push(("CW_STEP_INDEX".to_owned(), index.to_string()));
     }
     vars.extend(f.rule.env.iter().cloned());
     let (labels, dropped_labels) = label_env(&alert.labels, LABEL_BUDGET_BYTES);

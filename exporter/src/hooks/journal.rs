@@ -27,6 +27,10 @@ pub struct AlertRef {
     pub alertname: String,
 }
 
+/// The facts an alert brought that explain a decision, by name (absent in journals from
+/// before evidence was kept).
+pub type Evidence = std::collections::BTreeMap<String, String>;
+
 /// One journal line: a unix time and what happened.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -91,10 +95,18 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
         /// Whether it counts against the budget and must never run twice.
         disruptive: bool,
         /// The notification whose payload the hook gets.
         notification: u64,
+        /// The alert's `cluster` label: the replication group whose cooldown and budget it
+        /// spends (empty: no such label; absent in journals from before groups).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
     },
     /// Skipped: this hook already handled this incident.
     Deduped {
@@ -102,27 +114,83 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
-    /// Skipped: the hook ran too recently.
+    /// Skipped: the hook acts only on the candidate's host (`only_if_candidate`) and the
+    /// alert names another candidate, or none.
+    NotCandidate {
+        /// The hook.
+        hook: String,
+        /// The alert.
+        alert: AlertRef,
+        /// The alert's `candidate` label (empty: none).
+        candidate: String,
+        /// What explains the decision (see `Matched`).
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
+    },
+    /// Skipped: the hook ran too recently for this replication group.
     CooldownSkipped {
         /// The hook.
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
+        /// The alert's `cluster` label (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
     },
-    /// Skipped: the hourly budget of disruptive runs is spent.
+    /// Skipped: the hourly budget of disruptive runs of this hook for this replication group
+    /// is spent.
     BudgetSkipped {
         /// The hook.
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
+        /// The alert's `cluster` label (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
     },
+    /// Skipped: disruptive runs started for more replication groups than `hooks.storm`
+    /// allows within its window; no disruptive run starts until `until`.
+    StormBreaker {
+        /// The hook.
+        hook: String,
+        /// The alert.
+        alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
+        /// The alert's `cluster` label (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster: String,
+        /// The groups that started disruptive runs within the window.
+        groups: Vec<String>,
+        /// Unix time until which the breaker holds.
+        until: f64,
+    },
+
     /// Skipped: the kill-switch file exists.
     KillSwitch {
         /// The hook.
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// Would have run, but dry run is on.
     DryRun {
@@ -130,6 +198,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// The validation command did not exit 0; the hook did not run.
     ValidateFailed {
@@ -164,6 +236,39 @@ pub enum Event {
         /// The exit code, if it exited.
         exit_code: Option<i32>,
         /// Wall-clock time of the attempt.
+        duration_seconds: f64,
+        /// Last bytes of stdout.
+        stdout_tail: String,
+        /// Last bytes of stderr.
+        stderr_tail: String,
+    },
+    /// A step of a hook with `steps:` is about to start (inside its run's `started`).
+    StepStarted {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The step's name.
+        step: String,
+        /// 0 for the first step.
+        index: usize,
+    },
+    /// A step ended. A step that did not end `ok` is the last of its run, and the run's
+    /// `finished` carries its result.
+    StepFinished {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The step's name.
+        step: String,
+        /// 0 for the first step.
+        index: usize,
+        /// `ok`, `failed`, `timeout` or `error`.
+        result: RunResult,
+        /// The exit code, if it exited.
+        exit_code: Option<i32>,
+        /// Wall-clock time of the step.
         duration_seconds: f64,
         /// Last bytes of stdout.
         stdout_tail: String,
@@ -230,6 +335,10 @@ pub enum Event {
         hook: String,
         /// The alert.
         alert: AlertRef,
+        /// What explains the decision: the alert's `candidate`, `failed`, `observers` and `lag`
+        /// (labels, else annotations) and its `description` and `value` annotations.
+        #[serde(default, skip_serializing_if = "Evidence::is_empty")]
+        evidence: Evidence,
     },
     /// `hooks journal --accept-damage` dropped these unreadable lines. Incidents that began
     /// before this record are never run automatically.
@@ -677,6 +786,12 @@ pub fn render(r: &Record) -> String {
         if let Some(serde_json::Value::Object(alert)) = obj.remove("alert") {
             for (k, v) in alert {
                 fields.push(format!("{}={}", escape(&k), plain(&v)));
+            }
+        }
+        let evidence = obj.remove("evidence");
+        if let Some(serde_json::Value::Object(evidence)) = &evidence {
+            for (k, v) in evidence {
+                fields.push(format!("evidence.{}={}", escape(k), plain(v)));
             }
         }
         for (k, v) in obj.iter() {

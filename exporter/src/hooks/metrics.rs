@@ -26,6 +26,8 @@ pub const SKIP_REASONS: &[&str] = &[
     "deduped",
     "cooldown",
     "budget",
+    "storm_breaker",
+    "not_candidate",
     "kill_switch",
     "dry_run",
     "validate_failed",
@@ -67,6 +69,8 @@ impl Counters {
             Event::Deduped { hook, .. } => Some((hook, "deduped")),
             Event::CooldownSkipped { hook, .. } => Some((hook, "cooldown")),
             Event::BudgetSkipped { hook, .. } => Some((hook, "budget")),
+            Event::StormBreaker { hook, .. } => Some((hook, "storm_breaker")),
+            Event::NotCandidate { hook, .. } => Some((hook, "not_candidate")),
             Event::KillSwitch { hook, .. } => Some((hook, "kill_switch")),
             Event::DryRun { hook, .. } => Some((hook, "dry_run")),
             Event::JournalDamaged { hook, .. } => Some((hook, "journal_damaged")),
@@ -145,8 +149,20 @@ pub(super) fn write(
         state.disruptive_last_hour(t) as f64,
     );
     out.gauge(
+        "clusterwatch_hook_disruptive_runs_last_hour_max_group",
+        "The most disruptive runs one hook had for one replication group in the last hour (what the budget applies to).",
+        &[],
+        state.disruptive_max_group(t) as f64,
+    );
+    out.gauge(
+        "clusterwatch_hook_storm_breaker_active",
+        "1 while the storm breaker holds: no disruptive run starts.",
+        &[],
+        if state.storm_active(t) { 1.0 } else { 0.0 },
+    );
+    out.gauge(
         "clusterwatch_hook_max_disruptive_per_hour",
-        "The configured hourly budget of disruptive runs.",
+        "The configured hourly budget of disruptive runs, per hook and replication group.",
         &[],
         cfg.max_disruptive_per_hour as f64,
     );

@@ -320,6 +320,8 @@ impl Hooks {
             alert: open.alert,
             disruptive: false,
             notification: open.notification,
+            cluster: open.cluster.clone(),
+            evidence: policy::evidence_of(&alert),
         };
         if self
             .commit(vec![Record { ts: now(), event }])
@@ -398,6 +400,7 @@ fn context(cfg: &HooksConfig) -> Context {
         kill_switch: cfg.kill_switch_file.as_ref().is_some_and(|p| p.exists()),
         dry_run: cfg.dry_run,
         max_disruptive_per_hour: cfg.max_disruptive_per_hour,
+        storm: cfg.storm,
     }
 }
 

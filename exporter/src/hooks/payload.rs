@@ -29,6 +29,9 @@ pub struct Alert {
     pub status: Status,
     /// The alert's labels.
     pub labels: BTreeMap<String, String>,
+    /// The alert's annotations (kept as evidence in the journal).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
     /// When the alert started (RFC 3339, as sent): one incident has one start time.
     pub starts_at: String,
     /// Alertmanager's identity of the label set.

@@ -1,12 +1,12 @@
 //! The runner's decisions as pure functions over the journal's state: match, dedupe, kill
-//! switch, cooldown, budget, dry run. No I/O and no clock here: the caller passes `now` and
+//! switch, cooldown and budget per (hook, replication group), the storm breaker, dry run. No I/O and no clock here: the caller passes `now` and
 //! whether the kill-switch file exists, so every rule is unit-tested and `hooks replay` can
 //! show a decision without acting.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::config::HookRule;
-use super::journal::{AlertRef, Event, Record, RunResult};
+use super::journal::{AlertRef, Event, Evidence, Record, RunResult};
 use super::payload::{Alert, Notification};
 
 /// How far back unknown runs are reported (the `HookRunUnknown` alert fires this long).
@@ -29,8 +29,32 @@ pub struct OpenRun {
     pub notification: u64,
     /// When it was accepted (unix seconds).
     pub accepted_at: f64,
-    /// The hook's previous acceptance time, restored if this run is abandoned.
+    /// The alert's `cluster` label: the replication group (empty: none).
+    pub cluster: String,
+    /// The group's previous acceptance time for this hook, restored if this run is abandoned.
     prev_accepted: Option<f64>,
+}
+
+/// Cooldowns and budgets are kept per hook and replication group (the alert's `cluster`
+/// label; alerts without one share one group per hook).
+type GroupKey = (String, String);
+
+/// A disruptive run accepted in the last hour: its number, time and group.
+#[derive(Debug)]
+struct DisruptiveRun {
+    run: u64,
+    ts: f64,
+    key: GroupKey,
+}
+
+/// `hooks.storm`: more than `max_groups` replication groups starting disruptive runs within
+/// `window` seconds trips the breaker; then no disruptive run starts for `window` seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Storm {
+    /// Groups allowed to start disruptive runs within the window.
+    pub max_groups: usize,
+    /// The window, in seconds (at most an hour).
+    pub window: f64,
 }
 
 /// Everything the journal says that matters for the next decision.
@@ -38,8 +62,10 @@ pub struct OpenRun {
 pub struct State {
     taken: HashSet<(String, AlertRef)>,
     open: BTreeMap<u64, OpenRun>,
-    accepted: HashMap<String, f64>,
-    disruptive: Vec<(u64, f64)>,
+    accepted: HashMap<GroupKey, f64>,
+    disruptive: Vec<DisruptiveRun>,
+    /// The storm breaker holds until this unix time.
+    storm_until: f64,
     last_success: HashMap<String, f64>,
     unknown: Vec<(String, f64)>,
     next_run: u64,
@@ -57,8 +83,10 @@ pub struct Context {
     pub kill_switch: bool,
     /// Global dry run.
     pub dry_run: bool,
-    /// The hourly budget of disruptive runs.
+    /// The hourly budget of disruptive runs, per hook and replication group.
     pub max_disruptive_per_hour: u32,
+    /// The storm breaker across groups, if configured.
+    pub storm: Option<Storm>,
 }
 
 /// What to do about one (hook, alert) pair that matched.
@@ -71,11 +99,15 @@ pub enum Decision {
     /// The incident began before damaged journal lines were accepted: it may have been
     /// handled, so it does not run.
     JournalDamaged,
+    /// The alert's candidate is not this host (`only_if_candidate`).
+    NotCandidate,
     /// The kill-switch file exists.
     KillSwitch,
-    /// The hook was accepted too recently.
+    /// The hook was accepted too recently for this group.
     Cooldown,
-    /// The hourly budget of disruptive runs is spent.
+    /// The storm breaker holds (or this run would trip it): too many groups failing at once.
+    Storm,
+    /// The hourly budget of disruptive runs of this hook for this group is spent.
     Budget,
     /// Would run, but dry run is on.
     DryRun,
@@ -92,6 +124,32 @@ pub struct Planned {
     pub alert: usize,
 }
 
+/// The replication group an alert belongs to: its `cluster` label, empty without one.
+pub fn group_of(a: &Alert) -> String {
+    a.labels.get("cluster").cloned().unwrap_or_default()
+}
+
+/// Alert facts that explain a failover decision: from labels first, then annotations.
+const EVIDENCE_FACTS: &[&str] = &["candidate", "failed", "observers", "lag"];
+/// Annotations kept as evidence.
+const EVIDENCE_ANNOTATIONS: &[&str] = &["description", "value"];
+
+/// What the journal keeps of an alert to explain a decision about it.
+pub fn evidence_of(a: &Alert) -> Evidence {
+    let mut e = Evidence::new();
+    for k in EVIDENCE_FACTS {
+        if let Some(v) = a.labels.get(*k).or_else(|| a.annotations.get(*k)) {
+            e.insert((*k).to_owned(), v.clone());
+        }
+    }
+    for k in EVIDENCE_ANNOTATIONS {
+        if let Some(v) = a.annotations.get(*k) {
+            e.insert((*k).to_owned(), v.clone());
+        }
+    }
+    e
+}
+
 /// The dedupe key's alert part.
 pub fn alert_ref(a: &Alert) -> AlertRef {
     AlertRef {
@@ -105,7 +163,14 @@ pub fn alert_ref(a: &Alert) -> AlertRef {
 /// Decides for one hook and one alert that the hook applies to. The order matters: a repeat
 /// is a repeat whatever else holds, the kill switch beats everything that could run, and dry
 /// run reports the decision a real run would have got.
-pub fn decide(state: &State, rule: &HookRule, alert: &AlertRef, ctx: &Context) -> Decision {
+pub fn decide(
+    state: &State,
+    rule: &HookRule,
+    alert: &AlertRef,
+    cluster: &str,
+    candidate: Option<&str>,
+    ctx: &Context,
+) -> Decision {
     if state.taken.contains(&(rule.name.clone(), alert.clone())) {
         return Decision::Deduped;
     }
@@ -115,16 +180,25 @@ pub fn decide(state: &State, rule: &HookRule, alert: &AlertRef, ctx: &Context) -
             return Decision::JournalDamaged;
         }
     }
+    if let Some(me) = &rule.only_if_candidate {
+        if candidate != Some(me.as_str()) {
+            return Decision::NotCandidate;
+        }
+    }
     if ctx.kill_switch {
         return Decision::KillSwitch;
     }
-    if let Some(last) = state.accepted.get(&rule.name) {
+    let key = (rule.name.clone(), cluster.to_owned());
+    if let Some(last) = state.accepted.get(&key) {
         if ctx.now - last < rule.cooldown.as_secs_f64() {
             return Decision::Cooldown;
         }
     }
+    if rule.disruptive && state.storm_trips(cluster, ctx).is_some() {
+        return Decision::Storm;
+    }
     if rule.disruptive
-        && state.disruptive_last_hour(ctx.now) >= ctx.max_disruptive_per_hour as usize
+        && state.disruptive_in_group(&key, ctx.now) >= ctx.max_disruptive_per_hour as usize
     {
         return Decision::Budget;
     }
@@ -170,7 +244,10 @@ pub fn plan(
             }
             let alert = alert_ref(a);
             let hook = rule.name.clone();
-            let event = match decide(state, rule, &alert, ctx) {
+            let cluster = group_of(a);
+            let evidence = evidence_of(a);
+            let candidate = a.labels.get("candidate").map(String::as_str);
+            let event = match decide(state, rule, &alert, &cluster, candidate, ctx) {
                 Decision::Run => {
                     let run = state.next_run;
                     runs.push(Planned {
@@ -184,14 +261,59 @@ pub fn plan(
                         alert,
                         disruptive: rule.disruptive,
                         notification,
+                        cluster,
+                        evidence,
                     }
                 }
-                Decision::Deduped => Event::Deduped { hook, alert },
-                Decision::JournalDamaged => Event::JournalDamaged { hook, alert },
-                Decision::KillSwitch => Event::KillSwitch { hook, alert },
-                Decision::Cooldown => Event::CooldownSkipped { hook, alert },
-                Decision::Budget => Event::BudgetSkipped { hook, alert },
-                Decision::DryRun => Event::DryRun { hook, alert },
+                Decision::Deduped => Event::Deduped {
+                    hook,
+                    alert,
+                    evidence,
+                },
+                Decision::JournalDamaged => Event::JournalDamaged {
+                    hook,
+                    alert,
+                    evidence,
+                },
+                Decision::NotCandidate => Event::NotCandidate {
+                    hook,
+                    alert,
+                    candidate: candidate.unwrap_or_default().to_owned(),
+                    evidence,
+                },
+                Decision::KillSwitch => Event::KillSwitch {
+                    hook,
+                    alert,
+                    evidence,
+                },
+                Decision::Cooldown => Event::CooldownSkipped {
+                    hook,
+                    alert,
+                    cluster,
+                    evidence,
+                },
+                Decision::Storm => {
+                    let (groups, until) = state.storm_trips(&cluster, ctx).unwrap_or_default();
+                    Event::StormBreaker {
+                        hook,
+                        alert,
+                        cluster,
+                        groups,
+                        until,
+                        evidence,
+                    }
+                }
+                Decision::Budget => Event::BudgetSkipped {
+                    hook,
+                    alert,
+                    cluster,
+                    evidence,
+                },
+                Decision::DryRun => Event::DryRun {
+                    hook,
+                    alert,
+                    evidence,
+                },
             };
             push(state, &mut records, event);
         }
@@ -222,14 +344,21 @@ impl State {
                 alert,
                 disruptive,
                 notification,
+                cluster,
+                ..
             } => {
                 self.next_run = self.next_run.max(run + 1);
                 self.taken.insert((hook.clone(), alert.clone()));
-                let prev_accepted = self.accepted.insert(hook.clone(), r.ts);
+                let key = (hook.clone(), cluster.clone());
+                let prev_accepted = self.accepted.insert(key.clone(), r.ts);
                 if *disruptive {
                     let cutoff = r.ts - HOUR;
-                    self.disruptive.retain(|(_, t)| *t > cutoff);
-                    self.disruptive.push((*run, r.ts));
+                    self.disruptive.retain(|d| d.ts > cutoff);
+                    self.disruptive.push(DisruptiveRun {
+                        run: *run,
+                        ts: r.ts,
+                        key,
+                    });
                 }
                 self.open.insert(
                     *run,
@@ -240,19 +369,22 @@ impl State {
                         started: false,
                         notification: *notification,
                         accepted_at: r.ts,
+                        cluster: cluster.clone(),
                         prev_accepted,
                     },
                 );
             }
-            Event::DryRun { hook, alert } => {
+            Event::DryRun { hook, alert, .. } => {
                 self.taken.insert((hook.clone(), alert.clone()));
             }
             Event::Deduped { .. }
             | Event::CooldownSkipped { .. }
+            | Event::NotCandidate { .. }
             | Event::BudgetSkipped { .. }
             | Event::KillSwitch { .. }
             | Event::JournalDamaged { .. }
             | Event::Resumed { .. } => {}
+            Event::StormBreaker { until, .. } => self.storm_until = self.storm_until.max(*until),
             Event::DamageAccepted { .. } => {
                 self.damage_fence = Some(self.damage_fence.unwrap_or(r.ts).max(r.ts));
             }
@@ -264,7 +396,11 @@ impl State {
             // The incident was taken by another receiver: it stays handled here too (a
             // re-send is deduped), but this receiver spent no cooldown or budget on it.
             Event::LockHeldElsewhere { run, .. } => self.give_back(*run, false),
-            Event::LockAcquired { .. } | Event::LockLost { .. } => {}
+            // Steps happen inside a started run: the run's own records decide.
+            Event::LockAcquired { .. }
+            | Event::LockLost { .. }
+            | Event::StepStarted { .. }
+            | Event::StepFinished { .. } => {}
             Event::Started { run, .. } => {
                 if let Some(open) = self.open.get_mut(run) {
                     open.started = true;
@@ -294,11 +430,12 @@ impl State {
             if incident {
                 self.taken.remove(&(open.hook.clone(), open.alert));
             }
+            let key = (open.hook, open.cluster);
             match open.prev_accepted {
-                Some(t) => self.accepted.insert(open.hook, t),
-                None => self.accepted.remove(&open.hook),
+                Some(t) => self.accepted.insert(key, t),
+                None => self.accepted.remove(&key),
             };
-            self.disruptive.retain(|(r, _)| *r != run);
+            self.disruptive.retain(|d| d.run != run);
         }
     }
 
@@ -353,12 +490,53 @@ impl State {
         self.next_run
     }
 
-    /// Disruptive runs accepted in the hour before `now`.
+    /// Disruptive runs accepted in the hour before `now`, over all hooks and groups.
     pub fn disruptive_last_hour(&self, now: f64) -> usize {
+        self.disruptive.iter().filter(|d| now - d.ts < HOUR).count()
+    }
+
+    /// Disruptive runs of one hook for one group accepted in the hour before `now`.
+    fn disruptive_in_group(&self, key: &GroupKey, now: f64) -> usize {
         self.disruptive
             .iter()
-            .filter(|(_, t)| now - t < HOUR)
+            .filter(|d| now - d.ts < HOUR && &d.key == key)
             .count()
+    }
+
+    /// The most disruptive runs any one (hook, group) had in the hour before `now`: what
+    /// the per-group budget is compared with.
+    pub fn disruptive_max_group(&self, now: f64) -> usize {
+        let mut per: HashMap<&GroupKey, usize> = HashMap::new();
+        for d in self.disruptive.iter().filter(|d| now - d.ts < HOUR) {
+            *per.entry(&d.key).or_default() += 1;
+        }
+        per.into_values().max().unwrap_or(0)
+    }
+
+    /// Whether the storm breaker holds at `now`.
+    pub fn storm_active(&self, now: f64) -> bool {
+        now < self.storm_until
+    }
+
+    /// `Some((groups, until))` when a disruptive run for `cluster` must not start: the breaker
+    /// holds, or this group would be one more than `max_groups` to start a disruptive run
+    /// within the window (which trips it until `now + window`). `groups` are the groups seen
+    /// in the window, sorted.
+    fn storm_trips(&self, cluster: &str, ctx: &Context) -> Option<(Vec<String>, f64)> {
+        let storm = ctx.storm?;
+        let mut groups: Vec<String> = self
+            .disruptive
+            .iter()
+            .filter(|d| ctx.now - d.ts < storm.window)
+            .map(|d| d.key.1.clone())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        if self.storm_active(ctx.now) {
+            return Some((groups, self.storm_until));
+        }
+        let new_group = !groups.iter().any(|g| g == cluster);
+        (new_group && groups.len() >= storm.max_groups).then_some((groups, ctx.now + storm.window))
     }
 
     /// Runs of `hook` found interrupted within [`UNKNOWN_WINDOW_SECONDS`] before `now`.
@@ -413,6 +591,7 @@ pub(crate) mod tests {
             matchers: vec![Matcher::Eq("alertname".into(), "NoPrimary".into())],
             on: On::Firing,
             command: vec!["/bin/true".into()],
+            steps: Vec::new(),
             validate: None,
             timeout: Duration::from_secs(5),
             cooldown: Duration::from_secs(cooldown),
@@ -422,6 +601,7 @@ pub(crate) mod tests {
             retry_backoff: Duration::from_secs(1),
             rerun_after_crash: false,
             env: Vec::new(),
+            only_if_candidate: None,
         }
     }
 
@@ -431,7 +611,21 @@ pub(crate) mod tests {
             kill_switch: false,
             dry_run: false,
             max_disruptive_per_hour: 1,
+            storm: None,
         }
+    }
+
+    /// A `NoPrimary` notification with one alert per cluster.
+    fn groups_note(clusters: &[&str], starts: &str) -> Notification {
+        let mut n = note("firing", "x", starts);
+        let proto = n.alerts.remove(0);
+        for c in clusters {
+            let mut a = proto.clone();
+            a.fingerprint = format!("fp-{c}");
+            a.labels.insert("cluster".into(), (*c).into());
+            n.alerts.push(a);
+        }
+        n
     }
 
     /// A one-alert `NoPrimary` notification.
@@ -448,6 +642,7 @@ pub(crate) mod tests {
                 Event::Deduped { .. } => "deduped",
                 Event::CooldownSkipped { .. } => "cooldown",
                 Event::BudgetSkipped { .. } => "budget",
+                Event::StormBreaker { .. } => "storm",
                 Event::KillSwitch { .. } => "kill_switch",
                 Event::DryRun { .. } => "dry_run",
                 _ => "other",
@@ -491,12 +686,12 @@ pub(crate) mod tests {
         let rules = [rule("a", true, 600), rule("b", true, 0)];
         let mut s = State::default();
         let (r, _) = plan(&mut s, &rules, &note("firing", "f1", "t0"), &ctx(0.0));
-        // `a` takes the one disruptive run of the hour; `b` is over budget.
-        assert_eq!(kinds(&r), ["received", "matched", "budget"]);
+        // Each hook has its own budget for the group: both take their one run of the hour.
+        assert_eq!(kinds(&r), ["received", "matched", "matched"]);
         let (r, _) = plan(&mut s, &rules, &note("firing", "f2", "t0"), &ctx(300.0));
         assert_eq!(kinds(&r), ["received", "cooldown", "budget"]);
         let (r, _) = plan(&mut s, &rules, &note("firing", "f3", "t0"), &ctx(3601.0));
-        assert_eq!(kinds(&r), ["received", "matched", "budget"]);
+        assert_eq!(kinds(&r), ["received", "matched", "matched"]);
         let mut c = ctx(99999.0);
         c.kill_switch = true;
         let (r, _) = plan(&mut s, &rules, &note("firing", "f4", "t0"), &c);
@@ -507,6 +702,106 @@ pub(crate) mod tests {
         // Dry run reports what would happen and spends no budget.
         assert_eq!(kinds(&r), ["received", "dry_run", "dry_run"]);
         assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn budget_and_cooldown_are_per_replication_group() {
+        // Seed 004: one host carries two Redis groups; both fail in one notification.
+        let rules = [rule("promote", true, 600)];
+        let mut s = State::default();
+        let (r, runs) = plan(&mut s, &rules, &groups_note(&["r1", "r2"], "t0"), &ctx(0.0));
+        assert_eq!(kinds(&r), ["received", "matched", "matched"]);
+        assert_eq!(runs.len(), 2);
+        assert!(matches!(&r[2].event, Event::Matched { cluster, .. } if cluster == "r2"));
+        // A new incident of the same group is in its cooldown, then over its budget.
+        let (r, _) = plan(&mut s, &rules, &groups_note(&["r1"], "t1"), &ctx(300.0));
+        assert_eq!(kinds(&r), ["received", "cooldown"]);
+        let (r, _) = plan(&mut s, &rules, &groups_note(&["r1"], "t2"), &ctx(900.0));
+        assert_eq!(kinds(&r), ["received", "budget"]);
+        assert!(matches!(&r[1].event, Event::BudgetSkipped { cluster, .. } if cluster == "r1"));
+        // Alerts without `cluster` are one group of their own.
+        let (r, _) = plan(&mut s, &rules, &note("firing", "f", "t0"), &ctx(900.0));
+        assert_eq!(kinds(&r), ["received", "matched"]);
+        // The groups survive a restart.
+        let mut s = State::default();
+        let (all, _) = plan(&mut s, &rules, &groups_note(&["r1", "r2"], "t0"), &ctx(0.0));
+        let mut replayed = State::replay(&all);
+        let (r, _) = plan(
+            &mut replayed,
+            &rules,
+            &groups_note(&["r2", "r3"], "t5"),
+            &ctx(900.0),
+        );
+        assert_eq!(kinds(&r), ["received", "budget", "matched"]);
+    }
+
+    #[test]
+    fn a_candidate_only_hook_runs_on_the_candidates_host_alone() {
+        let mut r = rule("promote-here", true, 0);
+        r.only_if_candidate = Some("pg2".into());
+        let rules = [r];
+        let with = |candidate: Option<&str>, fp: &str| {
+            let mut n = note("firing", fp, "t0");
+            if let Some(c) = candidate {
+                n.alerts[0].labels.insert("candidate".into(), c.into());
+            }
+            n
+        };
+        let mut s = State::default();
+        for (candidate, fp) in [(Some("pg3"), "a"), (None, "b")] {
+            let (r, runs) = plan(&mut s, &rules, &with(candidate, fp), &ctx(0.0));
+            assert_eq!(kinds(&r), ["received", "other"]);
+            assert!(
+                matches!(&r[1].event, Event::NotCandidate { candidate: c, .. } if c == candidate.unwrap_or(""))
+            );
+            assert!(runs.is_empty());
+        }
+        // Not taken: once the alert names this host, the same incident runs.
+        let (r, runs) = plan(&mut s, &rules, &with(Some("pg2"), "a"), &ctx(1.0));
+        assert_eq!(kinds(&r), ["received", "matched"]);
+        assert_eq!(runs.len(), 1);
+    }
+
+    #[test]
+    fn the_storm_breaker_stops_every_disruptive_run_for_its_window() {
+        let rules = [rule("promote", true, 0), rule("notify", false, 0)];
+        let mut c = ctx(0.0);
+        c.storm = Some(Storm {
+            max_groups: 2,
+            window: 600.0,
+        });
+        let mut s = State::default();
+        let (r, runs) = plan(&mut s, &rules, &groups_note(&["a", "b", "c"], "t0"), &c);
+        // Two groups start; the third trips the breaker. Non-disruptive hooks still run.
+        assert_eq!(
+            kinds(&r),
+            ["received", "matched", "matched", "matched", "matched", "storm", "matched"]
+        );
+        assert_eq!(runs.len(), 5);
+        let Event::StormBreaker { groups, until, .. } = &r[5].event else {
+            unreachable!()
+        };
+        assert_eq!(groups, &["a", "b"]);
+        assert_eq!(*until, 600.0);
+        assert!(s.storm_active(599.0));
+        // While it holds, even a group that already ran is stopped; a restart keeps it.
+        let mut all = r.clone();
+        c.now = 300.0;
+        let (r, _) = plan(&mut s, &rules, &groups_note(&["a"], "t1"), &c);
+        assert_eq!(kinds(&r), ["received", "storm", "matched"]);
+        all.extend(r);
+        let mut replayed = State::replay(&all);
+        c.now = 599.0;
+        let (r, _) = plan(&mut replayed, &rules, &groups_note(&["d"], "t1"), &c);
+        assert_eq!(kinds(&r), ["received", "storm", "matched"]);
+        // After the window, groups start again, up to the limit.
+        c.now = 1300.0;
+        let (r, _) = plan(&mut replayed, &rules, &groups_note(&["d", "e"], "t2"), &c);
+        assert_eq!(
+            kinds(&r),
+            ["received", "matched", "matched", "matched", "matched"]
+        );
+        assert!(!replayed.storm_active(1300.0));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! A run's life after `policy` accepted it: a run slot, validation, the gate (disruptive
-//! runs), then attempts (`started` → process → `finished`) with bounded backoff. Every step is
+//! runs), then attempts (`started` → process, or its ordered steps → `finished`) with
+//! bounded backoff. Every step is
 //! journaled before the next acts. Deciding to run is `policy`'s; a process is `runner`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::config::{HookRule, HooksConfig};
+use super::config::{HookRule, HooksConfig, Step};
 use super::env::{self, RunFacts};
 use super::gate::{self, AbortOnDrop, Pass};
 use super::journal::{Event, Record, RunResult};
@@ -84,8 +85,15 @@ impl Run {
         }
     }
 
-    /// Runs `argv` as a process of this run (attempt 0 is the validation).
-    async fn process(&self, argv: &[String], attempt: u32, fencing_token: Option<u64>) -> Outcome {
+    /// Runs `argv` as a process of this run (attempt 0 is the validation), as `step` of a
+    /// hook with steps.
+    async fn process(
+        &self,
+        argv: &[String],
+        attempt: u32,
+        fencing_token: Option<u64>,
+        step: Option<(&Step, usize)>,
+    ) -> Outcome {
         let payload_file = self.hooks.payload_path(self.notification);
         let env = env::build(&RunFacts {
             rule: self.rule(),
@@ -94,6 +102,7 @@ impl Run {
             alert: &self.alert,
             payload_file: &payload_file,
             fencing_token,
+            step: step.map(|(s, i)| (s.name.as_str(), i)),
         });
         if env.dropped_labels > 0 {
             tracing::warn!(
@@ -110,7 +119,7 @@ impl Run {
             argv,
             env: env.vars,
             stdin: self.body.clone(),
-            timeout: self.rule().timeout,
+            timeout: step.map_or(self.rule().timeout, |(s, _)| s.timeout),
             grace: self.cfg.kill_grace,
         })
         .await
@@ -121,7 +130,7 @@ impl Run {
         let Some(argv) = &self.rule().validate else {
             return true;
         };
-        let o = self.process(argv, 0, None).await;
+        let o = self.process(argv, 0, None, None).await;
         if o.exit == Exit::Code(0) {
             return true;
         }
@@ -196,10 +205,16 @@ impl Run {
             .ok()?;
         tracing::info!(hook = %hook, run, attempt, "hook started");
         self.hooks.count().started(&hook);
-        let o = self
-            .process(&self.rule().command, attempt, fencing_token)
-            .await;
-        let result = result_of(&o.exit, attempt <= self.rule().retries);
+        let (o, result) = match self.rule().steps.is_empty() {
+            true => {
+                let o = self
+                    .process(&self.rule().command, attempt, fencing_token, None)
+                    .await;
+                let result = result_of(&o.exit, attempt <= self.rule().retries);
+                (o, result)
+            }
+            false => self.steps(attempt, fencing_token).await,
+        };
         let seconds = o.duration.as_secs_f64();
         self.hooks.count().finished(&hook, result, seconds);
         tracing::info!(hook = %hook, run, attempt, result = result.as_str(), outcome = %o.exit, seconds, "hook finished");
@@ -219,6 +234,76 @@ impl Run {
         };
         let _ = self.hooks.commit(vec![Record { ts: now(), event }]).await;
         Some(result)
+    }
+
+    /// The steps in order, each between `step_started` and `step_finished`, up to the first
+    /// that does not end `ok` (never retried: the steps before it have acted). The run's
+    /// outcome is that step's (or the last one's), over the steps' whole time.
+    async fn steps(&self, attempt: u32, fencing_token: Option<u64>) -> (Outcome, RunResult) {
+        let (hook, run) = (self.hook().to_owned(), self.run);
+        let mut total = Duration::ZERO;
+        let mut last = None;
+        for (index, step) in self.rule().steps.iter().enumerate() {
+            let event = Event::StepStarted {
+                run,
+                hook: hook.clone(),
+                step: step.name.clone(),
+                index,
+            };
+            // Journal first: a step that is not on record must not act.
+            if self
+                .hooks
+                .commit(vec![Record { ts: now(), event }])
+                .await
+                .is_err()
+            {
+                let exit = Exit::SpawnFailed("the step could not be journaled".into());
+                let o = Outcome {
+                    exit,
+                    duration: total,
+                    stdout_tail: String::new(),
+                    stderr_tail: String::new(),
+                };
+                return (o, RunResult::Error);
+            }
+            let o = self
+                .process(&step.command, attempt, fencing_token, Some((step, index)))
+                .await;
+            let result = result_of(&o.exit, false);
+            total += o.duration;
+            tracing::info!(hook = %hook, run, step = %step.name, index, result = result.as_str(), outcome = %o.exit, "hook step finished");
+            let event = Event::StepFinished {
+                run,
+                hook: hook.clone(),
+                step: step.name.clone(),
+                index,
+                result,
+                exit_code: match o.exit {
+                    Exit::Code(c) => Some(c),
+                    _ => None,
+                },
+                duration_seconds: o.duration.as_secs_f64(),
+                stdout_tail: o.stdout_tail.clone(),
+                stderr_tail: o.stderr_tail.clone(),
+            };
+            let _ = self.hooks.commit(vec![Record { ts: now(), event }]).await;
+            last = Some((o, result));
+            if result != RunResult::Ok {
+                break;
+            }
+        }
+        // check-config refuses empty steps; should none be left, nothing ran.
+        let (mut o, result) = last.unwrap_or_else(|| {
+            let o = Outcome {
+                exit: Exit::SpawnFailed("the hook has no steps".into()),
+                duration: total,
+                stdout_tail: String::new(),
+                stderr_tail: String::new(),
+            };
+            (o, RunResult::Error)
+        });
+        o.duration = total;
+        (o, result)
     }
 }
 

@@ -22,6 +22,7 @@ fn config(dir: &std::path::Path, rules: Vec<HookRule>) -> HooksConfig {
         resume_max_age: Duration::from_secs(600),
         rules,
         lock: None,
+        storm: None,
         web: None,
     }
 }
@@ -227,6 +228,8 @@ async fn runs_accepted_before_a_restart_start_after_it_when_fresh() {
                 alert: alert(fp),
                 disruptive: true,
                 notification: n,
+                cluster: String::new(),
+                evidence: Default::default(),
             },
         ] {
             journal::encode(&Record { ts: t - age, event }, &mut bytes);
@@ -262,4 +265,126 @@ async fn runs_accepted_before_a_restart_start_after_it_when_fresh() {
     let ran = std::fs::read_to_string(&ran).unwrap();
     let payload = dir.path().join("payloads/0.json");
     assert_eq!(ran, format!("0 {}\n", payload.display()));
+}
+
+#[tokio::test]
+async fn steps_run_in_order_and_stop_at_the_first_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.log");
+    let step = |name: &str, exit: u8| config::Step {
+        name: name.into(),
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"$CW_STEP $CW_STEP_INDEX $CW_RUN $CW_LABEL_ALERTNAME\" >> {}; exit {exit}",
+                log.display()
+            ),
+        ],
+        timeout: Duration::from_secs(5),
+    };
+    let mut r = rule("failover", true, 0);
+    r.command = Vec::new();
+    r.steps = vec![step("fence", 0), step("promote", 3), step("repoint", 0)];
+    let hooks = Hooks::start(config(dir.path(), vec![r]), Box::new(LocalGate))
+        .await
+        .unwrap();
+    assert_eq!(hooks.receive(alert_body("f1")).await.unwrap().runs, 1);
+    until("the run to finish", || {
+        events(dir.path())
+            .iter()
+            .any(|e| matches!(e, Event::Finished { .. }))
+    })
+    .await;
+    // The third step never ran; each step saw its own name and index.
+    let ran = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(ran, "fence 0 0 NoPrimary\npromote 1 0 NoPrimary\n");
+    let steps: Vec<(String, Option<RunResult>)> = events(dir.path())
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::StepStarted { step, .. } => Some((step, None)),
+            Event::StepFinished { step, result, .. } => Some((step, Some(result))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("fence".into(), None),
+            ("fence".into(), Some(RunResult::Ok)),
+            ("promote".into(), None),
+            ("promote".into(), Some(RunResult::Failed)),
+        ]
+    );
+    let finished: Vec<_> = events(dir.path())
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Finished {
+                run,
+                result,
+                exit_code,
+                ..
+            } => Some((run, result, exit_code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished, [(0, RunResult::Failed, Some(3))]);
+}
+
+#[test]
+fn replay_shows_the_evidence_and_each_steps_argv_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = rule("failover", true, 0);
+    r.command = Vec::new();
+    r.steps = ["fence", "promote"]
+        .map(|name| config::Step {
+            name: name.into(),
+            command: vec![format!("/opt/{name}"), "--now".into()],
+            timeout: Duration::from_secs(5),
+        })
+        .into();
+    let cfg = config(dir.path(), vec![r]);
+    let body = body(
+        "firing",
+        r#"{"alertname":"NoPrimary","cluster":"pg","candidate":"pg2","failed":"pg1"}"#,
+        "f1",
+        "t0",
+    )
+    .replace(
+        r#""annotations":{}"#,
+        r#""annotations":{"description":"pg1 lost by 2 of 3 observers","lag":"0 bytes"}"#,
+    );
+    let lines = replay(&cfg, body.as_bytes()).unwrap();
+    let text = lines.join("\n");
+    assert!(lines[0].contains("matched"), "{text}");
+    for want in [
+        "evidence.candidate=pg2",
+        "evidence.failed=pg1",
+        "evidence.lag=\"0 bytes\"",
+        "evidence.description=\"pg1 lost by 2 of 3 observers\"",
+        "cluster=pg",
+    ] {
+        assert!(lines[0].contains(want), "{want}: {text}");
+    }
+    let at = |s: &str| lines.iter().position(|l| l == s);
+    let fence = at("  would run step 0 fence: /opt/fence --now").expect(&text);
+    let promote = at("  would run step 1 promote: /opt/promote --now").expect(&text);
+    assert!(fence < promote);
+    for want in [
+        "CW_STEP=fence",
+        "CW_STEP_INDEX=0",
+        "CW_LABEL_CANDIDATE=pg2",
+        "CW_RUN=0",
+    ] {
+        assert!(
+            lines[fence..promote].contains(&format!("    {want}")),
+            "{want}: {text}"
+        );
+    }
+    assert!(
+        lines[promote..].contains(&"    CW_STEP_INDEX=1".to_owned()),
+        "{text}"
+    );
+    // Nothing was journaled or run.
+    assert!(journal::read(dir.path()).unwrap().is_empty());
 }

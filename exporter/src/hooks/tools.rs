@@ -1,12 +1,14 @@
 //! The offline commands: `hooks journal` (print, `--check`, `--accept-damage`) and
-//! `hooks replay` (the decisions a payload would get). They read the journal and decide with
+//! `hooks replay` (the decisions a payload would get, their evidence, and the argv and `CW_*`
+//! environment of each step a run would start). They read the journal and decide with
 //! `policy`; they never run a hook.
 
 use std::path::Path;
 
 use super::config::HooksConfig;
+use super::journal::{Event, Record};
 use super::policy::State;
-use super::{context, journal, now, payload, policy};
+use super::{context, env, journal, now, payload, policy};
 
 /// `clusterwatch hooks journal [--check | --accept-damage]`: the journal as lines (damaged
 /// lines in place), only its damage, or the damage dropped. `Err` when a check finds damage.
@@ -87,10 +89,69 @@ pub fn replay(cfg: &HooksConfig, body: &[u8]) -> Result<Vec<String>, String> {
     let records =
         journal::read(&cfg.state_dir).map_err(|e| format!("cannot read the journal: {e}"))?;
     let mut state = State::replay(&records);
-    let (decided, _) = policy::plan(&mut state, &cfg.rules, &n, &context(cfg));
-    let mut lines: Vec<String> = decided.iter().skip(1).map(journal::render).collect();
+    let (decided, planned) = policy::plan(&mut state, &cfg.rules, &n, &context(cfg));
+    let notification = match decided.first() {
+        Some(Record {
+            event: Event::Received { notification, .. },
+            ..
+        }) => *notification,
+        _ => 0,
+    };
+    let payload_file = cfg
+        .state_dir
+        .join("payloads")
+        .join(format!("{notification}.json"));
+    let mut lines = Vec::new();
+    for r in decided.iter().skip(1) {
+        lines.push(journal::render(r));
+        let Event::Matched { run, .. } = &r.event else {
+            continue;
+        };
+        let Some(p) = planned.iter().find(|p| p.run == *run) else {
+            continue;
+        };
+        let rule = &cfg.rules[p.rule];
+        let facts = |step| env::RunFacts {
+            rule,
+            run: *run,
+            attempt: 1,
+            alert: &n.alerts[p.alert],
+            payload_file: &payload_file,
+            fencing_token: None,
+            step,
+        };
+        let mut would = |what: String, argv: &[String], f: env::RunFacts<'_>| {
+            lines.push(format!("  would run {what}: {}", shell_words(argv)));
+            for (k, v) in env::build(&f).vars {
+                if k.starts_with("CW_") {
+                    lines.push(format!("    {k}={}", v.escape_debug()));
+                }
+            }
+            if rule.disruptive && cfg.lock.is_some() {
+                lines.push("    CW_FENCING_TOKEN=(the etcd claim's revision, at run time)".into());
+            }
+        };
+        if rule.steps.is_empty() {
+            would("command".into(), &rule.command, facts(None));
+        }
+        for (i, step) in rule.steps.iter().enumerate() {
+            let what = format!("step {i} {}", step.name);
+            would(what, &step.command, facts(Some((step.name.as_str(), i))));
+        }
+    }
     if lines.is_empty() {
         lines.push("no hook matches any alert of this notification".into());
     }
     Ok(lines)
+}
+
+/// An argv as one line: words with blanks, quotes or escapes are quoted.
+fn shell_words(argv: &[String]) -> String {
+    let word = |w: &String| match w.is_empty()
+        || w.contains(|c: char| c.is_whitespace() || "'\"\\".contains(c))
+    {
+        true => format!("{w:?}"),
+        false => w.clone(),
+    };
+    argv.iter().map(word).collect::<Vec<_>>().join(" ")
 }

@@ -523,14 +523,16 @@ async fn bench_probes(scrapes: usize) -> Result<()> {
     let nginx = Nginx::start(&[]).await?;
     let target = |i: usize| format!("{}/?n={i}", nginx.http_base());
     let one = format!(
-        "probes:\n  - {{ name: web, http: {{ url: '{}' }} }}\n",
+        "probes:\n  - {{ name: web, interval: 0s, http: {{ url: '{}' }} }}\n",
         target(0)
     );
     let hundred: String = std::iter::once("probes:\n".to_owned())
-        .chain(
-            (0..PROBES)
-                .map(|i| format!("  - {{ name: web{i}, http: {{ url: '{}' }} }}\n", target(i))),
-        )
+        .chain((0..PROBES).map(|i| {
+            format!(
+                "  - {{ name: web{i}, interval: 0s, http: {{ url: '{}' }} }}\n",
+                target(i)
+            )
+        }))
         .collect();
 
     let mut cw = Clusterwatch::start(Some(&one), &[]).await?;

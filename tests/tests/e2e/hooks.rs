@@ -717,3 +717,67 @@ async fn redis_promote_example_acts_only_once_the_master_is_gone() -> Result<()>
     assert_eq!(role(&pair.replica).await?.as_deref(), Some("master"));
     Ok(())
 }
+
+#[tokio::test]
+async fn ordered_steps_stop_at_the_failed_step_and_journal_each() -> Result<()> {
+    let lab = HookLab::new()?;
+    let d = lab.dir().display().to_string();
+    // Each step appends its name, index and fencing-relevant facts; `promote` fails.
+    let step = |name: &str, exit: u8| -> Result<std::path::PathBuf> {
+        lab.script(
+            name,
+            &format!(
+                "echo \"$CW_STEP $CW_STEP_INDEX $CW_RUN $CW_LABEL_CLUSTER\" >> {d}/steps.log\nexit {exit}"
+            ),
+        )
+    };
+    let (fence, promote, repoint) = (step("fence", 0)?, step("promote", 2)?, step("repoint", 0)?);
+    let rules = format!(
+        "    - name: failover\n      match: {{ alertname: PostgresFailoverNeeded }}\n      disruptive: true\n      steps:\n        - {{ name: fence, command: [{}] }}\n        - {{ name: promote, command: [{}] }}\n        - {{ name: repoint, command: [{}] }}\n",
+        fence.display(),
+        promote.display(),
+        repoint.display()
+    );
+    let _cw = Clusterwatch::start(Some(&lab.config("", &rules)), &[]).await?;
+    let body = notification(
+        "firing",
+        "g",
+        vec![alert(
+            "firing",
+            json!({"alertname": "PostgresFailoverNeeded", "cluster": "pg-main"}),
+            "st1",
+            "2026-01-01T00:00:00Z",
+        )],
+    );
+    assert_eq!(lab.post(body.to_string()).await?, 200);
+    // A re-send of the same incident is a repeat, not a second run.
+    assert_eq!(lab.post(body.to_string()).await?, 200);
+    wait_for("the run to finish", || !lab.events("finished").is_empty()).await?;
+    let log = String::from_utf8(lab.read("steps.log")?)?;
+    assert_eq!(log, "fence 0 0 pg-main\npromote 1 0 pg-main\n");
+    let steps: Vec<(String, String)> = lab
+        .journal()
+        .into_iter()
+        .filter(|r| r["event"] == "step_started" || r["event"] == "step_finished")
+        .map(|r| {
+            let what = r["result"].as_str().unwrap_or("started").to_owned();
+            (r["step"].as_str().unwrap_or_default().to_owned(), what)
+        })
+        .collect();
+    let expected = [
+        ("fence", "started"),
+        ("fence", "ok"),
+        ("promote", "started"),
+        ("promote", "failed"),
+    ]
+    .map(|(s, r)| (s.to_owned(), r.to_owned()));
+    assert_eq!(steps, expected);
+    let matched = lab.events("matched");
+    assert_eq!(matched.len(), 1, "{matched:?}");
+    assert_eq!(matched[0]["cluster"], "pg-main");
+    let finished = lab.events("finished");
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0]["result"], "failed");
+    assert_eq!(finished[0]["exit_code"], 2);
+    Ok(())
+}

@@ -272,7 +272,7 @@ async fn sip_options_probe_sees_up_out_of_service_and_silence_and_counts_failure
     let refused = free_port()?;
     let config = format!(
         "global: {{ timeout: 2s }}\nprobes:\n\
-         - {{ name: cp1, sip_options: {{ address: '127.0.0.1:{port}' }} }}\n\
+         - {{ name: cp1, interval: 0s, sip_options: {{ address: '127.0.0.1:{port}' }} }}\n\
          - {{ name: cp-tcp, sip_options: {{ address: '{}', transport: tcp }} }}\n\
          - {{ name: cp-gone, sip_options: {{ address: '127.0.0.1:{refused}' }} }}\n",
         tcp_uas.addr()
@@ -345,7 +345,7 @@ async fn kamailio_statistics_grow_with_traffic_and_a_stopped_kamailio_is_down() 
     let mut kamailio = Kamailio::start().await?;
     let config = format!(
         "kamailio:\n  - {{ name: sbc1, cluster: sbc, timeout: 2s, url: '{}' }}\n\
-         probes:\n  - {{ name: sbc1-sip, sip_options: {{ address: '{}' }} }}\n",
+         probes:\n  - {{ name: sbc1-sip, interval: 0s, sip_options: {{ address: '{}' }} }}\n",
         kamailio.rpc_url(),
         kamailio.sip_addr()
     );

@@ -59,7 +59,7 @@ async fn reload_refuses_a_broken_edit_and_applies_a_good_one_without_losing_stat
     let hooks = lab.config("", &rules);
     let base = format!(
         "redis:\n  - {{ name: redis-a, address: {a} }}\n\
-         probes:\n  - {{ name: closed, tcp: {{ address: \"127.0.0.1:{closed}\" }} }}\n\
+         probes:\n  - {{ name: closed, interval: 0s, tcp: {{ address: \"127.0.0.1:{closed}\" }} }}\n\
          sre_stats:\n  files:\n    - {{ name: sre-counters, path: {csv}, kind: events }}\n{hooks}",
         a = redis_a.url(),
         csv = csv.display(),
