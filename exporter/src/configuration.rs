@@ -134,8 +134,16 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
         match KINDS.iter().find(|k| k.section == key.name) {
             Some(kind) => {
-                let at = Located::new(node, key.name.clone());
+                // `labels:` belongs to every target, whatever its collector: taken out here so
+                // each collector's strict parsing never sees it.
+                let (stripped, labels) = take_target_labels(node, &key.name, &mut problems);
+                let at = Located::new(&stripped, key.name.clone());
                 let built = (kind.configure)(at, &ctx, &mut problems);
+                for t in &built {
+                    if let Some(l) = labels.for_target(t.target()) {
+                        t.set_labels(l.to_vec());
+                    }
+                }
                 fingerprints.extend(
                     built
                         .iter()
@@ -186,6 +194,136 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
     } else {
         problems.sort_by_key(|p| (p.pos.line, p.pos.column));
         Err(fail(problems))
+    }
+}
+
+/// Label names a target's `labels:` may not use: the engine's and Prometheus' own.
+pub const RESERVED_LABELS: &[&str] = &[
+    "target",
+    "cluster",
+    "collector",
+    "job",
+    "instance",
+    "reason",
+];
+
+/// The `labels:` of a section's targets: per item name for a list section, one map for a
+/// section that is a single target.
+enum SectionLabels {
+    PerItem(Vec<(String, Vec<(String, String)>)>),
+    Whole(Vec<(String, String)>),
+}
+
+impl SectionLabels {
+    fn for_target(&self, target: &str) -> Option<&[(String, String)]> {
+        match self {
+            SectionLabels::PerItem(items) => items
+                .iter()
+                .find(|(name, _)| name == target)
+                .map(|(_, l)| l.as_slice()),
+            SectionLabels::Whole(l) => Some(l),
+        }
+    }
+}
+
+/// The section without any target's `labels:` key, and those labels, checked: names like
+/// Prometheus label names, none reserved, values strings or numbers.
+fn take_target_labels(
+    section: &Node,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> (Node, SectionLabels) {
+    let mut stripped = section.clone();
+    match &mut stripped.value {
+        Value::Seq(items) => {
+            let mut per_item = Vec::new();
+            for (i, item) in items.iter_mut().enumerate() {
+                let path = format!("{name}[{i}]");
+                if let Some(labels) = take_labels(item, &path, problems) {
+                    if let Some(target) = item_name(item) {
+                        per_item.push((target.to_owned(), labels));
+                    }
+                }
+            }
+            (stripped, SectionLabels::PerItem(per_item))
+        }
+        _ => {
+            let labels = take_labels(&mut stripped, name, problems).unwrap_or_default();
+            (stripped, SectionLabels::Whole(labels))
+        }
+    }
+}
+
+/// Removes `labels:` from one item (a mapping) and checks it.
+fn take_labels(
+    item: &mut Node,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<(String, String)>> {
+    let Value::Map(entries) = &mut item.value else {
+        return None;
+    };
+    let i = entries.iter().position(|(k, _)| k.name == "labels")?;
+    let (key, node) = entries.remove(i);
+    let path = crate::config::source::join_path(path, "labels");
+    let map = match &node.value {
+        Value::Map(m) => m,
+        Value::Null => return Some(Vec::new()),
+        _ => {
+            problems.push(
+                Problem::new(
+                    &path,
+                    key.pos,
+                    "labels must be a mapping of label names to values",
+                )
+                .hint("write e.g. `labels: { team: db, page: \"no\" }`"),
+            );
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let at = crate::config::source::join_path(&path, &k.name);
+        if let Some(why) = label_name_problem(&k.name) {
+            problems.push(Problem::new(&at, k.pos, why).hint(
+                "`target`, `cluster`, `collector`, `job`, `instance`, `reason` and names \
+                 starting with `__` are set by clusterwatch or Prometheus",
+            ));
+            continue;
+        }
+        let value = match &v.value {
+            Value::Str(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            Value::UInt(u) => u.to_string(),
+            Value::Float(f) => f.to_string(),
+            _ => {
+                problems.push(
+                    Problem::new(&at, v.pos, "a label value must be a string")
+                        .hint("quote it, e.g. `page: \"no\"`"),
+                );
+                continue;
+            }
+        };
+        out.push((k.name.clone(), value));
+    }
+    Some(out)
+}
+
+/// Why `name` cannot be a target's label name, if it cannot.
+fn label_name_problem(name: &str) -> Option<String> {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        Some(format!(
+            "`{name}` is not a valid label name: letters, digits and `_`, not starting with a digit"
+        ))
+    } else if name.starts_with("__") || RESERVED_LABELS.contains(&name) {
+        Some(format!("label `{name}` is reserved"))
+    } else {
+        None
     }
 }
 
@@ -312,6 +450,50 @@ mod tests {
         let cfg = load_embedded().expect("embedded default must be valid");
         assert!(cfg.targets.iter().any(|t| t.name() == "fs"));
         assert!(cfg.targets.iter().any(|t| t.name() == "system"));
+    }
+
+    #[test]
+    fn labels_are_taken_from_every_item_and_checked() {
+        let cfg = parse(
+            "probes:\n  - { name: net, tcp: { address: '127.0.0.1:1' }, labels: { page: 'no', tier: 2 } }\n  - { name: sms, tcp: { address: '127.0.0.1:2' } }\nsystem:\n  labels: { role: host }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap();
+        let labels = |n: &str| -> Vec<(String, String)> {
+            let t = cfg
+                .targets
+                .iter()
+                .find(|t| t.target() == n || t.name() == n)
+                .unwrap();
+            t.labels()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(labels("net"), vec![pair("page", "no"), pair("tier", "2")]);
+        assert!(labels("sms").is_empty());
+        assert_eq!(labels("system"), vec![pair("role", "host")]);
+
+        let err = parse(
+            "probes:\n  - { name: a, tcp: { address: '127.0.0.1:1' }, labels: { job: x, __meta: y, 1st: z, ok: true } }\n  - { name: b, tcp: { adress: '127.0.0.1:1' }, labels: { instance: i } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        let text = err.render();
+        for expected in [
+            "probes[0].labels.job: label `job` is reserved",
+            "probes[0].labels.__meta: label `__meta` is reserved",
+            "probes[0].labels.1st: `1st` is not a valid label name",
+            "probes[0].labels.ok: a label value must be a string",
+            "probes[1].labels.instance: label `instance` is reserved",
+            "probes[1].tcp",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 6, "{text}");
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub struct Target {
     kind: &'static str,
     id: TargetId,
     collector: Box<dyn Collector>,
+    /// The item's own `labels:`, set once by the assembler after the collector built it.
+    labels: std::sync::OnceLock<Vec<Label>>,
 }
 
 impl Target {
@@ -117,7 +119,20 @@ impl Target {
             kind: kind.name,
             id,
             collector: Box::new(collector),
+            labels: std::sync::OnceLock::new(),
         })
+    }
+    /// Sets the target's own `labels:` (checked by the assembler); a second call is ignored.
+    pub fn set_labels(&self, labels: Vec<(String, String)>) {
+        let labels = labels
+            .into_iter()
+            .map(|(k, v)| (Cow::Owned(k), v))
+            .collect();
+        let _ = self.labels.set(labels);
+    }
+    /// The target's own `labels:`, added to every series of the target.
+    pub fn labels(&self) -> &[Label] {
+        self.labels.get().map(Vec::as_slice).unwrap_or_default()
     }
     /// The collector name (`fs`, `pg`, …): the `collector` label.
     pub fn name(&self) -> &'static str {
@@ -466,12 +481,19 @@ fn declare_engine_families(out: &mut SampleBuffer) {
     );
 }
 
-/// The labels every sample of a target carries: collector, target and (if set) cluster.
+/// The labels every engine sample of a target carries: collector, target, (if set) cluster,
+/// then the target's own `labels:` (their names never clash with the engine's: the
+/// assembler refuses reserved names).
 fn target_labels(t: &Target) -> Vec<Label> {
-    let mut labels = vec![
-        (Cow::Borrowed("collector"), t.name().to_owned()),
-        (Cow::Borrowed("target"), t.target().to_owned()),
-    ];
+    let mut labels = identity_labels(t);
+    labels.insert(0, (Cow::Borrowed("collector"), t.name().to_owned()));
+    labels.extend(t.labels().iter().cloned());
+    labels
+}
+
+/// Target and (if set) cluster: the first labels of every sample a collector writes.
+fn identity_labels(t: &Target) -> Vec<Label> {
+    let mut labels = vec![(Cow::Borrowed("target"), t.target().to_owned())];
     if let Some(c) = t.cluster() {
         labels.push((Cow::Borrowed("cluster"), c.to_owned()));
     }
@@ -487,11 +509,13 @@ async fn run_target(
     let started = Instant::now();
     let ctx = ScrapeContext { deadline };
     // Collector samples carry target/cluster but not `collector`: the subsystem in the
-    // metric name says that already.
-    let common: Vec<Label> = target_labels(target.as_ref()).into_iter().skip(1).collect();
+    // metric name says that already. The target's own labels come last and give way to a
+    // label of the same name the collector writes itself.
+    let common = identity_labels(target.as_ref());
     let task = tokio::spawn(async move {
         let mut buf = SampleBuffer::with_common_labels(common);
         let r = target.collect(&ctx, &mut buf).await;
+        buf.add_labels_where_absent(target.labels());
         (r, buf)
     });
     let abort = task.abort_handle();
@@ -662,6 +686,62 @@ mod tests {
         );
         let out = engine.scrape(None).await;
         assert_eq!(timeouts(&out, "slow"), Some(1.0));
+    }
+
+    struct Stateful;
+
+    #[async_trait]
+    impl Collector for Stateful {
+        async fn collect(
+            &self,
+            _: &ScrapeContext,
+            out: &mut SampleBuffer,
+        ) -> Result<(), CollectError> {
+            out.gauge(
+                "clusterwatch_test_state",
+                "A state.",
+                &[("state", "ok")],
+                1.0,
+            );
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn own_labels_reach_every_series_but_never_override_the_collectors() {
+        let t = Target::new(&TEST, TargetId::local("t"), Stateful);
+        t.set_labels(vec![
+            ("page".into(), "no".into()),
+            ("state".into(), "mine".into()),
+        ]);
+        let out = Engine::new(vec![t], Duration::from_secs(1))
+            .scrape(None)
+            .await;
+        let labels_of = |family: &str| -> Vec<Vec<String>> {
+            out.get(family)
+                .unwrap()
+                .samples
+                .iter()
+                .map(|s| s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .collect()
+        };
+        assert_eq!(
+            labels_of("clusterwatch_test_state"),
+            vec![vec!["target=t", "state=ok", "page=no"]],
+            "the collector's `state` wins and is written once"
+        );
+        for family in [
+            "clusterwatch_target_up",
+            "clusterwatch_target_scrape_duration_seconds",
+            "clusterwatch_target_scrape_errors_total",
+        ] {
+            for labels in labels_of(family) {
+                assert!(
+                    labels.contains(&"page=no".to_owned()),
+                    "{family}: {labels:?}"
+                );
+            }
+        }
     }
 
     struct Panicky;
