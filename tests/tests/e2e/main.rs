@@ -24,4 +24,5 @@ mod rules_pack;
 mod seeds;
 mod sre_stats;
 mod status;
+mod targets;
 mod web_security;
