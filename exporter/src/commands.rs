@@ -56,6 +56,10 @@ fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
         report(crate::web::Security::load(web).map(|_| format!("{}: ok", web.display())))
     });
     let config_ok = report(configuration::load_file(file).map(|cfg| {
+        // Warnings do not fail the check: what they point at is accepted as written.
+        for w in &cfg.warnings {
+            eprintln!("{}", w.render(&file.display().to_string()));
+        }
         let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
         format!(
             "{}: ok ({} targets, {hooks} hooks)",
@@ -79,7 +83,8 @@ fn report(checked: Result<String, config::ConfigError>) -> bool {
         }
         Err(e) => {
             eprintln!("{}", e.render());
-            eprintln!("{}: {} problem(s) found", e.file, e.problems.len());
+            let errors = e.problems.iter().filter(|p| !p.warning).count();
+            eprintln!("{}: {errors} problem(s) found", e.file);
             false
         }
     }

@@ -33,6 +33,8 @@ pub struct Config {
     pub fingerprints: Vec<Option<u64>>,
     /// The webhook receiver and hook runner, when a `hooks:` section is present.
     pub hooks: Option<crate::hooks::config::HooksConfig>,
+    /// What is accepted but probably wrong, in document order (`check-config` prints them).
+    pub warnings: Vec<Problem>,
 }
 
 impl std::fmt::Debug for Config {
@@ -201,16 +203,17 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         .collect();
     check_conditions(&targets, &written, &conditions, &mut problems);
 
-    if problems.is_empty() {
+    problems.sort_by_key(|p| (p.pos.line, p.pos.column));
+    if problems.iter().all(|p| p.warning) {
         Ok(Config {
             origin: file.to_owned(),
             global,
             targets,
             fingerprints,
             hooks,
+            warnings: problems,
         })
     } else {
-        problems.sort_by_key(|p| (p.pos.line, p.pos.column));
         Err(fail(problems))
     }
 }

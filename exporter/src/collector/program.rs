@@ -15,7 +15,10 @@ use tokio::time::Instant;
 
 use crate::collector::file::{check_states, state_of};
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
-use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
+use crate::config::{
+    compile_regex, find_on_path, is_executable, HumanDuration, Located, Problem, SectionContext,
+    TargetId,
+};
 use crate::hooks::env::HOOK_PATH;
 use crate::hooks::runner::{self, Exit, Spec};
 use crate::snapshot::SampleBuffer;
@@ -163,28 +166,19 @@ fn resolve_command(
                 .hint("check the path and its permissions (`chmod +x`)"))
         }
     } else {
-        path.split(':')
-            .filter(|dir| !dir.is_empty())
-            .map(|dir| Path::new(dir).join(program.as_str()))
-            .find(|p| is_executable(p))
-            .ok_or_else(|| {
-                at.problem(
-                    "command",
-                    format!("`{program}` is not found on PATH ({path})"),
-                )
-                .hint("give the program's full path, or set `env: { PATH: ... }`")
-            })
+        find_on_path(program, path).ok_or_else(|| {
+            at.problem(
+                "command",
+                format!("`{program}` is not found on PATH ({path})"),
+            )
+            .hint("give the program's full path, or set `env: { PATH: ... }`")
+        })
     };
     match found {
         Ok(p) => *program = p.display().to_string(),
         Err(problem) => problems.push(problem),
     }
     argv
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// How the output of a run is judged.
