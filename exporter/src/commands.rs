@@ -91,8 +91,15 @@ fn report(checked: Result<String, config::ConfigError>) -> bool {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    configuration::load(cli.config_file.as_deref())
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))
+    let cfg = configuration::load(cli.config_file.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))?;
+    for w in &cfg.warnings {
+        tracing::warn!(
+            warning = w.render(&cfg.origin),
+            "configuration accepted with a warning"
+        );
+    }
+    Ok(cfg)
 }
 
 async fn once(cli: &Cli) -> anyhow::Result<()> {

@@ -324,7 +324,7 @@ fn take_active_when(
         match k.name.as_str() {
             "target" => target = Some(text),
             "metric" => metric = Some(text),
-            name if is_label_name(name) => labels.push((name.to_owned(), text)),
+            name if crate::config::is_identifier(name) => labels.push((name.to_owned(), text)),
             name => {
                 problems.push(Problem::new(
                     &at,
@@ -465,18 +465,9 @@ fn take_labels(
     Some(out)
 }
 
-/// Whether `name` is written like a Prometheus label name.
-fn is_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 /// Why `name` cannot be a target's label name, if it cannot.
 fn label_name_problem(name: &str) -> Option<String> {
-    if !is_label_name(name) {
+    if !crate::config::is_identifier(name) {
         Some(format!(
             "`{name}` is not a valid label name: letters, digits and `_`, not starting with a digit"
         ))

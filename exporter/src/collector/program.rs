@@ -94,7 +94,7 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
             problems.push(item.problem("timeout", "timeout must be greater than zero"));
         }
         for name in raw.env.keys() {
-            if !valid_env_name(name) {
+            if !crate::config::is_identifier(name) {
                 problems.push(
                     item.problem("env", format!("`{name}` is not a variable name"))
                         .hint("letters, digits and `_`, not starting with a digit"),
@@ -126,14 +126,6 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
         out.push(Target::new(&KIND, id, ProgramCollector { check }));
     }
     out
-}
-
-fn valid_env_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The program of `command`: a path with a `/` is taken relative to the configuration's

@@ -224,6 +224,16 @@ pub fn compile_regex(
 /// build time (empty when the crate is built without the rules directory).
 pub const SHIPPED_ALERTS: &[&str] = include!(concat!(env!("OUT_DIR"), "/shipped_alerts.rs"));
 
+/// Whether `name` is an identifier as Prometheus label names and shell variables are
+/// written: letters, digits and `_`, not starting with a digit.
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Whether `path` is a file with an execute bit.
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;

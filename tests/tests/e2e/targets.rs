@@ -1,5 +1,6 @@
 //! What every target may carry whatever its collector, on real `redis-server`s: its own
-//! `labels:` on all of its series, and `active_when:` making a probe run only on the master.
+//! `labels:` on all of its series, and `active_when:` making a probe run only on the master;
+//! and `check-config`'s warnings, which are printed without failing it.
 
 use std::time::Duration;
 
@@ -101,5 +102,48 @@ async fn a_master_only_probe_runs_where_redis_is_master_and_carries_its_labels()
     })
     .await?;
     assert_eq!(up(&m, "app-on-two"), Some(1.0));
+    Ok(())
+}
+
+/// `check-config` prints warnings and still exits 0; beside an error it exits 1.
+#[test]
+fn check_config_warns_without_failing() -> Result<()> {
+    let dir = clusterwatch_tests::harness::temp_dir("cw-warn")?;
+    std::fs::write(dir.path().join("token"), "secret\n")?;
+    let hooks = "hooks:\n  bearer_token_file: token\n  state_dir: st\n  rules:\n    - { name: h, match: { alertname: PostgresNoPrimry, cluster: 'db-.*' }, command: [/bin/true] }\n";
+    let run = |yaml: &str| -> Result<std::process::Output> {
+        let file = dir.path().join("c.yml");
+        std::fs::write(&file, yaml)?;
+        Ok(
+            std::process::Command::new(clusterwatch_tests::harness::clusterwatch::binary()?)
+                .arg("check-config")
+                .arg(&file)
+                .output()?,
+        )
+    };
+    let out = run(hooks)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: hooks.rules[0].match.cluster: `db-.*` looks like a regular expression"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("did you mean `PostgresNoPrimary`?"),
+        "{stderr}"
+    );
+
+    let out = run(&format!(
+        "{hooks}probes:\n  - {{ name: p, tcp: {{ address: '127.0.0.1:1' }}, labels: {{ job: x }} }}\n"
+    ))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("probes[0].labels.job: label `job` is reserved"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(": 1 problem(s) found"), "{stderr}");
     Ok(())
 }
