@@ -67,11 +67,19 @@ pub fn load_embedded() -> Result<Config, ConfigError> {
 
 /// The configuration `--config.file` names, or the embedded default without one: what
 /// `serve` starts with and what every reload reads again.
+/// Its warnings are logged (`check-config` prints them instead, through [`load_file`]).
 pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-    match file {
+    let cfg = match file {
         Some(path) => load_file(path),
         None => load_embedded(),
+    }?;
+    for w in &cfg.warnings {
+        tracing::warn!(
+            warning = w.render(&cfg.origin),
+            "configuration accepted with a warning"
+        );
     }
+    Ok(cfg)
 }
 
 /// Checks configuration text. `file` is used in messages; `base_dir` resolves relative paths.
