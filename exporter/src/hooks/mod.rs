@@ -372,6 +372,23 @@ impl Hooks {
         let cfg = self.config();
         metrics::write(&cfg, &c, &state, context(&cfg), out);
     }
+
+    /// For a service stop: no accepted run takes a slot from now on (it stays accepted, not
+    /// started, for the next start to resume), and this waits until every run holding a slot has ended or
+    /// `limit` has passed. Returns how many runs were still going then.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        self.slots.close();
+        let total = self.config().max_concurrent_runs;
+        let deadline = tokio::time::Instant::now().checked_add(limit);
+        loop {
+            let running = total.saturating_sub(self.slots.available_permits());
+            let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if running == 0 || late {
+                return running;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// The outside facts for a decision now: the clock and the kill-switch file.

@@ -14,8 +14,9 @@ use base64::Engine as _;
 use futures::StreamExt;
 use subtle::ConstantTimeEq;
 
-use super::config::{Auth, WEBHOOK_PATH};
+use super::config::Auth;
 use super::{HookError, Hooks};
+use crate::routes::WEBHOOK_PATH;
 
 /// The webhook route, to serve on its own listener or merge into the main router.
 pub fn routes(hooks: Arc<Hooks>) -> Router {

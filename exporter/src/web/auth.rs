@@ -14,7 +14,7 @@ use ring::hmac;
 
 use super::config::Settings;
 use super::Security;
-use crate::hooks::config::WEBHOOK_PATH;
+use crate::routes::WEBHOOK_PATH;
 
 /// Passed checks remembered at most; past that the cache starts over. Prometheus scrapes
 /// with one or two identities, so a handful is plenty.

@@ -1,29 +1,24 @@
-//! Secured listeners: the [`Security`] handle holding a listener's current web settings
-//! (swapped whole at run time), and [`serve`], which applies them: TLS per connection, basic
-//! auth and headers per request. Without settings a listener is plain axum HTTP, unchanged.
+//! The listeners: [`serve`] runs one (connections, timeouts and stop in `listener`), and the
+//! [`Security`] handle holds its current web settings (swapped whole at run time): TLS per
+//! connection, basic auth and headers per request. Without settings a listener is plain HTTP
+//! with the same limits.
 
 pub mod auth;
 pub mod config;
+pub mod descriptors;
+pub mod listener;
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 pub use config::{ClientAuth, Settings};
+pub use listener::{Connections, SHUTDOWN_GRACE};
 
 use crate::config::ConfigError;
-
-/// A client gets this long for its TLS handshake and, after it, for each request's headers;
-/// one that connects and says nothing is dropped then.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The web settings a listener serves with. The accept loop reads the current TLS
 /// configuration for each new connection and the auth layer the current users for each
@@ -63,19 +58,18 @@ impl Security {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then lets open requests finish.
-/// With `security`, connections are TLS when its settings say so and requests pass its
-/// basic auth; without, this is `axum::serve`.
+/// Serves `router` on `listener` until `shutdown` resolves, within the limits of
+/// `connections`; then lets open requests finish for at most [`SHUTDOWN_GRACE`]. With
+/// `security`, connections are TLS when its settings say so and requests pass its basic auth.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     security: Option<Arc<Security>>,
+    connections: Arc<Connections>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let Some(security) = security else {
-        return axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        return listener::run(listener, router, connections, || None, shutdown).await;
     };
     {
         let s = security.current();
@@ -91,60 +85,8 @@ pub async fn serve(
         security.clone(),
         auth::layer,
     ));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait rather than spin.
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let tls = security.current().tls.clone();
-        let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT);
-            let result = match tls {
-                None => {
-                    watcher
-                        .watch(http.serve_connection(TokioIo::new(stream), service))
-                        .await
-                }
-                Some(config) => {
-                    let handshake = TlsAcceptor::from(config).accept(stream);
-                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    watcher
-                        .watch(http.serve_connection(TokioIo::new(stream), service))
-                        .await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
+    let tls = move || security.current().tls.clone();
+    listener::run(listener, router, connections, tls, shutdown).await;
 }
 
 /// `clusterwatch hash-password`: one line from stdin (without its newline) → a bcrypt hash on
@@ -213,6 +155,7 @@ mod tests {
             listener,
             router,
             Some(security.clone()),
+            Connections::new("main", 8),
             async move {
                 let _ = stopped.await;
             },
@@ -248,6 +191,6 @@ mod tests {
         assert!(plain.get(&url).send().await.is_err());
 
         stop.send(()).unwrap();
-        server.await.unwrap().unwrap();
+        server.await.unwrap();
     }
 }

@@ -29,6 +29,7 @@ pub mod served;
 pub mod sipp;
 pub mod supervisord;
 pub mod tcp_proxy;
+pub mod versions;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};

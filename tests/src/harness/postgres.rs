@@ -141,8 +141,8 @@ impl Install {
     /// A command for PostgreSQL program `program`, run as the `postgres` user when we are
     /// root, in `cwd` (which that user must be able to enter), with no `PG*` variables
     /// inherited from the caller's environment.
-    fn command(&self, program: &str, cwd: &Path) -> Command {
-        let program = self.bin_dir.join(program);
+    fn command(&self, bin_dir: &Path, program: &str, cwd: &Path) -> Command {
+        let program = bin_dir.join(program);
         let mut command = match self.run_as {
             Some(_) => {
                 let mut command = Command::new(&self.runuser);
@@ -210,6 +210,8 @@ impl Install {
 pub struct PgNode {
     name: String,
     port: u16,
+    /// Where its PostgreSQL programs are (a standby uses its upstream's).
+    bin_dir: PathBuf,
     dir: TempDir,
 }
 
@@ -222,9 +224,15 @@ impl PgNode {
     /// enter) and for `postgres` over 127.0.0.1, including replication; scram-sha-256 for
     /// every other user.
     pub async fn start_primary(name: &str) -> Result<PgNode> {
+        PgNode::start_primary_in(name, &install()?.bin_dir).await
+    }
+
+    /// Like [`start_primary`](Self::start_primary), with the programs in `bin_dir` (another
+    /// PostgreSQL version; it still runs as the same user).
+    pub async fn start_primary_in(name: &str, bin_dir: &Path) -> Result<PgNode> {
         let install = install()?;
-        let node = PgNode::create(name)?;
-        let mut initdb = install.command("initdb", node.dir());
+        let node = PgNode::create(name, bin_dir)?;
+        let mut initdb = install.command(bin_dir, "initdb", node.dir());
         initdb
             .arg("-D")
             .arg(node.data_dir())
@@ -277,8 +285,8 @@ impl PgNode {
             bail!("standby name `{application_name}` must be [a-z0-9_]+: it is also a slot name");
         }
         let install = install()?;
-        let node = PgNode::create(name)?;
-        let mut basebackup = install.command("pg_basebackup", node.dir());
+        let node = PgNode::create(name, &upstream.bin_dir)?;
+        let mut basebackup = install.command(&node.bin_dir, "pg_basebackup", node.dir());
         basebackup
             .args([
                 "-h",
@@ -317,12 +325,13 @@ impl PgNode {
         Ok(node)
     }
 
-    fn create(name: &str) -> Result<PgNode> {
+    fn create(name: &str, bin_dir: &Path) -> Result<PgNode> {
         let install = install()?;
         let dir = install.node_dir(name)?;
         let node = PgNode {
             name: name.to_owned(),
             port: free_port()?,
+            bin_dir: bin_dir.to_owned(),
             dir,
         };
         fs::create_dir(node.archive_dir()).context("could not create the WAL archive directory")?;
@@ -434,7 +443,7 @@ impl PgNode {
 
     fn psql_command(&self, user: &str) -> Command {
         let install = install().expect("a node exists only if PostgreSQL was found");
-        let mut command = install.command("psql", self.dir());
+        let mut command = install.command(&self.bin_dir, "psql", self.dir());
         command
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .args(["-p", &self.port.to_string(), "-U", user, "-d", "postgres"])
@@ -550,7 +559,7 @@ impl PgNode {
 
     fn pg_ctl(&self) -> Command {
         let install = install().expect("a node exists only if PostgreSQL was found");
-        let mut command = install.command("pg_ctl", self.dir());
+        let mut command = install.command(&self.bin_dir, "pg_ctl", self.dir());
         command
             .arg("-D")
             .arg(self.data_dir())
@@ -712,7 +721,12 @@ pub struct PgCluster {
 impl PgCluster {
     /// Starts a primary and a standby and returns once the standby is streaming.
     pub async fn start_pair() -> Result<PgCluster> {
-        let primary = PgNode::start_primary("primary").await?;
+        PgCluster::start_pair_in(&install()?.bin_dir).await
+    }
+
+    /// Like [`start_pair`](Self::start_pair), with the programs in `bin_dir`.
+    pub async fn start_pair_in(bin_dir: &Path) -> Result<PgCluster> {
+        let primary = PgNode::start_primary_in("primary", bin_dir).await?;
         let standby = PgNode::start_standby("standby", &primary, STANDBY_NAME).await?;
         let cluster = PgCluster { primary, standby };
         cluster.wait_streaming(REPLICATION_TIMEOUT).await?;

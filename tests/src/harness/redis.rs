@@ -32,6 +32,8 @@ pub struct RedisNode {
     port: u16,
     password: Option<String>,
     tls_port: Option<u16>,
+    /// The `redis-server` program it runs (a replica runs its master's).
+    server: PathBuf,
     dir: TempDir,
 }
 
@@ -84,21 +86,28 @@ impl RedisNode {
     /// Starts a standalone instance (a master without replicas) and waits until it answers
     /// PING. With `password`, clients must AUTH.
     pub async fn standalone(name: &str, password: Option<&str>) -> Result<RedisNode> {
-        RedisNode::spawn(name, password, None, None).await
+        RedisNode::spawn(name, password, None, None, None).await
     }
 
     /// Starts a standalone instance that also listens for TLS on a second port
     /// ([`tls_url`](Self::tls_url)) with the server certificate of `certs`; clients are not
     /// asked for certificates.
     pub async fn standalone_tls(name: &str, certs: &TestCertificates) -> Result<RedisNode> {
-        RedisNode::spawn(name, None, None, Some(certs)).await
+        RedisNode::spawn(name, None, None, Some(certs), None).await
     }
 
     /// Starts a replica of `master` (`--replicaof`, `--masterauth` from the master's
     /// password) and waits until it answers PING; it may not have synced yet, see
     /// [`wait_link_up`](Self::wait_link_up).
     pub async fn replica_of(name: &str, master: &RedisNode) -> Result<RedisNode> {
-        RedisNode::spawn(name, master.password(), Some(master.port), None).await
+        RedisNode::spawn(
+            name,
+            master.password(),
+            Some(master.port),
+            None,
+            Some(&master.server),
+        )
+        .await
     }
 
     async fn spawn(
@@ -106,11 +115,15 @@ impl RedisNode {
         password: Option<&str>,
         master_port: Option<u16>,
         tls: Option<&TestCertificates>,
+        server: Option<&Path>,
     ) -> Result<RedisNode> {
-        let server = find_program("CLUSTERWATCH_REDIS_SERVER", &["redis-server"])?;
+        let server = match server {
+            Some(server) => server.to_owned(),
+            None => find_program("CLUSTERWATCH_REDIS_SERVER", &["redis-server"])?,
+        };
         let dir = super::temp_dir(&format!("cw-redis-{name}-"))?;
         let port = free_port()?;
-        let mut command = Command::new(server);
+        let mut command = Command::new(&server);
         // Run inside the temporary directory too: anything the server writes before `--dir`
         // applies (or to a relative path) stays out of the working directory of the tests.
         command
@@ -153,6 +166,7 @@ impl RedisNode {
             port,
             password: password.map(str::to_owned),
             tls_port,
+            server,
             dir,
         };
         node.wait_ping().await?;
@@ -351,8 +365,17 @@ impl RedisPair {
         RedisPair::start_with(Some(password)).await
     }
 
+    /// Like [`start`](Self::start), both nodes running `server` (another Redis version).
+    pub async fn start_server(server: &Path) -> Result<RedisPair> {
+        let master = RedisNode::spawn("master", None, None, None, Some(server)).await?;
+        RedisPair::start_replica(master).await
+    }
+
     async fn start_with(password: Option<&str>) -> Result<RedisPair> {
-        let master = RedisNode::standalone("master", password).await?;
+        RedisPair::start_replica(RedisNode::standalone("master", password).await?).await
+    }
+
+    async fn start_replica(master: RedisNode) -> Result<RedisPair> {
         let replica = RedisNode::replica_of("replica", &master).await?;
         let pair = RedisPair { master, replica };
         pair.wait_replication_up(REPLICATION_TIMEOUT).await?;

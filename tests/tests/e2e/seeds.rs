@@ -255,7 +255,7 @@ fn seed_routes_send_critical_failures_to_hooks_and_alert_only_checks_to_people()
         (
             "rapidpro",
             &[
-                "alertname=PostgresNoPrimary",
+                "alertname=PostgresFailoverNeeded",
                 "cluster=rapidpro-db",
                 "severity=critical",
                 "action=failover",
@@ -318,11 +318,11 @@ fn seed_routes_send_critical_failures_to_hooks_and_alert_only_checks_to_people()
             ],
             &["ops-email"],
         ),
-        // SRE: no primary goes to both EMs' repmgr-promote.
+        // SRE: a failover decision goes to both EMs' repmgr-promote.
         (
             "sre",
             &[
-                "alertname=PostgresNoPrimary",
+                "alertname=PostgresFailoverNeeded",
                 "cluster=sre-db",
                 "severity=critical",
                 "action=failover",
@@ -518,9 +518,9 @@ fn seed_hook_rules_run_the_right_recipe_and_nothing_for_alert_only_checks() {
         (
             "sre/em.yml",
             vec![
-                json!({"alertname": "PostgresNoPrimary", "cluster": "sre-db", "action": "failover"}),
+                json!({"alertname": "PostgresFailoverNeeded", "cluster": "sre-db", "action": "failover"}),
                 json!({"alertname": "MongodbNoPrimary", "cluster": "sre_location", "action": "failover"}),
-                json!({"alertname": "PostgresNoPrimary", "cluster": "another-db", "action": "failover"}),
+                json!({"alertname": "PostgresFailoverNeeded", "cluster": "another-db", "action": "failover"}),
             ],
             &[(0, "repmgr-promote")],
         ),
