@@ -62,6 +62,10 @@ fn check_config(file: &Path, web_config: Option<&Path>) -> ExitCode {
         report(crate::web::Security::load(web).map(|_| format!("{}: ok", web.display())))
     });
     let config_ok = report(configuration::load_file(file).map(|cfg| {
+        // Warnings do not fail the check: what they point at is accepted as written.
+        for w in &cfg.warnings {
+            eprintln!("{}", w.render(&file.display().to_string()));
+        }
         let hooks = cfg.hooks.as_ref().map_or(0, |h| h.rules.len());
         format!(
             "{}: ok ({} targets, {hooks} hooks)",
@@ -85,15 +89,23 @@ fn report(checked: Result<String, config::ConfigError>) -> bool {
         }
         Err(e) => {
             eprintln!("{}", e.render());
-            eprintln!("{}: {} problem(s) found", e.file, e.problems.len());
+            let errors = e.problems.iter().filter(|p| !p.warning).count();
+            eprintln!("{}: {errors} problem(s) found", e.file);
             false
         }
     }
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    configuration::load(cli.config_file.as_deref())
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))
+    let cfg = configuration::load(cli.config_file.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{}", e.render()))?;
+    for w in &cfg.warnings {
+        tracing::warn!(
+            warning = w.render(&cfg.origin),
+            "configuration accepted with a warning"
+        );
+    }
+    Ok(cfg)
 }
 
 async fn once(cli: &Cli) -> anyhow::Result<()> {

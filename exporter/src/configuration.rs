@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::collector::registry::KINDS;
-use crate::collector::{CollectorKind, Target};
+use crate::collector::{ActiveWhen, CollectorKind, Target};
 use crate::config::source::{suggest, Node, Value};
 use crate::config::{
     read_text, ConfigError, Global, Located, Pos, Problem, SectionContext, DEFAULT_TIMEOUT,
@@ -33,6 +33,8 @@ pub struct Config {
     pub fingerprints: Vec<Option<u64>>,
     /// The webhook receiver and hook runner, when a `hooks:` section is present.
     pub hooks: Option<crate::hooks::config::HooksConfig>,
+    /// What is accepted but probably wrong, in document order (`check-config` prints them).
+    pub warnings: Vec<Problem>,
 }
 
 impl std::fmt::Debug for Config {
@@ -65,11 +67,19 @@ pub fn load_embedded() -> Result<Config, ConfigError> {
 
 /// The configuration `--config.file` names, or the embedded default without one: what
 /// `serve` starts with and what every reload reads again.
+/// Its warnings are logged (`check-config` prints them instead, through [`load_file`]).
 pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-    match file {
+    let cfg = match file {
         Some(path) => load_file(path),
         None => load_embedded(),
+    }?;
+    for w in &cfg.warnings {
+        tracing::warn!(
+            warning = w.render(&cfg.origin),
+            "configuration accepted with a warning"
+        );
     }
+    Ok(cfg)
 }
 
 /// Checks configuration text. `file` is used in messages; `base_dir` resolves relative paths.
@@ -111,6 +121,7 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         .chain(KINDS.iter().map(|k| k.section))
         .collect();
     let mut seen_sections = Vec::new();
+    let mut conditions = Vec::new();
     for (key, node) in entries {
         if seen_sections.contains(&key.name.as_str()) {
             problems.push(
@@ -134,8 +145,23 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
         match KINDS.iter().find(|k| k.section == key.name) {
             Some(kind) => {
-                let at = Located::new(node, key.name.clone());
+                // `labels:` belongs to every target, whatever its collector: taken out here so
+                // each collector's strict parsing never sees it.
+                // `labels:` and `active_when:` belong to every target, whatever its
+                // collector: taken out here so each collector's strict parsing never sees them.
+                let (stripped, extras) = take_target_extras(node, &key.name, &mut problems);
+                let at = Located::new(&stripped, key.name.clone());
                 let built = (kind.configure)(at, &ctx, &mut problems);
+                for t in &built {
+                    let Some(e) = extras.for_target(t.target()) else {
+                        continue;
+                    };
+                    t.set_labels(e.labels.clone());
+                    if let Some((cond, path, pos)) = &e.active_when {
+                        t.set_active_when(cond.clone());
+                        conditions.push((path.clone(), *pos, Arc::clone(t)));
+                    }
+                }
                 fingerprints.extend(
                     built
                         .iter()
@@ -175,17 +201,288 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
     }
 
-    if problems.is_empty() {
+    let written: Vec<&str> = entries
+        .iter()
+        .filter_map(|(_, node)| match &node.value {
+            Value::Seq(items) => Some(items.iter().filter_map(item_name)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    check_conditions(&targets, &written, &conditions, &mut problems);
+
+    problems.sort_by_key(|p| (p.pos.line, p.pos.column));
+    if problems.iter().all(|p| p.warning) {
         Ok(Config {
             origin: file.to_owned(),
             global,
             targets,
             fingerprints,
             hooks,
+            warnings: problems,
         })
     } else {
-        problems.sort_by_key(|p| (p.pos.line, p.pos.column));
         Err(fail(problems))
+    }
+}
+
+/// Label names a target's `labels:` may not use: the engine's and Prometheus' own.
+pub const RESERVED_LABELS: &[&str] = &[
+    "target",
+    "cluster",
+    "collector",
+    "job",
+    "instance",
+    "reason",
+];
+
+/// What the assembler takes out of a target's item before its collector parses it.
+#[derive(Default)]
+struct Extras {
+    labels: Vec<(String, String)>,
+    /// The condition, with where it is written (for problems found once every target exists).
+    active_when: Option<(ActiveWhen, String, Pos)>,
+}
+
+/// The extras of a section's targets: per item name for a list section, one set for a
+/// section that is a single target.
+enum SectionExtras {
+    PerItem(Vec<(String, Extras)>),
+    Whole(Extras),
+}
+
+impl SectionExtras {
+    fn for_target(&self, target: &str) -> Option<&Extras> {
+        match self {
+            SectionExtras::PerItem(items) => items
+                .iter()
+                .find(|(name, _)| name == target)
+                .map(|(_, e)| e),
+            SectionExtras::Whole(e) => Some(e),
+        }
+    }
+}
+
+/// The section without any target's `labels:` and `active_when:` keys, and those, checked.
+fn take_target_extras(
+    section: &Node,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> (Node, SectionExtras) {
+    let mut stripped = section.clone();
+    let mut take = |item: &mut Node, path: &str| Extras {
+        labels: take_labels(item, path, problems).unwrap_or_default(),
+        active_when: take_active_when(item, path, problems),
+    };
+    match &mut stripped.value {
+        Value::Seq(items) => {
+            let mut per_item = Vec::new();
+            for (i, item) in items.iter_mut().enumerate() {
+                let extras = take(item, &format!("{name}[{i}]"));
+                if let Some(target) = item_name(item) {
+                    per_item.push((target.to_owned(), extras));
+                }
+            }
+            (stripped, SectionExtras::PerItem(per_item))
+        }
+        _ => {
+            let extras = take(&mut stripped, name);
+            (stripped, SectionExtras::Whole(extras))
+        }
+    }
+}
+
+/// Removes `active_when:` from one item and checks its form: `target`, optionally `metric`,
+/// and at least one label the condition's sample must carry (or a `metric`).
+fn take_active_when(
+    item: &mut Node,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<(ActiveWhen, String, Pos)> {
+    let Value::Map(entries) = &mut item.value else {
+        return None;
+    };
+    let i = entries.iter().position(|(k, _)| k.name == "active_when")?;
+    let (key, node) = entries.remove(i);
+    let path = crate::config::source::join_path(path, "active_when");
+    let example = "write e.g. `active_when: { target: redis-local, role: master }`";
+    let Value::Map(map) = &node.value else {
+        problems.push(Problem::new(&path, key.pos, "active_when must be a mapping").hint(example));
+        return None;
+    };
+    let mut target = None;
+    let mut metric = None;
+    let mut labels = Vec::new();
+    let mut ok = true;
+    for (k, v) in map {
+        let at = crate::config::source::join_path(&path, &k.name);
+        let text = match &v.value {
+            Value::Str(s) if !s.is_empty() => s.clone(),
+            Value::Int(i) => i.to_string(),
+            Value::UInt(u) => u.to_string(),
+            _ => {
+                problems.push(
+                    Problem::new(&at, v.pos, "expected a non-empty string")
+                        .hint("quote it, e.g. `state: \"production\"`"),
+                );
+                ok = false;
+                continue;
+            }
+        };
+        match k.name.as_str() {
+            "target" => target = Some(text),
+            "metric" => metric = Some(text),
+            name if crate::config::is_identifier(name) => labels.push((name.to_owned(), text)),
+            name => {
+                problems.push(Problem::new(
+                    &at,
+                    k.pos,
+                    format!("`{name}` is not a valid label name"),
+                ));
+                ok = false;
+            }
+        }
+    }
+    let Some(target) = target else {
+        problems.push(
+            Problem::new(
+                &path,
+                node.pos,
+                "active_when needs the `target` whose state it reads",
+            )
+            .hint(example),
+        );
+        return None;
+    };
+    if labels.is_empty() && metric.is_none() {
+        problems.push(
+            Problem::new(
+                &path,
+                node.pos,
+                "active_when needs a label to look for (or a `metric`)",
+            )
+            .hint(example),
+        );
+        return None;
+    }
+    ok.then_some((
+        ActiveWhen {
+            target,
+            metric,
+            labels,
+        },
+        path,
+        node.pos,
+    ))
+}
+
+/// Every condition must name a target that exists and has no condition of its own (the
+/// engine collects conditions' targets first, in one round).
+/// `written` are the names of every list item, built or not: an item that failed its own
+/// checks is reported there, not again as a missing condition target.
+fn check_conditions(
+    targets: &[Arc<Target>],
+    written: &[&str],
+    conditions: &[(String, Pos, Arc<Target>)],
+    problems: &mut Vec<Problem>,
+) {
+    for (path, pos, conditional) in conditions {
+        let Some(cond) = conditional.active_when() else {
+            continue;
+        };
+        let named: Vec<&Arc<Target>> = targets
+            .iter()
+            .filter(|t| t.target() == cond.target)
+            .collect();
+        if named.is_empty() && !written.contains(&cond.target.as_str()) {
+            let names: Vec<&str> = targets.iter().map(|t| t.target()).collect();
+            let mut p = Problem::new(
+                crate::config::source::join_path(path, "target"),
+                *pos,
+                format!("no target is named `{}`", cond.target),
+            );
+            if let Some(hint) = suggest(&cond.target, &names) {
+                p = p.hint(hint);
+            }
+            problems.push(p);
+        } else if named.iter().any(|t| t.active_when().is_some()) {
+            problems.push(
+                Problem::new(
+                    crate::config::source::join_path(path, "target"),
+                    *pos,
+                    format!("target `{}` has an active_when of its own", cond.target),
+                )
+                .hint("a condition must read a target that is always collected"),
+            );
+        }
+    }
+}
+
+/// Removes `labels:` from one item (a mapping) and checks it.
+fn take_labels(
+    item: &mut Node,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<(String, String)>> {
+    let Value::Map(entries) = &mut item.value else {
+        return None;
+    };
+    let i = entries.iter().position(|(k, _)| k.name == "labels")?;
+    let (key, node) = entries.remove(i);
+    let path = crate::config::source::join_path(path, "labels");
+    let map = match &node.value {
+        Value::Map(m) => m,
+        Value::Null => return Some(Vec::new()),
+        _ => {
+            problems.push(
+                Problem::new(
+                    &path,
+                    key.pos,
+                    "labels must be a mapping of label names to values",
+                )
+                .hint("write e.g. `labels: { team: db, page: \"no\" }`"),
+            );
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let at = crate::config::source::join_path(&path, &k.name);
+        if let Some(why) = label_name_problem(&k.name) {
+            problems.push(Problem::new(&at, k.pos, why).hint(
+                "`target`, `cluster`, `collector`, `job`, `instance`, `reason` and names \
+                 starting with `__` are set by clusterwatch or Prometheus",
+            ));
+            continue;
+        }
+        let value = match &v.value {
+            Value::Str(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            Value::UInt(u) => u.to_string(),
+            Value::Float(f) => f.to_string(),
+            _ => {
+                problems.push(
+                    Problem::new(&at, v.pos, "a label value must be a string")
+                        .hint("quote it, e.g. `page: \"no\"`"),
+                );
+                continue;
+            }
+        };
+        out.push((k.name.clone(), value));
+    }
+    Some(out)
+}
+
+/// Why `name` cannot be a target's label name, if it cannot.
+fn label_name_problem(name: &str) -> Option<String> {
+    if !crate::config::is_identifier(name) {
+        Some(format!(
+            "`{name}` is not a valid label name: letters, digits and `_`, not starting with a digit"
+        ))
+    } else if name.starts_with("__") || RESERVED_LABELS.contains(&name) {
+        Some(format!("label `{name}` is reserved"))
+    } else {
+        None
     }
 }
 
@@ -312,6 +609,96 @@ mod tests {
         let cfg = load_embedded().expect("embedded default must be valid");
         assert!(cfg.targets.iter().any(|t| t.name() == "fs"));
         assert!(cfg.targets.iter().any(|t| t.name() == "system"));
+    }
+
+    #[test]
+    fn labels_are_taken_from_every_item_and_checked() {
+        let cfg = parse(
+            "probes:\n  - { name: net, tcp: { address: '127.0.0.1:1' }, labels: { page: 'no', tier: 2 } }\n  - { name: sms, tcp: { address: '127.0.0.1:2' } }\nsystem:\n  labels: { role: host }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap();
+        let labels = |n: &str| -> Vec<(String, String)> {
+            let t = cfg
+                .targets
+                .iter()
+                .find(|t| t.target() == n || t.name() == n)
+                .unwrap();
+            t.labels()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(labels("net"), vec![pair("page", "no"), pair("tier", "2")]);
+        assert!(labels("sms").is_empty());
+        assert_eq!(labels("system"), vec![pair("role", "host")]);
+
+        let err = parse(
+            "probes:\n  - { name: a, tcp: { address: '127.0.0.1:1' }, labels: { job: x, __meta: y, 1st: z, ok: true } }\n  - { name: b, tcp: { adress: '127.0.0.1:1' }, labels: { instance: i } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        let text = err.render();
+        for expected in [
+            "probes[0].labels.job: label `job` is reserved",
+            "probes[0].labels.__meta: label `__meta` is reserved",
+            "probes[0].labels.1st: `1st` is not a valid label name",
+            "probes[0].labels.ok: a label value must be a string",
+            "probes[1].labels.instance: label `instance` is reserved",
+            "probes[1].tcp",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn active_when_names_an_unconditional_target_and_something_to_look_for() {
+        let cfg = parse(
+            "redis:\n  - { name: cache, address: 'redis://127.0.0.1:1' }\nprobes:\n  - { name: web, tcp: { address: '127.0.0.1:1' }, active_when: { target: cache, role: master } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap();
+        let web = cfg.targets.iter().find(|t| t.target() == "web").unwrap();
+        assert_eq!(
+            web.active_when(),
+            Some(&ActiveWhen {
+                target: "cache".into(),
+                metric: None,
+                labels: vec![("role".into(), "master".into())],
+            })
+        );
+
+        let err = parse(
+            "redis:\n  - { name: cache, address: 'redis://127.0.0.1:1' }\nprobes:\n  - { name: a, tcp: { address: '127.0.0.1:1' }, active_when: { target: cahce, role: master } }\n  - { name: b, tcp: { address: '127.0.0.1:1' }, active_when: { target: a, role: master } }\n  - { name: c, tcp: { address: '127.0.0.1:1' }, active_when: { role: master } }\n  - { name: d, tcp: { address: '127.0.0.1:1' }, active_when: { target: cache } }\n  - { name: e, tcp: { address: '127.0.0.1:1' }, active_when: primary }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        let text = err.render();
+        for expected in [
+            "probes[0].active_when.target: no target is named `cahce` (hint: did you mean `cache`?)",
+            "probes[1].active_when.target: target `a` has an active_when of its own",
+            "probes[2].active_when: active_when needs the `target`",
+            "probes[3].active_when: active_when needs a label to look for",
+            "probes[4].active_when: active_when must be a mapping",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 5, "{text}");
+
+        // A condition target whose own item is wrong is reported once, at that item.
+        let err = parse(
+            "redis:\n  - { name: cache, adress: 'redis://127.0.0.1:1' }\nprobes:\n  - { name: a, tcp: { address: '127.0.0.1:1' }, active_when: { target: cache, role: master } }\n",
+            "c.yml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{}", err.render());
     }
 
     #[test]

@@ -203,6 +203,23 @@ impl SampleBuffer {
         }
     }
 
+    /// Appends `extra` labels to every sample, except a label whose name the sample already
+    /// has: a collector's own label is never overridden nor written twice.
+    pub fn add_labels_where_absent(&mut self, extra: &[Label]) {
+        if extra.is_empty() {
+            return;
+        }
+        for fam in self.families.values_mut() {
+            for s in &mut fam.samples {
+                for (k, v) in extra {
+                    if !s.labels.iter().any(|(name, _)| name == k) {
+                        s.labels.push((k.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+    }
+
     /// The families recorded so far, sorted by name.
     pub fn families(&self) -> impl Iterator<Item = &Family> {
         self.families.values()

@@ -108,6 +108,41 @@ pub struct Target {
     kind: &'static str,
     id: TargetId,
     collector: Box<dyn Collector>,
+    /// The item's own `labels:`, set once by the assembler after the collector built it.
+    labels: std::sync::OnceLock<Vec<Label>>,
+    /// The item's `active_when:`, set once by the assembler.
+    active_when: std::sync::OnceLock<ActiveWhen>,
+}
+
+/// An item's `active_when:`: the target is collected only while another target of the same
+/// scrape (collected first) wrote a sample with all these labels at value 1, e.g.
+/// `clusterwatch_redis_role{role="master"} 1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveWhen {
+    /// The `target` name of the condition's target (any collector).
+    pub target: String,
+    /// Only samples of this family count, when given.
+    pub metric: Option<String>,
+    /// Labels the sample must have, e.g. `role=master`.
+    pub labels: Vec<(String, String)>,
+}
+
+impl ActiveWhen {
+    /// Whether the condition holds in the samples of the targets collected so far; a
+    /// condition target that failed wrote nothing, so its condition does not hold.
+    pub fn holds<'a>(&self, collected: impl IntoIterator<Item = &'a SampleBuffer>) -> bool {
+        collected.into_iter().any(|buffer| {
+            buffer.families().any(|family| {
+                self.metric.as_deref().is_none_or(|m| m == family.name)
+                    && family.samples.iter().any(|s| {
+                        s.value == 1.0
+                            && self.labels.iter().all(|(k, v)| {
+                                s.labels.iter().any(|(name, value)| name == k && value == v)
+                            })
+                    })
+            })
+        })
+    }
 }
 
 impl Target {
@@ -117,7 +152,30 @@ impl Target {
             kind: kind.name,
             id,
             collector: Box::new(collector),
+            labels: std::sync::OnceLock::new(),
+            active_when: std::sync::OnceLock::new(),
         })
+    }
+    /// Makes the target depend on a condition (checked by the assembler); a second call is
+    /// ignored.
+    pub fn set_active_when(&self, condition: ActiveWhen) {
+        let _ = self.active_when.set(condition);
+    }
+    /// The condition under which the target is collected, if it has one.
+    pub fn active_when(&self) -> Option<&ActiveWhen> {
+        self.active_when.get()
+    }
+    /// Sets the target's own `labels:` (checked by the assembler); a second call is ignored.
+    pub fn set_labels(&self, labels: Vec<(String, String)>) {
+        let labels = labels
+            .into_iter()
+            .map(|(k, v)| (Cow::Owned(k), v))
+            .collect();
+        let _ = self.labels.set(labels);
+    }
+    /// The target's own `labels:`, added to every series of the target.
+    pub fn labels(&self) -> &[Label] {
+        self.labels.get().map(Vec::as_slice).unwrap_or_default()
     }
     /// The collector name (`fs`, `pg`, …): the `collector` label.
     pub fn name(&self) -> &'static str {
@@ -361,21 +419,57 @@ impl Engine {
     pub async fn scrape(&self, scrape_timeout: Option<Duration>) -> SampleBuffer {
         let set = self.current();
         let started = Instant::now();
-        let runs = set.targets.iter().map(|t| {
-            let target = Arc::clone(t);
-            let budget = target_budget(
-                target.timeout().unwrap_or(set.default_timeout),
-                scrape_timeout,
-            );
-            run_target(target, started + budget)
+        let deadline = |t: &Target| {
+            started + target_budget(t.timeout().unwrap_or(set.default_timeout), scrape_timeout)
+        };
+        // Targets without a condition first, all at once; then those whose condition holds
+        // in what the first ones wrote, within the same deadlines.
+        let first: Vec<usize> = (0..set.targets.len())
+            .filter(|&i| set.targets[i].active_when().is_none())
+            .collect();
+        let mut results: Vec<Option<Collected>> = (0..set.targets.len()).map(|_| None).collect();
+        let runs = first.iter().map(|&i| {
+            let t = Arc::clone(&set.targets[i]);
+            run_target(t.clone(), deadline(&t))
         });
-        let results = futures::future::join_all(runs).await;
+        for (i, r) in first.iter().zip(futures::future::join_all(runs).await) {
+            results[*i] = Some(r);
+        }
+        let active: Vec<usize> = (0..set.targets.len())
+            .filter(|&i| {
+                set.targets[i].active_when().is_some_and(|cond| {
+                    cond.holds(
+                        set.targets
+                            .iter()
+                            .zip(&results)
+                            .filter(|(t, _)| t.target() == cond.target)
+                            .filter_map(|(_, r)| r.as_ref().map(|(_, buffer, _)| buffer)),
+                    )
+                })
+            })
+            .collect();
+        let runs = active.iter().map(|&i| {
+            let t = Arc::clone(&set.targets[i]);
+            run_target(t.clone(), deadline(&t))
+        });
+        for (i, r) in active.iter().zip(futures::future::join_all(runs).await) {
+            results[*i] = Some(r);
+        }
 
         let mut out = SampleBuffer::new();
         declare_engine_families(&mut out);
-        for (target, (result, buffer, elapsed)) in set.targets.iter().zip(results) {
+        for (target, collected) in set.targets.iter().zip(results) {
             let labels = target_labels(target.as_ref());
             let mut own = SampleBuffer::with_common_labels(labels);
+            if target.active_when().is_some() {
+                let active = if collected.is_some() { 1.0 } else { 0.0 };
+                own.gauge("clusterwatch_target_active", HELP_ACTIVE, &[], active);
+            }
+            // Inactive: not collected, so no up, duration or failure of its own.
+            let Some((result, buffer, elapsed)) = collected else {
+                out.merge(own);
+                continue;
+            };
             own.gauge(
                 "clusterwatch_target_scrape_duration_seconds",
                 HELP_DURATION,
@@ -448,11 +542,13 @@ impl Engine {
     }
 }
 
+const HELP_ACTIVE: &str = "Whether the target's active_when condition held at this scrape (1) so it was collected, or not (0).";
 const HELP_UP: &str = "Whether the last collection of the target succeeded (1) or failed (0).";
 const HELP_DURATION: &str = "How long the last collection of the target took, in seconds.";
 const HELP_ERRORS: &str = "Failed collections of the target, by short reason (timeout, connect, auth, permission, query, io, protocol, panic).";
 
 fn declare_engine_families(out: &mut SampleBuffer) {
+    out.declare("clusterwatch_target_active", HELP_ACTIVE, Kind::Gauge);
     out.declare("clusterwatch_target_up", HELP_UP, Kind::Gauge);
     out.declare(
         "clusterwatch_target_scrape_duration_seconds",
@@ -466,32 +562,41 @@ fn declare_engine_families(out: &mut SampleBuffer) {
     );
 }
 
-/// The labels every sample of a target carries: collector, target and (if set) cluster.
+/// The labels every engine sample of a target carries: collector, target, (if set) cluster,
+/// then the target's own `labels:` (their names never clash with the engine's: the
+/// assembler refuses reserved names).
 fn target_labels(t: &Target) -> Vec<Label> {
-    let mut labels = vec![
-        (Cow::Borrowed("collector"), t.name().to_owned()),
-        (Cow::Borrowed("target"), t.target().to_owned()),
-    ];
+    let mut labels = identity_labels(t);
+    labels.insert(0, (Cow::Borrowed("collector"), t.name().to_owned()));
+    labels.extend(t.labels().iter().cloned());
+    labels
+}
+
+/// Target and (if set) cluster: the first labels of every sample a collector writes.
+fn identity_labels(t: &Target) -> Vec<Label> {
+    let mut labels = vec![(Cow::Borrowed("target"), t.target().to_owned())];
     if let Some(c) = t.cluster() {
         labels.push((Cow::Borrowed("cluster"), c.to_owned()));
     }
     labels
 }
 
+/// One target's collection: its result, its samples (empty on failure), how long it took.
+type Collected = (Result<(), CollectError>, SampleBuffer, Duration);
+
 /// Runs one target in its own task so a collector that blocks or hangs cannot hold up the
 /// others; past the deadline the task is aborted and the target reported down.
-async fn run_target(
-    target: Arc<Target>,
-    deadline: Instant,
-) -> (Result<(), CollectError>, SampleBuffer, Duration) {
+async fn run_target(target: Arc<Target>, deadline: Instant) -> Collected {
     let started = Instant::now();
     let ctx = ScrapeContext { deadline };
     // Collector samples carry target/cluster but not `collector`: the subsystem in the
-    // metric name says that already.
-    let common: Vec<Label> = target_labels(target.as_ref()).into_iter().skip(1).collect();
+    // metric name says that already. The target's own labels come last and give way to a
+    // label of the same name the collector writes itself.
+    let common = identity_labels(target.as_ref());
     let task = tokio::spawn(async move {
         let mut buf = SampleBuffer::with_common_labels(common);
         let r = target.collect(&ctx, &mut buf).await;
+        buf.add_labels_where_absent(target.labels());
         (r, buf)
     });
     let abort = task.abort_handle();
@@ -662,6 +767,102 @@ mod tests {
         );
         let out = engine.scrape(None).await;
         assert_eq!(timeouts(&out, "slow"), Some(1.0));
+    }
+
+    struct Stateful;
+
+    #[async_trait]
+    impl Collector for Stateful {
+        async fn collect(
+            &self,
+            _: &ScrapeContext,
+            out: &mut SampleBuffer,
+        ) -> Result<(), CollectError> {
+            out.gauge(
+                "clusterwatch_test_state",
+                "A state.",
+                &[("state", "ok")],
+                1.0,
+            );
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn own_labels_reach_every_series_but_never_override_the_collectors() {
+        let t = Target::new(&TEST, TargetId::local("t"), Stateful);
+        t.set_labels(vec![
+            ("page".into(), "no".into()),
+            ("state".into(), "mine".into()),
+        ]);
+        let out = Engine::new(vec![t], Duration::from_secs(1))
+            .scrape(None)
+            .await;
+        let labels_of = |family: &str| -> Vec<Vec<String>> {
+            out.get(family)
+                .unwrap()
+                .samples
+                .iter()
+                .map(|s| s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .collect()
+        };
+        assert_eq!(
+            labels_of("clusterwatch_test_state"),
+            vec![vec!["target=t", "state=ok", "page=no"]],
+            "the collector's `state` wins and is written once"
+        );
+        for family in [
+            "clusterwatch_target_up",
+            "clusterwatch_target_scrape_duration_seconds",
+            "clusterwatch_target_scrape_errors_total",
+        ] {
+            for labels in labels_of(family) {
+                assert!(
+                    labels.contains(&"page=no".to_owned()),
+                    "{family}: {labels:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_target_is_collected_only_while_its_condition_holds_in_the_same_scrape() {
+        let when = |state: &str| ActiveWhen {
+            target: "cond".into(),
+            metric: Some("clusterwatch_test_state".into()),
+            labels: vec![("state".into(), state.into())],
+        };
+        let (on, off) = (sleepy("on", Duration::ZERO), sleepy("off", Duration::ZERO));
+        on.set_active_when(when("ok"));
+        off.set_active_when(when("bad"));
+        // Listed before the condition's target: the order of the file does not matter.
+        let cond = Target::new(&TEST, TargetId::local("cond"), Stateful);
+        let out = Engine::new(vec![on, off, cond], Duration::from_secs(1))
+            .scrape(None)
+            .await;
+        let by_target = |family: &str| -> Vec<(String, f64)> {
+            out.get(family)
+                .map(|f| {
+                    f.samples
+                        .iter()
+                        .map(|s| {
+                            let target = s.labels.iter().find(|(k, _)| k == "target");
+                            (target.unwrap().1.clone(), s.value)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            by_target("clusterwatch_target_active"),
+            vec![("on".into(), 1.0), ("off".into(), 0.0)]
+        );
+        assert_eq!(
+            by_target("clusterwatch_target_up"),
+            vec![("on".into(), 1.0), ("cond".into(), 1.0)],
+            "an inactive target has no up series"
+        );
+        assert_eq!(by_target("clusterwatch_test_value").len(), 1);
     }
 
     struct Panicky;

@@ -15,7 +15,10 @@ use tokio::time::Instant;
 
 use crate::collector::file::{check_states, state_of};
 use crate::collector::{CollectError, Collector, CollectorKind, ScrapeContext, Target};
-use crate::config::{compile_regex, HumanDuration, Located, Problem, SectionContext, TargetId};
+use crate::config::{
+    compile_regex, find_on_path, is_executable, HumanDuration, Located, Problem, SectionContext,
+    TargetId,
+};
 use crate::hooks::env::HOOK_PATH;
 use crate::hooks::runner::{self, Exit, Spec};
 use crate::snapshot::SampleBuffer;
@@ -91,7 +94,7 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
             problems.push(item.problem("timeout", "timeout must be greater than zero"));
         }
         for name in raw.env.keys() {
-            if !valid_env_name(name) {
+            if !crate::config::is_identifier(name) {
                 problems.push(
                     item.problem("env", format!("`{name}` is not a variable name"))
                         .hint("letters, digits and `_`, not starting with a digit"),
@@ -125,14 +128,6 @@ fn configure(at: Located, ctx: &SectionContext, problems: &mut Vec<Problem>) -> 
     out
 }
 
-fn valid_env_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 /// The program of `command`: a path with a `/` is taken relative to the configuration's
 /// directory, a bare name is looked up on the PATH the check runs with — now, so a typo is
 /// a `check-config` problem rather than a failing check at 3 a.m.
@@ -163,28 +158,19 @@ fn resolve_command(
                 .hint("check the path and its permissions (`chmod +x`)"))
         }
     } else {
-        path.split(':')
-            .filter(|dir| !dir.is_empty())
-            .map(|dir| Path::new(dir).join(program.as_str()))
-            .find(|p| is_executable(p))
-            .ok_or_else(|| {
-                at.problem(
-                    "command",
-                    format!("`{program}` is not found on PATH ({path})"),
-                )
-                .hint("give the program's full path, or set `env: { PATH: ... }`")
-            })
+        find_on_path(program, path).ok_or_else(|| {
+            at.problem(
+                "command",
+                format!("`{program}` is not found on PATH ({path})"),
+            )
+            .hint("give the program's full path, or set `env: { PATH: ... }`")
+        })
     };
     match found {
         Ok(p) => *program = p.display().to_string(),
         Err(problem) => problems.push(problem),
     }
     argv
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// How the output of a run is judged.

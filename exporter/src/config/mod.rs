@@ -220,6 +220,35 @@ pub fn compile_regex(
         .ok()
 }
 
+/// The alert names the shipped rules pack (`rules/*.rules.yml`) defines, sorted; embedded at
+/// build time (empty when the crate is built without the rules directory).
+pub const SHIPPED_ALERTS: &[&str] = include!(concat!(env!("OUT_DIR"), "/shipped_alerts.rs"));
+
+/// Whether `name` is an identifier as Prometheus label names and shell variables are
+/// written: letters, digits and `_`, not starting with a digit.
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether `path` is a file with an execute bit.
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The executable a bare program name (no `/`) runs as, searched in the directories of
+/// `path` (a `PATH` value) as the kernel's `execvp` would.
+pub fn find_on_path(program: &str, path: &str) -> Option<PathBuf> {
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| is_executable(p))
+}
+
 /// A target's identity: its `target` label, its `cluster` label and its own deadline.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetId {

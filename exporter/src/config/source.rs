@@ -252,6 +252,8 @@ pub struct Problem {
     pub message: String,
     /// How to fix it, when there is something useful to say.
     pub hint: Option<String>,
+    /// A warning: printed by `check-config`, but the configuration is still accepted.
+    pub warning: bool,
 }
 
 impl Problem {
@@ -262,7 +264,14 @@ impl Problem {
             pos,
             message: message.into(),
             hint: None,
+            warning: false,
         }
+    }
+
+    /// Makes this a warning: reported, but not a reason to refuse the configuration.
+    pub fn warning(mut self) -> Self {
+        self.warning = true;
+        self
     }
 
     /// Adds a hint.
@@ -274,6 +283,9 @@ impl Problem {
     /// Formats as `FILE:LINE:COL: PATH: MESSAGE (hint: …)`.
     pub fn render(&self, file: &str) -> String {
         let mut s = format!("{file}:{}:{}: ", self.pos.line, self.pos.column);
+        if self.warning {
+            s.push_str("warning: ");
+        }
         if !self.path.is_empty() {
             s.push_str(&self.path);
             s.push_str(": ");
@@ -320,25 +332,68 @@ impl<'a> Located<'a> {
     }
 
     /// Deserializes this node into `T` (a raw, `deny_unknown_fields` struct). On failure the
-    /// problem names the exact field and line, with a "did you mean" for misspelt keys.
+    /// problem names the exact field and line, with a "did you mean" for misspelt keys; every
+    /// bad field of the node is reported, not only the first (see [`Located::parse_every`]).
     pub fn parse<T: DeserializeOwned>(&self, problems: &mut Vec<Problem>) -> Option<T> {
-        let json = self.node.to_json();
-        match serde_path_to_error::deserialize::<_, T>(json) {
-            Ok(v) => Some(v),
-            Err(err) => {
-                let segments = segments_of(err.path());
-                let rel = render_segments(&segments);
-                let path = join_path(&self.path, &rel);
-                let pos = self.node.locate(&segments);
-                let message = err.inner().to_string();
-                let mut problem = Problem::new(path, pos, clean_serde_message(&message));
-                if let Some(h) = hint_for(&message) {
-                    problem = problem.hint(h);
-                }
-                problems.push(problem);
-                None
+        let (value, bad) = self.parse_every::<T>(problems)?;
+        bad.is_empty().then_some(value)
+    }
+
+    /// Deserializes this node into `T`, going on past bad fields: each one is reported, then
+    /// removed (an unknown key) or replaced by a neutral stand-in (a wrongly typed value) and
+    /// the node parsed again. Returns the value with the paths of the fields reported, so the
+    /// caller can run its own checks on the rest, drop what they say about those fields, and
+    /// throw the value away. `None` when no stand-in fits (a missing required field).
+    pub fn parse_every<T: DeserializeOwned>(
+        &self,
+        problems: &mut Vec<Problem>,
+    ) -> Option<(T, Vec<String>)> {
+        let mut json = self.node.to_json();
+        let mut bad = Vec::new();
+        // Mappings an unknown key was removed from: a required field then missing there is
+        // most likely that key misspelt, already reported with a "did you mean".
+        let mut pruned: Vec<Vec<Segment>> = Vec::new();
+        // Every round removes or replaces one field, so a node has at most this many rounds.
+        for _ in 0..MAX_BAD_FIELDS {
+            let err = match serde_path_to_error::deserialize::<_, T>(json.clone()) {
+                Ok(value) => return Some((value, bad)),
+                Err(err) => err,
+            };
+            let segments = segments_of(err.path());
+            let message = err.inner().to_string();
+            if message.starts_with("missing field") && pruned.contains(&segments) {
+                return None;
             }
+            let path = join_path(&self.path, &render_segments(&segments));
+            let mut problem = Problem::new(
+                &path,
+                self.node.locate(&segments),
+                clean_serde_message(&message),
+            );
+            if let Some(h) = hint_for(&message) {
+                problem = problem.hint(h);
+            }
+            problems.push(problem);
+            if segments.is_empty() || message.starts_with("missing field") {
+                return None;
+            }
+            bad.push(path);
+            if message.starts_with("unknown field") {
+                edit_json(&mut json, &segments, None);
+                pruned.push(segments[..segments.len() - 1].to_vec());
+                continue;
+            }
+            let stand_in = STAND_INS.iter().find_map(|candidate| {
+                let mut tried = json.clone();
+                edit_json(&mut tried, &segments, Some(candidate()));
+                match serde_path_to_error::deserialize::<_, T>(tried.clone()) {
+                    Err(e) if segments_of(e.path()) == segments => None,
+                    _ => Some(tried),
+                }
+            });
+            json = stand_in?;
         }
+        None
     }
 
     /// Parses each item of a sequence separately, so every bad item is reported. A missing or
@@ -347,6 +402,19 @@ impl<'a> Located<'a> {
         &self,
         problems: &mut Vec<Problem>,
     ) -> Vec<(T, Located<'a>)> {
+        self.parse_list_every(problems)
+            .into_iter()
+            .filter(|(_, _, bad)| bad.is_empty())
+            .map(|(value, at, _)| (value, at))
+            .collect()
+    }
+
+    /// [`Located::parse_list`] with [`Located::parse_every`] for each item: items with bad
+    /// fields are returned too, with those fields' paths.
+    pub fn parse_list_every<T: DeserializeOwned>(
+        &self,
+        problems: &mut Vec<Problem>,
+    ) -> Vec<(T, Located<'a>, Vec<String>)> {
         match &self.node.value {
             Value::Null => Vec::new(),
             Value::Seq(items) => items
@@ -354,8 +422,8 @@ impl<'a> Located<'a> {
                 .enumerate()
                 .filter_map(|(i, item)| {
                     let at = Located::new(item, format!("{}[{i}]", self.path));
-                    let parsed = at.parse::<T>(problems)?;
-                    Some((parsed, at))
+                    let (parsed, bad) = at.parse_every::<T>(problems)?;
+                    Some((parsed, at, bad))
                 })
                 .collect(),
             _ => {
@@ -371,6 +439,49 @@ impl<'a> Located<'a> {
     /// The position of a field of this node (for semantic problems found after parsing).
     pub fn pos_of(&self, field: &str) -> Pos {
         self.node.locate(&[Segment::Key(field.to_owned())])
+    }
+}
+
+/// At most this many bad fields are reported for one node.
+const MAX_BAD_FIELDS: usize = 64;
+
+/// Neutral values tried in place of a wrongly typed field, in order: the first one its type
+/// accepts lets parsing go on to the next field.
+const STAND_INS: &[fn() -> serde_json::Value] = &[
+    || serde_json::Value::Null,
+    || serde_json::Value::String(String::new()),
+    || serde_json::Value::Array(Vec::new()),
+    || serde_json::Value::Object(serde_json::Map::new()),
+    || serde_json::Value::Bool(false),
+    || serde_json::Value::from(0),
+];
+
+/// Replaces (or with `None`, removes) the value at `segments` in `json`.
+fn edit_json(json: &mut serde_json::Value, segments: &[Segment], with: Option<serde_json::Value>) {
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
+    let mut here = json;
+    for seg in parents {
+        let next = match (seg, here) {
+            (Segment::Key(k), serde_json::Value::Object(m)) => m.get_mut(k),
+            (Segment::Index(i), serde_json::Value::Array(a)) => a.get_mut(*i),
+            _ => None,
+        };
+        let Some(next) = next else {
+            return;
+        };
+        here = next;
+    }
+    match (last, here, with) {
+        (Segment::Key(k), serde_json::Value::Object(m), Some(v)) => {
+            m.insert(k.clone(), v);
+        }
+        (Segment::Key(k), serde_json::Value::Object(m), None) => {
+            m.remove(k);
+        }
+        (Segment::Index(i), serde_json::Value::Array(a), Some(v)) if *i < a.len() => a[*i] = v,
+        _ => {}
     }
 }
 
@@ -475,6 +586,28 @@ mod tests {
         assert_eq!(problems[0].hint.as_deref(), Some("did you mean `port`?"));
         assert_eq!(problems[1].path, "items[2].port");
         assert_eq!(problems[1].pos.line, 7);
+    }
+
+    #[test]
+    fn every_bad_field_of_one_item_is_reported_at_once() {
+        let doc =
+            Node::parse_document("items:\n  - name: [a]\n    port: nope\n    extra: 1\n").unwrap();
+        let items = &doc.as_map().unwrap()[0].1;
+        let mut problems = Vec::new();
+        let parsed = Located::new(items, "items").parse_list_every::<Item>(&mut problems);
+        let mut paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            ["items[0].extra", "items[0].name", "items[0].port"],
+            "{problems:?}"
+        );
+        // The item is still returned (for further checks), marked with what was replaced.
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].2.len(), 3);
+        assert!(Located::new(items, "items")
+            .parse_list::<Item>(&mut Vec::new())
+            .is_empty());
     }
 
     #[test]

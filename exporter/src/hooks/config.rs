@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::source::{Node, Value};
-use crate::config::{read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext};
+use crate::config::{
+    is_executable, read_secret_file, HumanDuration, Located, Problem, Secret, SectionContext,
+};
 
 /// The configuration section this module reads.
 pub const SECTION: &str = "hooks";
@@ -491,12 +493,20 @@ pub fn parse(
     );
 
     let mut rules: Vec<HookRule> = Vec::new();
+    // Kept apart until the end: a warning must not make the section count as failed.
+    let mut warnings = Vec::new();
     match at.field("rules") {
         Some(list) => {
             let list_node = with_on_keys(list.node);
             let list = Located::new(&list_node, list.path.clone());
-            for (r, item) in list.parse_list::<RawRule>(problems) {
-                if let Some(rule) = check_rule(r, &item, ctx, problems) {
+            for (r, item, bad) in list.parse_list_every::<RawRule>(problems) {
+                // A hook with wrongly typed fields is still checked whole, so every problem of
+                // it is reported at once; what the checks say of the stand-ins is dropped.
+                warnings.extend(match_warnings(&r, &item));
+                let before = problems.len();
+                let rule = check_rule(r, &item, ctx, problems);
+                drop_problems_at(problems, before, &bad);
+                if let Some(rule) = rule.filter(|_| bad.is_empty()) {
                     if rules.iter().any(|x| x.name == rule.name) {
                         problems.push(
                             item.problem("name", format!("duplicate hook name `{}`", rule.name)),
@@ -514,7 +524,9 @@ pub fn parse(
         .and_then(|l| super::lock::parse(l, ctx, problems));
     let storm = raw.storm.as_ref().map(|s| check_storm(&at, s, problems));
 
-    if problems.len() > before {
+    let failed = problems.len() > before;
+    problems.extend(warnings);
+    if failed {
         return None;
     }
     Some(HooksConfig {
@@ -567,6 +579,88 @@ fn check_web_config(
                 problems.push(at.problem("web_config_file", p.render(&e.file)));
             }
             None
+        }
+    }
+}
+
+/// What in a hook's `match`/`match_re` is accepted but probably wrong: a regular expression
+/// in an exact `match` (it can only match that literal text), and an `alertname` that no
+/// alert of the shipped rules pack has.
+fn match_warnings(r: &RawRule, at: &Located) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (k, v) in r.match_eq.iter().flatten() {
+        const REGEX_MARKS: &[&str] = &[".*", ".+", "|", "^", "$", "[", "(", "\\"];
+        if REGEX_MARKS.iter().any(|m| v.contains(m)) {
+            out.push(
+                at.problem(
+                    &format!("match.{k}"),
+                    format!("`{v}` looks like a regular expression, but `match` compares the whole value exactly"),
+                )
+                .hint(format!("use `match_re: {{ {k}: '{v}' }}`"))
+                .warning(),
+            );
+        }
+    }
+    let shipped = crate::config::SHIPPED_ALERTS;
+    if shipped.is_empty() {
+        return out;
+    }
+    let eq = r
+        .match_eq
+        .iter()
+        .flatten()
+        .filter(|(k, _)| *k == "alertname");
+    for (_, name) in eq.filter(|(_, v)| !shipped.contains(&v.as_str())) {
+        let mut p = at
+            .problem(
+                "match.alertname",
+                format!("no alert of the shipped rules is named `{name}`"),
+            )
+            .warning();
+        p = p.hint(match crate::config::source::suggest(name, shipped) {
+            Some(near) => format!("{near} (fine if the alert comes from your own rules)"),
+            None => "fine if the alert comes from your own rules".into(),
+        });
+        out.push(p);
+    }
+    let re = r
+        .match_re
+        .iter()
+        .flatten()
+        .filter(|(k, _)| *k == "alertname");
+    for (_, pattern) in re {
+        let Ok(re) = regex::Regex::new(&format!("^(?:{pattern})$")) else {
+            continue; // reported as an error by `check_rule`
+        };
+        if !shipped.iter().any(|a| re.is_match(a)) {
+            out.push(
+                at.problem(
+                    "match_re.alertname",
+                    format!("`{pattern}` matches no alert of the shipped rules"),
+                )
+                .hint("fine if the alert comes from your own rules")
+                .warning(),
+            );
+        }
+    }
+    out
+}
+
+/// Drops the problems recorded since `before` about a field already reported as wrongly
+/// typed (`bad`, from [`Located::parse_every`]).
+fn drop_problems_at(problems: &mut Vec<Problem>, before: usize, bad: &[String]) {
+    let mut i = before;
+    while i < problems.len() {
+        let p = &problems[i].path;
+        let about_bad = bad.iter().any(|b| {
+            p == b
+                || p.strip_prefix(b.as_str())
+                    .is_some_and(|r| r.starts_with(['.', '[']))
+        });
+        if about_bad {
+            problems.remove(i);
+        } else {
+            i += 1;
         }
     }
 }
@@ -734,6 +828,18 @@ fn resolve_argv(
             );
         }
         *program = path.display().to_string();
+    } else if crate::config::find_on_path(program, super::env::HOOK_PATH).is_none() {
+        // Hooks run with this PATH only, whatever clusterwatch's own environment.
+        problems.push(
+            at.problem(
+                field,
+                format!(
+                    "`{program}` is not found on the hooks' PATH ({})",
+                    super::env::HOOK_PATH
+                ),
+            )
+            .hint("give the program's full path"),
+        );
     }
     argv
 }
@@ -776,11 +882,6 @@ fn duration(
         ));
     }
     d
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
@@ -896,6 +997,92 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rules[1].rerun_after_crash"), "{text}");
+    }
+
+    #[test]
+    fn every_problem_of_one_hook_is_reported_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let yaml = "hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - name: 'bad name'\n      match: { alertname: PostgresNoPrimary }\n      command: /bin/true\n      retries: lots\n      env: { lower: x }\n";
+        let err = parse_config(yaml, "c.yml", dir.path()).unwrap_err();
+        let text = err.render();
+        for expected in [
+            "hooks.rules[0].name: hook names are letters",
+            "hooks.rules[0].command: wrong type",
+            "hooks.rules[0].retries: wrong type",
+            "hooks.rules[0].env: bad environment variable name `lower`",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in:\n{text}");
+        }
+        // Nothing is said of the stand-ins put in place of the wrongly typed fields.
+        assert_eq!(err.problems.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn a_bare_command_must_be_on_the_hooks_path() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let hook = |cmd: &str| {
+            format!("hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - {{ name: h, match: {{ alertname: PostgresNoPrimary }}, command: [{cmd}] }}\n")
+        };
+        assert!(parse_config(&hook("sh"), "c.yml", dir.path()).is_ok());
+        let err = parse_config(&hook("no-such-program-here"), "c.yml", dir.path())
+            .unwrap_err()
+            .render();
+        assert!(
+            err.contains(
+                "hooks.rules[0].command: `no-such-program-here` is not found on the hooks' PATH"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn regex_looking_match_and_unknown_alert_names_are_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        write_token(dir.path());
+        let yaml = "hooks:\n  bearer_token_file: t\n  state_dir: st\n  rules:\n    - { name: a, match: { alertname: PostgresNoPrimary, cluster: 'db-.*' }, command: [/bin/true] }\n    - { name: b, match: { alertname: PostgresNoPrimry }, command: [/bin/true] }\n    - { name: c, match_re: { alertname: 'Postgres(NoPrimary|Down)' }, command: [/bin/true] }\n    - { name: d, match_re: { alertname: 'Nothing.*' }, command: [/bin/true] }\n";
+        let cfg = parse_config(yaml, "c.yml", dir.path()).expect("warnings do not refuse");
+        assert_eq!(cfg.hooks.unwrap().rules.len(), 4);
+        let text: Vec<String> = cfg.warnings.iter().map(|w| w.render("c.yml")).collect();
+        assert_eq!(text.len(), 3, "{text:#?}");
+        assert!(
+            text[0].contains(
+                "warning: hooks.rules[0].match.cluster: `db-.*` looks like a regular expression"
+            ),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[0].contains("use `match_re: { cluster: 'db-.*' }`"),
+            "{}",
+            text[0]
+        );
+        assert!(
+            text[1].contains("no alert of the shipped rules is named `PostgresNoPrimry`"),
+            "{}",
+            text[1]
+        );
+        assert!(
+            text[1].contains("did you mean `PostgresNoPrimary`?"),
+            "{}",
+            text[1]
+        );
+        assert!(
+            text[2].contains("`Nothing.*` matches no alert of the shipped rules"),
+            "{}",
+            text[2]
+        );
+
+        // Beside a real error, warnings are printed too but never counted as what failed.
+        let broken = format!("{yaml}    - {{ name: e, command: [/bin/true] }}\n");
+        let err = parse_config(&broken, "c.yml", dir.path()).unwrap_err();
+        assert_eq!(
+            err.problems.iter().filter(|p| !p.warning).count(),
+            1,
+            "{}",
+            err.render()
+        );
     }
 
     #[test]

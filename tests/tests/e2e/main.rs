@@ -25,5 +25,6 @@ mod rules_pack;
 mod seeds;
 mod sre_stats;
 mod status;
+mod targets;
 mod versions;
 mod web_security;
