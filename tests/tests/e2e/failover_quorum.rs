@@ -113,10 +113,11 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
 ) -> Result<()> {
     // A primary and two standbys, each standby replicating through its own proxy.
     let primary = PgNode::start_primary(PRIMARY).await?;
-    let (standby_b, standby_c) = tokio::try_join!(
-        PgNode::start_standby(STANDBY_B, &primary, "standby_b"),
-        PgNode::start_standby(STANDBY_C, &primary, "standby_c"),
-    )?;
+    // One base backup at a time: a second one's checkpoint can recycle the WAL segment the
+    // first is still streaming before its slot holds it ("requested WAL segment ... has
+    // already been removed").
+    let standby_b = PgNode::start_standby(STANDBY_B, &primary, "standby_b").await?;
+    let standby_c = PgNode::start_standby(STANDBY_C, &primary, "standby_c").await?;
     let primary_addr = format!("127.0.0.1:{}", primary.port()).parse()?;
     let replication_b = TcpProxy::start(primary_addr).await?;
     let replication_c = TcpProxy::start(primary_addr).await?;
