@@ -142,18 +142,11 @@ async fn landing(State(state): State<AppState>, headers: HeaderMap) -> Response 
          <p><a href=\"{path}\">Metrics</a> · <a href=\"/-/healthy\">health</a> · <a href=\"/-/ready\">ready</a> · reload: <code>POST /-/reload</code> or SIGHUP</p>\n\
          <p>Configuration: {origin}</p>\n{table}</body></html>\n",
         version = env!("CARGO_PKG_VERSION"),
-        path = escape_html(&state.telemetry_path),
-        origin = escape_html(&state.config_origin),
+        path = crate::status::escape_html(&state.telemetry_path),
+        origin = crate::status::escape_html(&state.config_origin),
         table = crate::status::render_html(&lines, decisions.as_deref()),
     ))
     .into_response()
-}
-
-fn escape_html(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]

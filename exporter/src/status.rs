@@ -476,7 +476,8 @@ pub fn render_text(lines: &[TargetStatus], decisions: Option<&[String]>) -> Stri
     out
 }
 
-fn escape(s: &str) -> String {
+/// `s` safe inside HTML text and attribute values.
+pub fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -499,7 +500,7 @@ pub fn render_html(lines: &[TargetStatus], decisions: Option<&[String]>) -> Stri
         };
         let _ = write!(out, "<tr class=\"{class}\">");
         for c in cells(l) {
-            let _ = write!(out, "<td>{}</td>", escape(&c));
+            let _ = write!(out, "<td>{}</td>", escape_html(&c));
         }
         out.push_str("</tr>\n");
     }
@@ -510,7 +511,7 @@ pub fn render_html(lines: &[TargetStatus], decisions: Option<&[String]>) -> Stri
             out.push_str("(none yet)");
         }
         for l in d {
-            let _ = writeln!(out, "{}", escape(l));
+            let _ = writeln!(out, "{}", escape_html(l));
         }
         out.push_str("</pre>\n");
     }
