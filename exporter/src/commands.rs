@@ -176,6 +176,24 @@ fn gate(h: &crate::hooks::config::HooksConfig) -> Box<dyn RunGate> {
     }
 }
 
+/// With `hooks.lease`, one holder per configured server keeps its group's leader key while
+/// the server is primary (a reload that changes the section is refused: restart).
+fn start_leader_leases(hooks: &Arc<Hooks>, engine: &Arc<Engine>) {
+    let cfg = hooks.config();
+    let (Some(lease), Some(lock)) = (&cfg.lease, &cfg.lock) else {
+        return;
+    };
+    // Checked with the configuration; nothing is left to refuse here.
+    let servers = crate::hooks::lease::servers(lease, &engine.targets()).unwrap_or_default();
+    crate::hooks::lease::spawn_holders(
+        hooks.clone(),
+        engine.clone(),
+        lock.clone(),
+        lease.clone(),
+        servers,
+    );
+}
+
 async fn serve(cli: &Cli) -> anyhow::Result<()> {
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch SIGHUP for reloads")?;
@@ -239,6 +257,9 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         cfg.fingerprints,
         cfg.global.timeout,
     ));
+    if let Some(h) = &hooks {
+        start_leader_leases(h, &engine);
+    }
     let mut reloader = Reloader::new(cli.config_file.clone(), engine.clone(), hooks.clone());
     if let (Some(path), Some(security)) = (&cli.web_config_file, &security) {
         reloader = reloader.with_main_web(path.clone(), security.clone());

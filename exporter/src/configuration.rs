@@ -145,8 +145,6 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         }
         match KINDS.iter().find(|k| k.section == key.name) {
             Some(kind) => {
-                // `labels:` belongs to every target, whatever its collector: taken out here so
-                // each collector's strict parsing never sees it.
                 // `labels:` and `active_when:` belong to every target, whatever its
                 // collector: taken out here so each collector's strict parsing never sees them.
                 let (stripped, extras) = take_target_extras(node, &key.name, &mut problems);
@@ -210,6 +208,11 @@ pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigEr
         .flatten()
         .collect();
     check_conditions(&targets, &written, &conditions, &mut problems);
+    if let Some(lease) = hooks.as_ref().and_then(|h| h.lease.as_ref()) {
+        if let Err(found) = crate::hooks::lease::servers(lease, &targets) {
+            problems.extend(found);
+        }
+    }
 
     problems.sort_by_key(|p| (p.pos.line, p.pos.column));
     if problems.iter().all(|p| p.warning) {

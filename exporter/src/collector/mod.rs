@@ -414,6 +414,24 @@ impl Engine {
         changes
     }
 
+    /// Collects the target named `name` of collector `kind` once, outside any scrape, within
+    /// `budget`: the leader lease must know its own server's role between scrapes, whoever
+    /// scrapes. `None` when no such target is configured now (a reload removed it).
+    pub async fn collect_one(
+        &self,
+        kind: &str,
+        name: &str,
+        budget: Duration,
+    ) -> Option<(Result<(), CollectError>, SampleBuffer)> {
+        let set = self.current();
+        let target = set
+            .targets
+            .iter()
+            .find(|t| t.name() == kind && t.target() == name)?;
+        let (result, buffer, _) = run_target(target.clone(), Instant::now() + budget).await;
+        Some((result, buffer))
+    }
+
     /// Scrapes every target once. `scrape_timeout` is Prometheus' own timeout from the
     /// `X-Prometheus-Scrape-Timeout-Seconds` header. Never fails: failures become metrics.
     pub async fn scrape(&self, scrape_timeout: Option<Duration>) -> SampleBuffer {

@@ -82,6 +82,8 @@ pub struct HooksConfig {
     pub lock: Option<super::lock::LockConfig>,
     /// The storm breaker across replication groups (`hooks.storm`); off when unset.
     pub storm: Option<super::policy::Storm>,
+    /// The leader lease this host keeps while its server is primary (`hooks.lease`).
+    pub lease: Option<super::lease::LeaseConfig>,
     /// TLS for the webhook's own listener (`web_config_file`).
     pub web: Option<crate::web::Settings>,
 }
@@ -95,6 +97,11 @@ pub fn restart_needed(old: &HooksConfig, new: &HooksConfig) -> Result<(), String
         (
             "hooks.max_concurrent_runs",
             old.max_concurrent_runs != new.max_concurrent_runs,
+        ),
+        (
+            "hooks.lease",
+            old.lease.as_ref().map(super::lease::LeaseConfig::identity)
+                != new.lease.as_ref().map(super::lease::LeaseConfig::identity),
         ),
         (
             "hooks.lock",
@@ -208,6 +215,9 @@ pub struct HookRule {
     pub env: Vec<(String, String)>,
     /// Run only when the alert's `candidate` label is this (this host's target name).
     pub only_if_candidate: Option<String>,
+    /// Disruptive runs first wait until no one holds the alert's group's leader lease
+    /// (`hooks.lease`), and do not run if it is still held after `hooks.lease.wait`.
+    pub wait_for_lease: bool,
 }
 
 impl HookRule {
@@ -241,6 +251,9 @@ struct RawHooks {
     // Checked by `lock::parse`, so problems name `lock.<field>`.
     #[allow(dead_code)]
     lock: Option<serde::de::IgnoredAny>,
+    // Checked by `lease::parse`, so problems name `lease.<field>`.
+    #[allow(dead_code)]
+    lease: Option<serde::de::IgnoredAny>,
     // Parsed item by item below, so every bad hook is reported.
     #[allow(dead_code)]
     rules: serde::de::IgnoredAny,
@@ -387,6 +400,7 @@ struct RawRule {
     rerun_after_crash: Option<bool>,
     env: Option<BTreeMap<String, String>>,
     only_if_candidate: Option<String>,
+    wait_for_lease: Option<bool>,
 }
 
 /// Parses and checks the `hooks:` section, recording problems with their lines.
@@ -505,6 +519,12 @@ pub fn parse(
                 warnings.extend(match_warnings(&r, &item));
                 let before = problems.len();
                 let rule = check_rule(r, &item, ctx, problems);
+                if rule.as_ref().is_some_and(|r| r.wait_for_lease) && at.field("lease").is_none() {
+                    problems.push(
+                        item.problem("wait_for_lease", "there is no `hooks.lease` to wait for")
+                            .hint("configure `hooks.lease` (and `hooks.lock`) on this host, or drop wait_for_lease"),
+                    );
+                }
                 drop_problems_at(problems, before, &bad);
                 if let Some(rule) = rule.filter(|_| bad.is_empty()) {
                     if rules.iter().any(|x| x.name == rule.name) {
@@ -523,6 +543,20 @@ pub fn parse(
         .field("lock")
         .and_then(|l| super::lock::parse(l, ctx, problems));
     let storm = raw.storm.as_ref().map(|s| check_storm(&at, s, problems));
+    let lease = at.field("lease").and_then(|l| {
+        let resolve = |argv, at: &Located, field: &str, problems: &mut Vec<Problem>| {
+            resolve_argv(argv, at, field, ctx, problems)
+        };
+        super::lease::parse(l, resolve, problems)
+    });
+    if at.field("lease").is_some() && at.field("lock").is_none() {
+        problems.push(
+            at.problem("lease", "needs `hooks.lock`: the lease is kept in its etcd")
+                .hint(
+                    "add `lock: { etcd: { endpoints: [...] } }` with the same etcd on every host",
+                ),
+        );
+    }
 
     let failed = problems.len() > before;
     problems.extend(warnings);
@@ -543,6 +577,7 @@ pub fn parse(
         rules,
         lock,
         storm,
+        lease,
         web,
     })
 }
@@ -797,6 +832,7 @@ fn check_rule(
         rerun_after_crash,
         env,
         only_if_candidate: r.only_if_candidate,
+        wait_for_lease: r.wait_for_lease.unwrap_or(false),
     })
 }
 

@@ -320,6 +320,61 @@ pub enum Event {
         /// What failed.
         error: String,
     },
+    /// A `wait_for_lease` hook found its replication group's leader key held, and it went
+    /// (the old primary's lease ended) before `hooks.lease.wait`.
+    LeaseWaited {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The leader key.
+        key: String,
+        /// Who held it (host/target).
+        holder: String,
+        /// How long the run waited.
+        waited_seconds: f64,
+    },
+    /// The leader key was still held after `hooks.lease.wait`: the old primary keeps renewing
+    /// its lease, so it is alive and reaches etcd. The run did not start.
+    LeaseHeld {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The leader key.
+        key: String,
+        /// Who holds it (host/target).
+        holder: String,
+        /// How long the run waited.
+        waited_seconds: f64,
+    },
+    /// etcd could not be read to check the leader key: the run did not start.
+    LeaseUnavailable {
+        /// The run.
+        run: u64,
+        /// The hook.
+        hook: String,
+        /// The leader key.
+        key: String,
+        /// What failed.
+        error: String,
+    },
+    /// This host could not keep its leader lease while its server may still be primary, and
+    /// ran the self-fence (`hooks.lease.self_fence`).
+    SelfFenced {
+        /// The replication group.
+        cluster: String,
+        /// This host's server.
+        target: String,
+        /// Why the lease could not be kept.
+        reason: String,
+        /// How the self-fence ended (`exit 0`, `timeout`, …).
+        outcome: String,
+        /// Its wall-clock time.
+        duration_seconds: f64,
+        /// Its stderr tail.
+        stderr_tail: String,
+    },
     /// Found at start: the run was accepted but had not started; it is fresh enough to be
     /// started now (validation runs again first).
     Resumed {

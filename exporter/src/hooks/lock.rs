@@ -36,7 +36,7 @@ const MAX_TTL: Duration = Duration::from_secs(600);
 /// How long etcd may be asked to remember an incident.
 const MAX_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Each etcd call, per endpoint; a dead member must not hold a failover up for long.
-const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The checked `hooks.lock` section.
 #[derive(Clone, Debug)]
@@ -158,6 +158,13 @@ fn renewal(answer: Result<i64, ()>, since_last_ok: Duration, ttl: Duration) -> R
     }
 }
 
+/// This host's name, as etcd values name their writer.
+pub(super) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// The gate of a receiver with `hooks.lock`: one claim per incident, cluster-wide.
 pub struct EtcdLock {
     cfg: LockConfig,
@@ -166,7 +173,7 @@ pub struct EtcdLock {
 }
 
 /// An etcd int64, which the JSON gateway writes as a string.
-fn int(v: &Value) -> Option<i64> {
+pub(super) fn int(v: &Value) -> Option<i64> {
     match v {
         Value::String(s) => s.parse().ok(),
         other => other.as_i64(),
@@ -174,7 +181,7 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 /// A field by its proto name or the gateway's camelCase name.
-fn field<'a>(v: &'a Value, snake: &str, camel: &str) -> &'a Value {
+pub(super) fn field<'a>(v: &'a Value, snake: &str, camel: &str) -> &'a Value {
     match v.get(snake) {
         Some(x) => x,
         None => &v[camel],
@@ -193,11 +200,9 @@ impl LockConfig {
 impl EtcdLock {
     /// A gate over the configured etcd; contacts nothing until the first disruptive run.
     pub fn new(cfg: LockConfig) -> EtcdLock {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into());
         let owner = format!(
-            "{host}/{}/{}",
+            "{}/{}/{}",
+            hostname(),
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -287,7 +292,7 @@ impl EtcdLock {
     }
 }
 
-async fn call(
+pub(super) async fn call(
     cfg: &LockConfig,
     path: &str,
     body: &Value,
@@ -325,7 +330,7 @@ async fn call(
 }
 
 /// Revokes a lease in the background; if it fails, the lease expires by itself.
-fn revoke_later(cfg: &LockConfig, lease: i64) {
+pub(super) fn revoke_later(cfg: &LockConfig, lease: i64) {
     let cfg = cfg.clone();
     tokio::spawn(async move {
         let _ = call(

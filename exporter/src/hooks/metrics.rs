@@ -34,6 +34,8 @@ pub const SKIP_REASONS: &[&str] = &[
     "abandoned",
     "lock_held_elsewhere",
     "lock_unavailable",
+    "lease_held",
+    "lease_unavailable",
     "journal_damaged",
 ];
 

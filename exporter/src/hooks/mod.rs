@@ -8,6 +8,7 @@ pub mod config;
 pub mod env;
 pub mod gate;
 pub mod journal;
+pub mod lease;
 pub mod lock;
 mod metrics;
 pub mod payload;
@@ -85,6 +86,8 @@ pub struct Hooks {
     counters: Mutex<Counters>,
     slots: Semaphore,
     gate: Box<dyn RunGate>,
+    /// What this host's leader-lease holders report (`hooks.lease`).
+    leases: lease::Board,
 }
 
 /// Unix time now, in seconds: the journal's and the decisions' clock.
@@ -121,6 +124,7 @@ impl Hooks {
             state: Mutex::new(state),
             counters: Mutex::new(Counters::default()),
             gate,
+            leases: lease::Board::default(),
         });
         let cfg = hooks.config();
         for (r, open) in interrupted {
@@ -373,6 +377,7 @@ impl Hooks {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let cfg = self.config();
         metrics::write(&cfg, &c, &state, context(&cfg), out);
+        self.leases.write(out);
     }
 
     /// For a service stop: no accepted run takes a slot from now on (it stays accepted, not

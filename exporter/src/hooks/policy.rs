@@ -392,13 +392,17 @@ impl State {
             // later re-send of the same alert is decided afresh.
             Event::ValidateFailed { run, .. }
             | Event::Abandoned { run, .. }
-            | Event::LockUnavailable { run, .. } => self.give_back(*run, true),
+            | Event::LockUnavailable { run, .. }
+            | Event::LeaseHeld { run, .. }
+            | Event::LeaseUnavailable { run, .. } => self.give_back(*run, true),
             // The incident was taken by another receiver: it stays handled here too (a
             // re-send is deduped), but this receiver spent no cooldown or budget on it.
             Event::LockHeldElsewhere { run, .. } => self.give_back(*run, false),
             // Steps happen inside a started run: the run's own records decide.
             Event::LockAcquired { .. }
             | Event::LockLost { .. }
+            | Event::LeaseWaited { .. }
+            | Event::SelfFenced { .. }
             | Event::StepStarted { .. }
             | Event::StepFinished { .. } => {}
             Event::Started { run, .. } => {
@@ -602,6 +606,7 @@ pub(crate) mod tests {
             rerun_after_crash: false,
             env: Vec::new(),
             only_if_candidate: None,
+            wait_for_lease: false,
         }
     }
 

@@ -10,6 +10,7 @@ use super::config::{HookRule, HooksConfig, Step};
 use super::env::{self, RunFacts};
 use super::gate::{self, AbortOnDrop, Pass};
 use super::journal::{Event, Record, RunResult};
+use super::lease::{self, LeaseRefusal};
 use super::payload::Alert;
 use super::runner::{self, Exit, Outcome, Spec};
 use super::{now, policy, Hooks};
@@ -70,6 +71,9 @@ impl Run {
         if !self.validate().await {
             return;
         }
+        if self.rule().wait_for_lease && !self.wait_for_lease().await {
+            return;
+        }
         let held = match self.rule().disruptive {
             true => match self.gate().await {
                 Some(held) => Some(held),
@@ -81,6 +85,16 @@ impl Run {
         let mut attempt = 1;
         while let Some(RunResult::Retry) = self.attempt(attempt, token).await {
             tokio::time::sleep(backoff(self.rule().retry_backoff, attempt)).await;
+            // The service is stopping: no new attempt. The run stays open, so the next start
+            // journals it `unknown`, as any run a stop interrupted.
+            if self.hooks.slots.is_closed() {
+                tracing::warn!(
+                    hook = self.hook(),
+                    run = self.run,
+                    "stopping: the next attempt does not start"
+                );
+                return;
+            }
             attempt += 1;
         }
     }
@@ -147,6 +161,66 @@ impl Run {
         };
         let _ = self.hooks.commit(vec![Record { ts: now(), event }]).await;
         false
+    }
+
+    /// For `wait_for_lease`: waits until no one holds the alert's group's leader key (the old
+    /// primary's lease has ended) and journals the wait. `false`, journaled and counted, when
+    /// it is still held after `hooks.lease.wait`, or etcd cannot say.
+    async fn wait_for_lease(&self) -> bool {
+        // check-config refuses wait_for_lease without both.
+        let (Some(lease_cfg), Some(lock)) = (&self.cfg.lease, &self.cfg.lock) else {
+            return true;
+        };
+        let (hook, run) = (self.hook().to_owned(), self.run);
+        let cluster = self.alert.labels.get("cluster").map_or("", String::as_str);
+        let key = lease::key(&lock.prefix, cluster);
+        let answer = match cluster.is_empty() {
+            true => Err(LeaseRefusal::Unavailable(
+                "the alert has no `cluster` label: no leader key to check".into(),
+            )),
+            false => lease::wait_until_free(lock, lease_cfg, cluster).await,
+        };
+        let (event, skip) = match answer {
+            Ok(None) => return true,
+            Ok(Some((holder, waited_seconds))) => {
+                tracing::info!(hook = %hook, run, key = %key, holder = %holder, waited_seconds, "the old primary's leader lease has ended; going on");
+                let event = Event::LeaseWaited {
+                    run,
+                    hook: hook.clone(),
+                    key,
+                    holder,
+                    waited_seconds,
+                };
+                (event, None)
+            }
+            Err(LeaseRefusal::Held(holder, waited_seconds)) => {
+                tracing::error!(hook = %hook, run, key = %key, holder = %holder, waited_seconds, "the leader lease is still held: its primary is alive and reaches etcd; not running");
+                let event = Event::LeaseHeld {
+                    run,
+                    hook: hook.clone(),
+                    key,
+                    holder,
+                    waited_seconds,
+                };
+                (event, Some("lease_held"))
+            }
+            Err(LeaseRefusal::Unavailable(error)) => {
+                tracing::error!(hook = %hook, run, key = %key, error = %error, "cannot check the leader lease; not running");
+                let event = Event::LeaseUnavailable {
+                    run,
+                    hook: hook.clone(),
+                    key,
+                    error,
+                };
+                (event, Some("lease_unavailable"))
+            }
+        };
+        if let Some(reason) = skip {
+            self.hooks.count().skip(&hook, reason);
+        }
+        // Journal first: a run whose wait is not on record must not act.
+        let committed = self.hooks.commit(vec![Record { ts: now(), event }]).await;
+        skip.is_none() && committed.is_ok()
     }
 
     /// Takes the gate and journals its answer. `None`: do not run. Otherwise the pass and a

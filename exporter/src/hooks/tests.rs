@@ -23,6 +23,7 @@ fn config(dir: &std::path::Path, rules: Vec<HookRule>) -> HooksConfig {
         rules,
         lock: None,
         storm: None,
+        lease: None,
         web: None,
     }
 }
