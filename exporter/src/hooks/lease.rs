@@ -327,7 +327,7 @@ impl Board {
             );
             for (result, n) in [("ok", e.fences_ok), ("failed", e.fences_failed)] {
                 out.counter(
-                    "clusterwatch_leader_lease_self_fences",
+                    "clusterwatch_leader_lease_self_fences_total",
                     "Self-fences run because the leader lease could not be kept, by result.",
                     &[
                         ("cluster", cluster.as_str()),
@@ -750,6 +750,37 @@ mod tests {
         assert!(text.contains("no target is named `pg-x`"), "{text}");
         // pg-a is a server with a cluster: nothing is said of it.
         assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[test]
+    fn the_board_writes_one_state_per_holder_and_counts_fences() {
+        let board = Board::default();
+        let mut empty = SampleBuffer::new();
+        board.write(&mut empty);
+        assert_eq!(
+            empty.families().count(),
+            0,
+            "no lease configured: no series"
+        );
+        board.set("main", "pg-a", HolderState::Held);
+        board.fenced("main", "pg-a", true);
+        let mut out = SampleBuffer::new();
+        board.write(&mut out);
+        let states = crate::status::from_buffer(&out);
+        let on: Vec<_> = states
+            .iter()
+            .filter(|s| s.name == "clusterwatch_leader_lease_state" && s.value == 1.0)
+            .collect();
+        assert_eq!(on.len(), 1);
+        assert!(on[0].labels.contains(&("state".into(), "fenced".into())));
+        let ok = states
+            .iter()
+            .find(|s| {
+                s.name == "clusterwatch_leader_lease_self_fences_total"
+                    && s.labels.contains(&("result".into(), "ok".into()))
+            })
+            .unwrap();
+        assert_eq!(ok.value, 1.0);
     }
 
     #[test]

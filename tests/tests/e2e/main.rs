@@ -11,6 +11,7 @@ mod harness_selftest;
 mod hooks;
 mod hooks_faults;
 mod hooks_lock;
+mod leader_lease;
 mod listeners;
 mod mongo;
 mod network;
