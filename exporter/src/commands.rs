@@ -294,7 +294,10 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         let _ = server.await;
     }
     if let Some(h) = hooks {
-        drain_hooks(&h).await;
+        tokio::select! {
+            _ = drain_hooks(&h) => {}
+            _ = stopped_after(stop.clone(), 2) => {}
+        }
     }
     tracing::info!("clusterwatch stopped");
     Ok(())
@@ -377,24 +380,36 @@ fn hooks_command(cli: &Cli, command: &HooksCommand) -> ExitCode {
     }
 }
 
-/// A flag that turns true on the first SIGTERM or SIGINT. Watched from the start, so a
-/// signal during start-up is not lost; every listener and the hook drain follow it.
-fn stop_on_signal() -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
+/// How many SIGTERMs or SIGINTs have come: the first stops the listeners and drains the
+/// hook runs in flight; a second ends the drain at once. Watched from the start, so a signal
+/// during start-up is not lost.
+fn stop_on_signal() -> std::io::Result<tokio::sync::watch::Receiver<u8>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (tx, rx) = tokio::sync::watch::channel(0u8);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        for n in 1..=2u8 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            match n {
+                1 => tracing::info!("stop signal received, shutting down (a second one stops without waiting for hook runs)"),
+                _ => tracing::warn!("second stop signal: not waiting for hook runs in flight; their effect will be unknown"),
+            }
+            let _ = tx.send(n);
         }
-        let _ = tx.send(true);
     });
     Ok(rx)
 }
 
-/// Resolves once `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+/// Resolves once `stop` has counted `signals` signals (or its sender is gone).
+async fn stopped_after(mut stop: tokio::sync::watch::Receiver<u8>, signals: u8) {
+    let _ = stop.wait_for(|n| *n >= signals).await;
+}
+
+/// Resolves at the first stop signal.
+async fn stopped(stop: tokio::sync::watch::Receiver<u8>) {
+    stopped_after(stop, 1).await;
 }

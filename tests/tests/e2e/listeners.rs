@@ -416,6 +416,59 @@ async fn a_hook_running_at_sigterm_finishes_and_is_journaled_before_the_process_
     Ok(())
 }
 
+#[tokio::test]
+async fn a_second_sigterm_stops_without_waiting_and_the_run_is_unknown_after_restart() -> Result<()>
+{
+    let lab = HookLab::new()?;
+    let hook = lab.recorder("promote", "sleep 60")?;
+    let rules = format!(
+        "    - {{ name: promote, match: {{ alertname: NoPrimary }}, command: [{}], disruptive: true, timeout: 120s }}\n",
+        hook.display()
+    );
+    let client = clusterwatch_tests::harness::http::client()?;
+    let mut cw = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
+    let body = notification(
+        "firing",
+        "g",
+        vec![alert(
+            "firing",
+            json!({"alertname": "NoPrimary"}),
+            "fp-twice",
+            "2026-01-01T00:00:00Z",
+        )],
+    )
+    .to_string();
+    assert_eq!(lab.post(body).await?, 200);
+    wait_until(WAIT, "the hook to start", async || {
+        Ok(lab.invocations("promote").len() == 1)
+    })
+    .await?;
+    let hook_pid: i32 = String::from_utf8(lab.read("promote.pid")?)?
+        .trim()
+        .parse()?;
+    // The first SIGTERM: clusterwatch waits for the 60 s hook.
+    cw.guard.signal(Signal::SIGTERM)?;
+    wait_until(WAIT, "clusterwatch to start its stop", async || {
+        Ok(cw.guard.log_tail(50).contains("stop signal received"))
+    })
+    .await?;
+    ensure!(cw.guard.is_running(), "exited without waiting for the hook");
+    // The second: it exits now, and the hook, in its own process group, goes on.
+    let took = cw.terminate(STOP_BOUND).await?;
+    ensure!(
+        clusterwatch_tests::harness::process::pid_alive(hook_pid),
+        "the hook was killed with clusterwatch"
+    );
+    println!("second SIGTERM: exit after {took:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(hook_pid), Signal::SIGKILL)?;
+    // Started again: the run is `unknown`, never run again.
+    let mut again = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
+    ensure!(lab.events("unknown").len() == 1, "{:?}", lab.journal());
+    ensure!(lab.invocations("promote").len() == 1);
+    again.terminate(STOP_BOUND).await?;
+    Ok(())
+}
+
 /// `Key=value` settings of a unit file, in order.
 fn unit_settings(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
