@@ -58,6 +58,8 @@ pub struct TargetStatus {
     pub cluster: Option<String>,
     /// Whether its last collection succeeded.
     pub up: bool,
+    /// Its `active_when` condition does not hold: not collected, pages nobody.
+    pub inactive: bool,
     /// Why it is down: the error reason that grew last (or the most frequent one).
     pub reason: Option<String>,
     /// Collected fine, but what it checks fails: a program check's result, a probe's failure
@@ -123,6 +125,7 @@ pub fn summarize(series: &[Series]) -> Vec<TargetStatus> {
             target: target.to_owned(),
             cluster: up.label("cluster").map(str::to_owned),
             up: is_up,
+            inactive: false,
             reason,
             failing: if is_up {
                 failing(collector, &mine)
@@ -133,6 +136,30 @@ pub fn summarize(series: &[Series]) -> Vec<TargetStatus> {
             value: if is_up { value(collector, &mine) } else { None },
             since: None,
             errors,
+        });
+    }
+    // Targets whose `active_when` does not hold wrote nothing but this; listed so an operator
+    // sees them, e.g. the production-only checks on a standby.
+    for active in series
+        .iter()
+        .filter(|s| s.name == "clusterwatch_target_active" && s.value == 0.0)
+    {
+        let (Some(collector), Some(target)) = (active.label("collector"), active.label("target"))
+        else {
+            continue;
+        };
+        out.push(TargetStatus {
+            collector: collector.to_owned(),
+            target: target.to_owned(),
+            cluster: active.label("cluster").map(str::to_owned),
+            up: false,
+            inactive: true,
+            reason: None,
+            failing: None,
+            role: None,
+            value: Some("active_when does not hold".to_owned()),
+            since: None,
+            errors: Vec::new(),
         });
     }
     out
@@ -321,7 +348,7 @@ fn value(collector: &str, mine: &[&Series]) -> Option<String> {
 /// What the tracker remembers of a target: the state it was in, since when, whether that
 /// start was seen, and the error counts of the last look.
 struct Seen {
-    state: (bool, Option<String>, Option<String>),
+    state: ((bool, bool), Option<String>, Option<String>),
     since: SystemTime,
     change_seen: bool,
     errors: Vec<(String, f64)>,
@@ -345,7 +372,11 @@ impl Tracker {
         });
         for line in lines.iter_mut() {
             let key = (line.collector.clone(), line.target.clone());
-            let state = (line.up, line.role.clone(), line.failing.clone());
+            let state = (
+                (line.up, line.inactive),
+                line.role.clone(),
+                line.failing.clone(),
+            );
             let entry = seen.entry(key).or_insert_with(|| Seen {
                 state: state.clone(),
                 since: now,
@@ -390,6 +421,9 @@ pub fn observe(buffer: &SampleBuffer) -> Vec<TargetStatus> {
 }
 
 fn state_word(l: &TargetStatus) -> String {
+    if l.inactive {
+        return "inactive".to_owned();
+    }
     match (&l.up, &l.reason) {
         (true, _) => match &l.failing {
             Some(why) => format!("failing ({why})"),
@@ -493,10 +527,11 @@ pub fn render_html(lines: &[TargetStatus], decisions: Option<&[String]>) -> Stri
     }
     out.push_str("</tr>\n");
     for l in lines {
-        let class = match (l.up, &l.failing) {
-            (true, None) => "up",
-            (true, Some(_)) => "failing",
-            (false, _) => "down",
+        let class = match (l.inactive, l.up, &l.failing) {
+            (true, _, _) => "inactive",
+            (false, true, None) => "up",
+            (false, true, Some(_)) => "failing",
+            (false, false, _) => "down",
         };
         let _ = write!(out, "<tr class=\"{class}\">");
         for c in cells(l) {
@@ -650,6 +685,29 @@ mod tests {
             "{text}"
         );
         assert!(rows[2].contains("down (timeout)"), "{text}");
+    }
+
+    #[test]
+    fn a_target_whose_condition_does_not_hold_is_listed_inactive_not_down() {
+        let mut series = scrape(0.0, 0.0, "standby");
+        series.push(s(
+            "clusterwatch_target_active",
+            &[("collector", "probe"), ("target", "web-if-master")],
+            0.0,
+        ));
+        series.push(s(
+            "clusterwatch_target_active",
+            &[("collector", "probe"), ("target", "active-one")],
+            1.0,
+        ));
+        let lines = summarize(&series);
+        let inactive: Vec<&TargetStatus> = lines.iter().filter(|l| l.inactive).collect();
+        assert_eq!(inactive.len(), 1);
+        assert_eq!(inactive[0].target, "web-if-master");
+        let text = render_text(&lines, None);
+        let row = text.lines().find(|l| l.contains("web-if-master")).unwrap();
+        assert!(row.contains("inactive") && !row.contains("down"), "{text}");
+        assert!(render_html(&lines, None).contains("<tr class=\"inactive\">"));
     }
 
     #[test]
