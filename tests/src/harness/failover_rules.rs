@@ -29,7 +29,10 @@ pub fn rules_with_short_windows(dir: &Path, windows: &[ShortWindow]) -> Result<V
         let mut text = std::fs::read_to_string(&path)?;
         let name = path.file_name().context("a rule file without a name")?;
         for window in windows.iter().filter(|w| name == w.file) {
-            let (range, offset) = (format!("[{}]", window.from), format!("offset {}", window.from));
+            let (range, offset) = (
+                format!("[{}]", window.from),
+                format!("offset {}", window.from),
+            );
             ensure!(
                 text.contains(&range) && text.contains(&offset),
                 "{} no longer writes a window as `{range}` and `{offset}`",

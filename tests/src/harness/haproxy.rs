@@ -77,7 +77,8 @@ impl Haproxy {
     /// Sends one command to the runtime API (the stats socket, through `socat`) and returns
     /// the answer.
     pub async fn runtime(&self, command: &str) -> Result<String> {
-        let mut socat = tokio::process::Command::new(find_program("CLUSTERWATCH_SOCAT", &["socat"])?);
+        let mut socat =
+            tokio::process::Command::new(find_program("CLUSTERWATCH_SOCAT", &["socat"])?);
         socat
             .arg("-t2")
             .arg("-")
