@@ -686,12 +686,16 @@ async fn whiskymedia_host_loss_promotes_each_group_once_and_haproxy_down_is_its_
     })
     .await?;
     let runs = finished_runs(&stack.lab, "failed-haproxy", stopped_at).await?;
-    let [(_, end)] = runs.as_slice() else {
+    let [(started, end)] = runs.as_slice() else {
         bail!(
             "haproxy2 down, {} failed-haproxy runs: {runs:?}",
             runs.len()
         );
     };
+    println!(
+        "redis_drills: haproxy2 stopped -> failed-haproxy started {:.1} s",
+        started - stopped_at
+    );
     ensure!(end["result"] == "ok", "failed-haproxy: {end}");
     let journal = serde_json::to_string(end)?;
     ensure!(
@@ -739,12 +743,18 @@ async fn whiskymedia_host_loss_with_a_storm_limit_of_two_groups_refuses_the_thir
         started.len() == 2 && refused.iter().all(|hook| !started.contains(hook)),
         "started {started:?}, refused {refused:?}"
     );
-    // The refused group keeps its dead master and its replica: nothing was changed there.
+    // The refused group keeps its dead master and its replica: nothing was changed there,
+    // and its failover decision still stands for a person to act on.
+    let deciding = active_alerts(&stack.prom, "RedisFailoverNeeded", "firing").await?;
     for (group, cluster) in GROUPS.iter().enumerate() {
         if refused.contains(&format!("failed-{cluster}")) {
             ensure!(
                 role(&stack.hosts[1][group]).await? == "slave",
                 "{cluster} was refused, yet its replica was promoted"
+            );
+            ensure!(
+                deciding.iter().any(|labels| labels["cluster"] == *cluster),
+                "{cluster} was refused, yet RedisFailoverNeeded no longer fires: {deciding:?}"
             );
         }
     }
