@@ -703,9 +703,10 @@ async fn fire_twice(lab: &HookLab, alerts: &[(Value, &str)]) -> Result<()> {
 }
 
 /// Whiskymedia: a Redis master and replica behind two HAProxies. While the master answers,
-/// failed-redis refuses; once it is killed, one run (despite a re-send) puts it in
-/// maintenance on both HAProxies through their runtime API and promotes the replica, and both
-/// HAProxies carry writes to the new master.
+/// failed-redis refuses; once it is killed, a candidate that is not a replica of the group is
+/// refused, then one run (despite a re-send) puts it in maintenance on both HAProxies through
+/// their runtime API and promotes the replica, and both HAProxies carry writes to the new
+/// master.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_once() -> Result<()>
 {
@@ -753,6 +754,44 @@ async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_o
     ensure!(ha1.server_status("redis-9001", "redis1-9001").await? == "UP");
 
     redis1.kill9()?;
+    // A failover decision naming a candidate that is not a reachable replica of the group is
+    // refused before anything changes (the recipe never second-guesses the decision).
+    let mut command = Command::new(&script);
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("CW_LABEL_FAILED", "redis1-9001")
+        .env("CW_LABEL_CANDIDATE", "redis3-9001")
+        .env("CW_LABEL_CLUSTER", "redis-9001")
+        .env(
+            "REDIS_NODES",
+            format!(
+                "redis1-9001={} redis2-9001={}",
+                redis1.addr(),
+                redis2.addr()
+            ),
+        )
+        .env(
+            "HAPROXY_SOCKETS",
+            format!("{} {}", ha1.socket().display(), ha2.socket().display()),
+        );
+    let (code, _, stderr) = output(command);
+    ensure!(
+        code == Some(5) && stderr.contains("redis3-9001 is not a reachable replica"),
+        "exit {code:?}: {stderr}"
+    );
+    ensure!(
+        redis2
+            .info("replication")
+            .await?
+            .get("role")
+            .map(String::as_str)
+            == Some("slave")
+    );
+    ensure!(ha1.server_status("redis-9001", "redis1-9001").await? != "MAINT");
     fire_twice(&lab, &[(failed, "dead")]).await?;
     let started = lab.events("started");
     let finished = lab.events("finished");
