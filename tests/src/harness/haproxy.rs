@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
 
 use super::http;
 use super::ports::free_port;
@@ -16,6 +17,8 @@ use super::redis::RedisNode;
 
 /// How long HAProxy gets to serve its stats page.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one runtime API command may take.
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running HAProxy; dropping it stops the process and removes its directory.
 pub struct Haproxy {
@@ -69,6 +72,39 @@ impl Haproxy {
     /// The stats socket's path.
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
+    }
+
+    /// Sends one command to the runtime API (the stats socket, through `socat`) and returns
+    /// the answer.
+    pub async fn runtime(&self, command: &str) -> Result<String> {
+        let mut socat =
+            tokio::process::Command::new(find_program("CLUSTERWATCH_SOCAT", &["socat"])?);
+        socat
+            .arg("-t2")
+            .arg("-")
+            .arg(format!("UNIX-CONNECT:{}", self.socket.display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = socat.spawn().context("could not start socat")?;
+        let mut stdin = child.stdin.take().context("socat without stdin")?;
+        stdin.write_all(format!("{command}\n").as_bytes()).await?;
+        drop(stdin);
+        let out = tokio::time::timeout(RUNTIME_TIMEOUT, child.wait_with_output())
+            .await
+            .with_context(|| format!("HAProxy's runtime API did not answer `{command}`"))??;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The status (`UP`, `DOWN`, `MAINT`, ...) the runtime API's `show stat` gives
+    /// `backend/server`.
+    pub async fn server_status(&self, backend: &str, server: &str) -> Result<String> {
+        let csv = self.runtime("show stat").await?;
+        csv.lines()
+            .map(|line| line.split(',').collect::<Vec<_>>())
+            .find(|fields| fields.len() > 17 && fields[0] == backend && fields[1] == server)
+            .map(|fields| fields[17].to_owned())
+            .with_context(|| format!("no {backend}/{server} in HAProxy's stats:\n{csv}"))
     }
 
     /// HAProxy's output so far.

@@ -14,6 +14,7 @@ pub mod blackhole;
 pub mod certs;
 pub mod clusterwatch;
 pub mod etcd;
+pub mod failover_rules;
 pub mod haproxy;
 pub mod http;
 pub mod kamailio;

@@ -233,6 +233,19 @@ impl RedisNode {
             .with_context(|| format!("redis-cli on Redis node {}", self.name))
     }
 
+    /// `redis-cli ARGS…` against whatever answers Redis on `127.0.0.1:port` without a
+    /// password (an HAProxy frontend, say), like [`cli`](Self::cli).
+    pub async fn cli_at(port: u16, args: &[&str]) -> Result<String> {
+        CliTarget {
+            program: find_program("CLUSTERWATCH_REDIS_CLI", &["redis-cli"])?,
+            port,
+            password: None,
+        }
+        .run(args)
+        .await
+        .with_context(|| format!("redis-cli on 127.0.0.1:{port}"))
+    }
+
     /// `INFO section` as a map of its `key:value` lines.
     pub async fn info(&self, section: &str) -> Result<BTreeMap<String, String>> {
         let text = self.cli(&["INFO", section]).await?;

@@ -21,6 +21,7 @@ mod postgres;
 mod postgres_fixtures;
 mod probes;
 mod redis;
+mod redis_drills;
 mod reload;
 mod rules_pack;
 mod seeds;

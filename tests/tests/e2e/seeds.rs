@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use clusterwatch_tests::harness::haproxy::redis_backend;
 use clusterwatch_tests::harness::process::{describe, find_program, run};
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab};
@@ -362,21 +362,23 @@ fn seed_routes_send_critical_failures_to_hooks_and_alert_only_checks_to_people()
             &["alertname=CpOutOfServiceTooLong", "severity=warning"],
             &["noc-email"],
         ),
-        // Whiskymedia: instance and HAProxy failures reach the recipes, RedisNoMaster does not.
+        // Whiskymedia: the failover decision and HAProxy down reach the recipes; RedisNoMaster,
+        // a backend without servers and the application probes only page.
         (
             "whiskymedia",
             &[
-                "alertname=ProbeFailing",
-                "target=redis1-9001",
+                "alertname=RedisFailoverNeeded",
                 "cluster=redis-9001",
+                "candidate=redis2-9001",
                 "severity=critical",
+                "action=failover",
             ],
             &["clusterwatch-hooks", "ops-page"],
         ),
         (
             "whiskymedia",
             &[
-                "alertname=ProbeFailing",
+                "alertname=HaproxyDown",
                 "target=haproxy2",
                 "severity=critical",
             ],
@@ -397,7 +399,6 @@ fn seed_routes_send_critical_failures_to_hooks_and_alert_only_checks_to_people()
                 "alertname=RedisNoMaster",
                 "cluster=redis-9001",
                 "severity=critical",
-                "action=failover",
             ],
             &["ops-page"],
         ),
@@ -527,16 +528,16 @@ fn seed_hook_rules_run_the_right_recipe_and_nothing_for_alert_only_checks() {
         (
             "whiskymedia/monitor.yml",
             vec![
-                json!({"alertname": "ProbeFailing", "target": "redis1-9001", "cluster": "redis-9001"}),
-                json!({"alertname": "ProbeFailing", "target": "redis2-9002", "cluster": "redis-9002"}),
-                json!({"alertname": "ProbeFailing", "target": "haproxy1"}),
+                json!({"alertname": "RedisFailoverNeeded", "cluster": "redis-9001", "failed": "redis1-9001", "candidate": "redis2-9001", "action": "failover"}),
+                json!({"alertname": "RedisFailoverNeeded", "cluster": "redis-9003", "failed": "redis2-9003", "candidate": "redis1-9003", "action": "failover"}),
+                json!({"alertname": "HaproxyDown", "target": "haproxy1"}),
                 json!({"alertname": "ProbeFailing", "target": "app-7001"}),
-                json!({"alertname": "RedisNoMaster", "cluster": "redis-9001", "action": "failover"}),
+                json!({"alertname": "RedisNoMaster", "cluster": "redis-9001"}),
                 json!({"alertname": "HaproxyBackendNoServerUp", "backend": "redis-9001"}),
             ],
             &[
                 (0, "failed-redis-9001"),
-                (1, "failed-redis-9002"),
+                (1, "failed-redis-9003"),
                 (2, "failed-haproxy"),
             ],
         ),
@@ -701,45 +702,11 @@ async fn fire_twice(lab: &HookLab, alerts: &[(Value, &str)]) -> Result<()> {
     .await
 }
 
-async fn redis_cli_port(port: u16, args: &[&str]) -> Result<String> {
-    let mut command = Command::new(find_program("CLUSTERWATCH_REDIS_CLI", &["redis-cli"])?);
-    command
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args);
-    Ok(run(command, Duration::from_secs(10))
-        .await?
-        .trim()
-        .to_owned())
-}
-
-/// The status (`UP`, `DOWN`, `MAINT`, ...) HAProxy's runtime API gives `backend/server`.
-async fn haproxy_status(haproxy: &Haproxy, backend: &str, server: &str) -> Result<String> {
-    let mut command = Command::new(find_program("CLUSTERWATCH_SOCAT", &["socat"])?);
-    command
-        .arg("-t2")
-        .arg("-")
-        .arg(format!("UNIX-CONNECT:{}", haproxy.socket().display()));
-    let mut child = tokio::process::Command::from(command)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    use tokio::io::AsyncWriteExt;
-    let mut stdin = child.stdin.take().context("socat stdin")?;
-    stdin.write_all(b"show stat\n").await?;
-    drop(stdin);
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await??;
-    let csv = String::from_utf8_lossy(&out.stdout);
-    csv.lines()
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .find(|f| f.len() > 17 && f[0] == backend && f[1] == server)
-        .map(|f| f[17].to_owned())
-        .with_context(|| format!("no {backend}/{server} in HAProxy's stats:\n{csv}"))
-}
-
 /// Whiskymedia: a Redis master and replica behind two HAProxies. While the master answers,
-/// failed-redis refuses; once it is killed, one run (despite a re-send) puts it in
-/// maintenance on both HAProxies through their runtime API and promotes the replica, and both
-/// HAProxies carry writes to the new master.
+/// failed-redis refuses; once it is killed, a candidate that is not a replica of the group is
+/// refused, then one run (despite a re-send) puts it in maintenance on both HAProxies through
+/// their runtime API and promotes the replica, and both HAProxies carry writes to the new
+/// master.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_once() -> Result<()>
 {
@@ -751,7 +718,7 @@ async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_o
     let ha2 = Haproxy::start(&redis_backend("redis-9001", front2, &[&redis1, &redis2])).await?;
     for front in [front1, front2] {
         wait_until(WAIT, "HAProxy to send traffic to the master", async || {
-            Ok(redis_cli_port(front, &["SET", "k", "before"]).await? == "OK")
+            Ok(RedisNode::cli_at(front, &["SET", "k", "before"]).await? == "OK")
         })
         .await?;
     }
@@ -784,9 +751,47 @@ async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_o
         "{refused:?}"
     );
     ensure!(lab.events("started").is_empty());
-    ensure!(haproxy_status(&ha1, "redis-9001", "redis1-9001").await? == "UP");
+    ensure!(ha1.server_status("redis-9001", "redis1-9001").await? == "UP");
 
     redis1.kill9()?;
+    // A failover decision naming a candidate that is not a reachable replica of the group is
+    // refused before anything changes (the recipe never second-guesses the decision).
+    let mut command = Command::new(&script);
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("CW_LABEL_FAILED", "redis1-9001")
+        .env("CW_LABEL_CANDIDATE", "redis3-9001")
+        .env("CW_LABEL_CLUSTER", "redis-9001")
+        .env(
+            "REDIS_NODES",
+            format!(
+                "redis1-9001={} redis2-9001={}",
+                redis1.addr(),
+                redis2.addr()
+            ),
+        )
+        .env(
+            "HAPROXY_SOCKETS",
+            format!("{} {}", ha1.socket().display(), ha2.socket().display()),
+        );
+    let (code, _, stderr) = output(command);
+    ensure!(
+        code == Some(5) && stderr.contains("redis3-9001 is not a reachable replica"),
+        "exit {code:?}: {stderr}"
+    );
+    ensure!(
+        redis2
+            .info("replication")
+            .await?
+            .get("role")
+            .map(String::as_str)
+            == Some("slave")
+    );
+    ensure!(ha1.server_status("redis-9001", "redis1-9001").await? != "MAINT");
     fire_twice(&lab, &[(failed, "dead")]).await?;
     let started = lab.events("started");
     let finished = lab.events("finished");
@@ -797,7 +802,7 @@ async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_o
     );
 
     for ha in [&ha1, &ha2] {
-        let status = haproxy_status(ha, "redis-9001", "redis1-9001").await?;
+        let status = ha.server_status("redis-9001", "redis1-9001").await?;
         ensure!(
             status == "MAINT",
             "redis1-9001 is {status} on {ha:?}, expected MAINT"
@@ -809,13 +814,13 @@ async fn failed_redis_takes_the_dead_master_out_of_both_haproxies_and_promotes_o
         wait_until(
             WAIT,
             "HAProxy to carry writes to the new master",
-            async || Ok(redis_cli_port(front, &["SET", "k", "after"]).await? == "OK"),
+            async || Ok(RedisNode::cli_at(front, &["SET", "k", "after"]).await? == "OK"),
         )
         .await?;
     }
     // The dead master coming back is never used again: it stays in maintenance.
     redis1.start().await?;
-    ensure!(haproxy_status(&ha1, "redis-9001", "redis1-9001").await? == "MAINT");
+    ensure!(ha1.server_status("redis-9001", "redis1-9001").await? == "MAINT");
     Ok(())
 }
 
@@ -1033,7 +1038,7 @@ async fn failed_haproxy_only_notifies_with_the_survivors_state_and_the_manual_st
     let redis = RedisNode::standalone("redis1-9001", None).await?;
     let ha = Haproxy::start(&redis_backend("redis-9001", free_port()?, &[&redis])).await?;
     wait_until(WAIT, "the backend server to be UP", async || {
-        Ok(haproxy_status(&ha, "redis-9001", "redis1-9001").await? == "UP")
+        Ok(ha.server_status("redis-9001", "redis1-9001").await? == "UP")
     })
     .await?;
     let mut command = Command::new(hook("failed-haproxy"));
@@ -1068,7 +1073,7 @@ async fn failed_haproxy_only_notifies_with_the_survivors_state_and_the_manual_st
         !stdout.contains("haproxy1 does not answer"),
         "the failed HAProxy is listed as a peer:\n{stdout}"
     );
-    ensure!(haproxy_status(&ha, "redis-9001", "redis1-9001").await? == "UP");
+    ensure!(ha.server_status("redis-9001", "redis1-9001").await? == "UP");
     Ok(())
 }
 
