@@ -403,7 +403,12 @@ impl Holder {
         let mut last_state = None;
         loop {
             let started = Instant::now();
-            let collected = engine.collect_one(self.kind, &self.target, tick).await;
+            let budget = held.as_ref().map_or(tick, |h| {
+                (h.renewed + self.lease.fence_after())
+                    .saturating_duration_since(Instant::now())
+                    .min(tick)
+            });
+            let collected = engine.collect_one(self.kind, &self.target, budget).await;
             let local = local_role(self.kind, collected.as_ref().map(|(r, b)| (r.is_ok(), b)));
             let state = if fenced {
                 // Stays fenced until the server is seen in another role (rejoined as a
@@ -422,7 +427,11 @@ impl Holder {
                 last_state = Some(state);
             }
             hooks.leases.set(&self.cluster, &self.target, state);
-            tokio::time::sleep_until(started + tick).await;
+            // While holding, wake no later than the fence is due, whatever the tick's own
+            // work cost: the fence must end before the lease does.
+            let fence_due = held.as_ref().map(|h| h.renewed + self.lease.fence_after());
+            let next = fence_due.map_or(started + tick, |due| (started + tick).min(due));
+            tokio::time::sleep_until(next).await;
         }
     }
 
@@ -467,7 +476,17 @@ impl Holder {
             Local::Down => "this host's server does not answer as primary".to_owned(),
             Local::Primary => {
                 let sent = Instant::now();
-                match self.renew(h.lease, self.lease.tick()).await {
+                // A renewal that cannot answer before the fence is due must not delay it.
+                let budget = self
+                    .lease
+                    .fence_after()
+                    .saturating_sub(h.renewed.elapsed())
+                    .min(self.lease.tick());
+                let answer = match budget.is_zero() {
+                    true => Err("no time left to renew before the fence".to_owned()),
+                    false => self.renew(h.lease, budget).await,
+                };
+                match answer {
                     Ok(true) => {
                         h.renewed = sent;
                         return HolderState::Held;
@@ -781,6 +800,35 @@ mod tests {
             })
             .unwrap();
         assert_eq!(ok.value, 1.0);
+    }
+
+    #[test]
+    fn replay_says_a_promotion_would_wait_for_the_leader_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), "tok\n").unwrap();
+        let yaml = "postgres:\n  - { name: pg2, cluster: pg, dsn: 'postgres://u@127.0.0.1/x' }\nhooks:\n  bearer_token_file: t\n  state_dir: st\n  lock: { etcd: { endpoints: [http://127.0.0.1:2379] } }\n  lease: { targets: [pg2], self_fence: [/bin/true] }\n  rules:\n    - { name: promote, match: { alertname: NoPrimary }, command: [/bin/true], disruptive: true, wait_for_lease: true }\n";
+        let hooks = parse_config(yaml, "c.yml", dir.path())
+            .unwrap()
+            .hooks
+            .unwrap();
+        let with = |labels: &str| {
+            let body = crate::hooks::payload::tests::body("firing", labels, "f1", "t0");
+            crate::hooks::replay(&hooks, body.as_bytes())
+                .unwrap()
+                .join("\n")
+        };
+        let text = with(r#"{"alertname":"NoPrimary","cluster":"pg"}"#);
+        assert!(
+            text.contains(
+                "would first wait up to 1m 0s until no host holds /clusterwatch/hooks/leader/pg"
+            ),
+            "{text}"
+        );
+        let text = with(r#"{"alertname":"NoPrimary"}"#);
+        assert!(
+            text.contains("would refuse: the alert has no `cluster` label"),
+            "{text}"
+        );
     }
 
     #[test]

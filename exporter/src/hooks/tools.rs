@@ -111,6 +111,23 @@ pub fn replay(cfg: &HooksConfig, body: &[u8]) -> Result<Vec<String>, String> {
             continue;
         };
         let rule = &cfg.rules[p.rule];
+        if let (true, Some(lock), Some(lease)) = (rule.wait_for_lease, &cfg.lock, &cfg.lease) {
+            let cluster = n.alerts[p.alert]
+                .labels
+                .get("cluster")
+                .map_or("", String::as_str);
+            lines.push(match cluster {
+                "" => {
+                    "  would refuse: the alert has no `cluster` label, so no leader key to wait for"
+                        .to_owned()
+                }
+                _ => format!(
+                    "  would first wait up to {} until no host holds {}",
+                    crate::status::human(lease.wait),
+                    super::lease::key(&lock.prefix, cluster)
+                ),
+            });
+        }
         let facts = |step| env::RunFacts {
             rule,
             run: *run,
