@@ -885,12 +885,16 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     // The hook runner on the main listener: one hook that runs (and succeeds), one dry-run.
     let hooks = HookLab::new()?;
     let ok_hook = hooks.script("ok-hook", "exit 0")?;
+    // With the leader lease on the primary, so the lease panels have a holder.
     let hooks_section = format!(
-        "hooks:\n  listen: main\n  bearer_token_file: '{dir}/token'\n  state_dir: '{dir}/state'\n  rules:\n\
+        "hooks:\n  listen: main\n  bearer_token_file: '{dir}/token'\n  state_dir: '{dir}/state'\n\
+         \x20 lock: {{ etcd: {{ endpoints: ['{etcd}'] }} }}\n\
+         \x20 lease: {{ targets: [primary], self_fence: [/bin/true] }}\n  rules:\n\
          \x20   - {{ name: promote, match: {{ alertname: DashboardsTest }}, command: ['{ok}'] }}\n\
          \x20   - {{ name: rehearse, match: {{ alertname: DashboardsTest }}, dry_run: true, command: ['{ok}'] }}\n",
         dir = hooks.dir().display(),
         ok = ok_hook.display(),
+        etcd = etcd.endpoints()[0],
     );
     let cluster_managers = format!(
         "etcd:\n  - {{ name: etcd, cluster: ce, endpoints: ['{}'] }}\n\
