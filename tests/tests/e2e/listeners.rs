@@ -366,36 +366,63 @@ async fn three_hundred_idle_connections_under_128_descriptors_leave_metrics_and_
     Ok(())
 }
 
+/// A receiver whose disruptive `promote` hook has been started by a notification and runs
+/// `then` (e.g. `sleep 3`).
+struct RunningHook {
+    lab: HookLab,
+    rules: String,
+    client: reqwest::Client,
+    cw: Service,
+    /// The hook's PID.
+    pid: i32,
+}
+
+impl RunningHook {
+    async fn start(then: &str) -> Result<RunningHook> {
+        let lab = HookLab::new()?;
+        let hook = lab.recorder("promote", then)?;
+        let rules = format!(
+            "    - {{ name: promote, match: {{ alertname: NoPrimary }}, command: [{}], disruptive: true, timeout: 120s }}\n",
+            hook.display()
+        );
+        let client = clusterwatch_tests::harness::http::client()?;
+        let cw = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
+        let body = notification(
+            "firing",
+            "g",
+            vec![alert(
+                "firing",
+                json!({"alertname": "NoPrimary"}),
+                "fp-stop",
+                "2026-01-01T00:00:00Z",
+            )],
+        )
+        .to_string();
+        assert_eq!(lab.post(body).await?, 200);
+        wait_until(WAIT, "the hook to start", async || {
+            Ok(lab.invocations("promote").len() == 1)
+        })
+        .await?;
+        let pid = String::from_utf8(lab.read("promote.pid")?)?
+            .trim()
+            .parse()?;
+        Ok(RunningHook {
+            lab,
+            rules,
+            client,
+            cw,
+            pid,
+        })
+    }
+}
+
 #[tokio::test]
 async fn a_hook_running_at_sigterm_finishes_and_is_journaled_before_the_process_exits() -> Result<()>
 {
-    let lab = HookLab::new()?;
-    let hook = lab.recorder("promote", "sleep 3")?;
-    let rules = format!(
-        "    - {{ name: promote, match: {{ alertname: NoPrimary }}, command: [{}], disruptive: true, timeout: 60s }}\n",
-        hook.display()
-    );
-    let client = clusterwatch_tests::harness::http::client()?;
-    let mut cw = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
-    let body = notification(
-        "firing",
-        "g",
-        vec![alert(
-            "firing",
-            json!({"alertname": "NoPrimary"}),
-            "fp-stop",
-            "2026-01-01T00:00:00Z",
-        )],
-    )
-    .to_string();
-    assert_eq!(lab.post(body).await?, 200);
-    wait_until(WAIT, "the hook to start", async || {
-        Ok(lab.invocations("promote").len() == 1)
-    })
-    .await?;
-    let hook_pid: i32 = String::from_utf8(lab.read("promote.pid")?)?
-        .trim()
-        .parse()?;
+    let running = RunningHook::start("sleep 3").await?;
+    let (lab, rules, client, hook_pid) =
+        (&running.lab, &running.rules, &running.client, running.pid);
+    let mut cw = running.cw;
     let took = cw.terminate(Duration::from_secs(60)).await?;
     let finished = lab.events("finished");
     ensure!(
@@ -409,7 +436,7 @@ async fn a_hook_running_at_sigterm_finishes_and_is_journaled_before_the_process_
     );
     println!("clusterwatch waited {took:?} for the running hook");
     // Started again, it finds nothing open: the run is not `unknown` and runs no more.
-    let mut again = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
+    let mut again = Service::start(&lab.config("", rules), &[], None, "http", client).await?;
     ensure!(lab.events("unknown").is_empty(), "{:?}", lab.journal());
     ensure!(lab.invocations("promote").len() == 1);
     again.terminate(STOP_BOUND).await?;
@@ -419,33 +446,10 @@ async fn a_hook_running_at_sigterm_finishes_and_is_journaled_before_the_process_
 #[tokio::test]
 async fn a_second_sigterm_stops_without_waiting_and_the_run_is_unknown_after_restart() -> Result<()>
 {
-    let lab = HookLab::new()?;
-    let hook = lab.recorder("promote", "sleep 60")?;
-    let rules = format!(
-        "    - {{ name: promote, match: {{ alertname: NoPrimary }}, command: [{}], disruptive: true, timeout: 120s }}\n",
-        hook.display()
-    );
-    let client = clusterwatch_tests::harness::http::client()?;
-    let mut cw = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
-    let body = notification(
-        "firing",
-        "g",
-        vec![alert(
-            "firing",
-            json!({"alertname": "NoPrimary"}),
-            "fp-twice",
-            "2026-01-01T00:00:00Z",
-        )],
-    )
-    .to_string();
-    assert_eq!(lab.post(body).await?, 200);
-    wait_until(WAIT, "the hook to start", async || {
-        Ok(lab.invocations("promote").len() == 1)
-    })
-    .await?;
-    let hook_pid: i32 = String::from_utf8(lab.read("promote.pid")?)?
-        .trim()
-        .parse()?;
+    let running = RunningHook::start("sleep 60").await?;
+    let (lab, rules, client, hook_pid) =
+        (&running.lab, &running.rules, &running.client, running.pid);
+    let mut cw = running.cw;
     // The first SIGTERM: clusterwatch waits for the 60 s hook.
     cw.guard.signal(Signal::SIGTERM)?;
     wait_until(WAIT, "clusterwatch to start its stop", async || {
@@ -462,7 +466,7 @@ async fn a_second_sigterm_stops_without_waiting_and_the_run_is_unknown_after_res
     println!("second SIGTERM: exit after {took:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(hook_pid), Signal::SIGKILL)?;
     // Started again: the run is `unknown`, never run again.
-    let mut again = Service::start(&lab.config("", &rules), &[], None, "http", &client).await?;
+    let mut again = Service::start(&lab.config("", rules), &[], None, "http", client).await?;
     ensure!(lab.events("unknown").len() == 1, "{:?}", lab.journal());
     ensure!(lab.invocations("promote").len() == 1);
     again.terminate(STOP_BOUND).await?;
