@@ -8,13 +8,13 @@
 //! replication connection. The failover rules run with their windows shortened from 2 minutes
 //! to 20 seconds, the tuning the README describes, so the test takes about a minute and a half.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use clusterwatch_tests::harness::{
     temp_dir, wait_until, Clusterwatch, PgNode, Prometheus, PrometheusConfig, ScrapeJob, TcpProxy,
 };
+use clusterwatch_tests::lab::rules_with_short_window;
 use serde_json::Value;
 
 const CLUSTER: &str = "qdb";
@@ -25,61 +25,6 @@ const STANDBY_C: &str = "pg-c";
 const WINDOW: &str = "20s";
 /// Long enough for a window, an evaluation and the slowest scrape on a busy machine.
 const WAIT: Duration = Duration::from_secs(90);
-
-/// The shipped rule files, with the PostgreSQL failover window shortened to [`WINDOW`].
-fn rules_with_short_window(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for path in clusterwatch_tests::lab::rule_files()? {
-        let mut text = std::fs::read_to_string(&path)?;
-        let name = path.file_name().context("a rule file without a name")?;
-        if name == "failover.rules.yml" {
-            let ranges = text.matches("[2m]").count();
-            let offsets = text.matches("offset 2m").count();
-            ensure!(
-                ranges >= 2 && offsets >= 1,
-                "failover.rules.yml no longer writes its PostgreSQL window as `[2m]` and `offset 2m`"
-            );
-            text = text
-                .replace("[2m]", &format!("[{WINDOW}]"))
-                .replace("offset 2m", &format!("offset {WINDOW}"));
-        }
-        let copy = dir.join(name);
-        std::fs::write(&copy, text)?;
-        files.push(copy);
-    }
-    Ok(files)
-}
-
-/// The monitoring DSN of `node`, reached at `port` instead of the node's own.
-fn dsn_via(node: &PgNode, port: u16) -> String {
-    node.monitor_dsn()
-        .replace(&format!(":{}/", node.port()), &format!(":{port}/"))
-}
-
-/// Points a standby's replication connection at `port` and waits until it streams through it.
-async fn stream_through(standby: &PgNode, application_name: &str, port: u16) -> Result<()> {
-    standby
-        .psql(&format!(
-            "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={port} user=postgres application_name={application_name}'"
-        ))
-        .await?;
-    standby.psql("SELECT pg_reload_conf()").await?;
-    wait_until(
-        Duration::from_secs(30),
-        &format!("{} to stream through port {port}", standby.name()),
-        async || {
-            let row = standby
-                .psql("SELECT status, sender_port FROM pg_stat_wal_receiver")
-                .await?;
-            if row == format!("streaming|{port}") {
-                Ok(true)
-            } else {
-                bail!("pg_stat_wal_receiver: `{row}`")
-            }
-        },
-    )
-    .await
-}
 
 /// The active alerts named `name`, as label maps.
 async fn active(prom: &Prometheus, name: &str, state: &str) -> Result<Vec<Value>> {
@@ -122,8 +67,8 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
     let replication_b = TcpProxy::start(primary_addr).await?;
     let replication_c = TcpProxy::start(primary_addr).await?;
     tokio::try_join!(
-        stream_through(&standby_b, "standby_b", replication_b.port()),
-        stream_through(&standby_c, "standby_c", replication_c.port()),
+        standby_b.stream_through("standby_b", replication_b.port()),
+        standby_c.stream_through("standby_c", replication_c.port()),
     )?;
 
     // Three observers, each reaching the primary through its own proxy, the standbys directly.
@@ -133,7 +78,7 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
         let path = TcpProxy::start(primary_addr).await?;
         let config = format!(
             "global:\n  timeout: 2s\npostgres:\n  - {{ name: {PRIMARY}, cluster: {CLUSTER}, dsn: '{}' }}\n  - {{ name: {STANDBY_B}, cluster: {CLUSTER}, dsn: '{}' }}\n  - {{ name: {STANDBY_C}, cluster: {CLUSTER}, dsn: '{}' }}\n",
-            dsn_via(&primary, path.port()),
+            primary.monitor_dsn_via(path.port()),
             standby_b.monitor_dsn(),
             standby_c.monitor_dsn(),
         );
@@ -145,7 +90,7 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
     let targets: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let prom = Prometheus::start(&PrometheusConfig {
         jobs: vec![ScrapeJob::new("clusterwatch", &targets)],
-        rule_files: rules_with_short_window(rules_dir.path())?,
+        rule_files: rules_with_short_window(rules_dir.path(), WINDOW)?,
         ..PrometheusConfig::default()
     })
     .await?;

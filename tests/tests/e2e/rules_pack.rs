@@ -388,7 +388,8 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
 }
 
 /// Hand-written cases of the example routing tree: the dead man's switch, the info route,
-/// warnings and criticals to the on-call people, failover to the hook receiver and people.
+/// warnings and criticals to the on-call people, failover to the hook receiver and people, a
+/// refused failover to the hook receiver's refusal route and people.
 #[test]
 fn amtool_routes_the_watchdog_info_and_paging_alerts() {
     let amtool = amtool();
@@ -422,6 +423,15 @@ fn amtool_routes_the_watchdog_info_and_paging_alerts() {
                 "cluster=db",
             ],
             "clusterwatch-hooks,oncall-email",
+        ),
+        // A refused failover is journaled by the hook receivers and pages.
+        (
+            &[
+                "alertname=PostgresFailoverNoCandidate",
+                "severity=critical",
+                "cluster=db",
+            ],
+            "clusterwatch-refusals,oncall-email",
         ),
         // A label set nobody foresaw still reaches people.
         (&["alertname=SomethingElse"], "oncall-email"),
