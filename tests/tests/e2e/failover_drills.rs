@@ -42,7 +42,7 @@ struct Tally {
     false_failovers: usize,
     /// Incidents that started the failover hook more than once.
     double_runs: usize,
-    /// Kill → the failover hook's `started`, per trial that had one.
+    /// Kill → the first `started` of the hook the drill expects (failover or refusal).
     to_hook_start: Vec<Duration>,
 }
 
@@ -130,7 +130,11 @@ async fn kill_trial(tally: &mut Tally) -> Result<()> {
         bail!("one incident must be one failover run, saw {started:?}");
     };
     ensure!(*host == "pg-b", "host {host} ran the failover, not pg-b's");
-    let to_hook_start = Duration::from_secs_f64(run["ts"].as_f64().context("no ts")? - killed_at);
+    let started_at = run["ts"]
+        .as_f64()
+        .context("a `started` record without ts")?;
+    let to_hook_start = Duration::try_from_secs_f64(started_at - killed_at)
+        .context("the failover run started before the kill")?;
     tally.to_hook_start.push(to_hook_start);
     let budget = SCRAPE_INTERVAL + WINDOW + GROUP_WAIT + Duration::from_secs(5);
     println!(
@@ -236,10 +240,21 @@ async fn flapping_trial(tally: &mut Tally) -> Result<()> {
         "the cuts did not make scrapes of the primary fail ({failed} of {total})"
     );
 
+    // Pending is allowed (PostgresNoPrimary is pending while every observer is cut off at
+    // once); firing is a page.
     let critical = stack
         .prometheus
-        .query(&format!("ALERTS{{severity='critical'}}[{range}]"))
+        .query(&format!(
+            "ALERTS{{severity='critical', alertstate='firing'}}[{range}]"
+        ))
         .await?;
+    let pending = stack
+        .prometheus
+        .query(&format!(
+            "count by (alertname) (count_over_time(ALERTS{{severity='critical', alertstate='pending'}}[{range}]))"
+        ))
+        .await?;
+    println!("critical alerts pending at some evaluation (never firing): {pending}");
     let runs = failover_runs(&stack);
     let states = stack.in_recovery().await;
     let promoted = states.iter().filter(|state| **state == Some(false)).count();
@@ -265,8 +280,8 @@ async fn no_candidate_trial(tally: &mut Tally) -> Result<()> {
     stack.node("pg-b").kill9()?;
     // About 4 MiB of WAL pg-c never receives.
     stack.leave_behind("pg-c", 16_000, MAX_LAG_BYTES).await?;
+    let killed_at = unix_now();
     stack.node("pg-a").kill9()?;
-    let killed = Instant::now();
 
     wait_until(
         WAIT + WINDOW,
@@ -286,9 +301,17 @@ async fn no_candidate_trial(tally: &mut Tally) -> Result<()> {
             stack.hosts[2].hooks.journal()
         )
     })?;
+    let first_start = stack
+        .journaled("started", REFUSAL_HOOK)
+        .iter()
+        .filter_map(|(_, record)| record["ts"].as_f64())
+        .fold(f64::INFINITY, f64::min);
+    let to_hook_start = Duration::try_from_secs_f64(first_start - killed_at)
+        .context("no refusal run started after the kill")?;
+    tally.to_hook_start.push(to_hook_start);
     println!(
-        "kill -> refusal journaled on every host {:.1}s",
-        killed.elapsed().as_secs_f64()
+        "kill -> refusal hook started {:.1}s",
+        to_hook_start.as_secs_f64()
     );
 
     // Every host journaled the refusal with the reason: pg-c's lag, from the alert.
