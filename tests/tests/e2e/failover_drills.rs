@@ -376,3 +376,100 @@ async fn a_primary_lost_on_one_scrape_in_four_runs_nothing_and_pages_nobody() ->
 async fn no_standby_within_the_lag_limit_refuses_and_journals_why() -> Result<()> {
     repeat("no-candidate", no_candidate_trial).await
 }
+
+/// Runs the example recipe `name` as the hook runner would (a clean environment with `env`),
+/// returning its exit code and what it wrote to stderr.
+async fn recipe(name: &str, args: &[&str], env: &[(&str, String)]) -> Result<(i32, String)> {
+    let path = clusterwatch_tests::harness::repo_root()
+        .join("alertmanager/hooks")
+        .join(name);
+    let output = tokio::process::Command::new(&path)
+        .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+        .current_dir("/")
+        .output()
+        .await
+        .with_context(|| format!("could not run {}", path.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    Ok((output.status.code().unwrap_or(-1), stderr))
+}
+
+/// pg-fence on a primary that answers fences it read-only (and pg-promote then accepts it);
+/// on one that does not, it refuses unless the STONITH slot or the operator's declaration
+/// makes that safe.
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_fence_fences_a_reachable_primary_and_refuses_an_unreachable_one() -> Result<()> {
+    let pair = clusterwatch_tests::harness::PgCluster::start_pair().await?;
+    let env = vec![
+        (
+            "PG_NODES",
+            format!(
+                "pg-a=127.0.0.1:{} pg-b=127.0.0.1:{}",
+                pair.primary.port(),
+                pair.standby.port()
+            ),
+        ),
+        ("PGUSER", "postgres".to_owned()),
+        ("CW_LABEL_FAILED", "pg-a".to_owned()),
+        ("CW_LABEL_CANDIDATE", "pg-b".to_owned()),
+        ("CW_FENCING_TOKEN", "4711".to_owned()),
+    ];
+    let with = |extra: &[(&'static str, &str)]| {
+        let mut env = env.clone();
+        env.extend(extra.iter().map(|(key, value)| (*key, (*value).to_owned())));
+        env
+    };
+
+    // The primary answers and takes writes: promoting now would be a split brain.
+    let (code, stderr) = recipe("pg-promote", &["--check"], &env).await?;
+    ensure!(code == 4, "pg-promote --check: exit {code}: {stderr}");
+
+    let (code, stderr) = recipe("pg-fence", &[], &env).await?;
+    ensure!(code == 0, "pg-fence: exit {code}: {stderr}");
+    ensure!(
+        pair.primary
+            .psql("SHOW default_transaction_read_only")
+            .await?
+            == "on",
+        "the primary was not set read-only: {stderr}"
+    );
+    let write = pair.primary.psql("CREATE TABLE after_fence (id int)").await;
+    ensure!(write.is_err(), "the fenced primary still took a write");
+    ensure!(
+        pair.primary.logs().contains("fencing token 4711"),
+        "the fenced primary's log does not name the fencing token"
+    );
+    let (code, stderr) = recipe("pg-promote", &["--check"], &env).await?;
+    ensure!(
+        code == 0,
+        "pg-promote --check on a fenced primary: exit {code}: {stderr}"
+    );
+
+    // The primary no longer answers: unreachable is not fenced.
+    pair.primary.stop().await?;
+    let (code, stderr) = recipe("pg-fence", &[], &env).await?;
+    ensure!(
+        code == 3,
+        "pg-fence, primary unreachable: exit {code}: {stderr}"
+    );
+    let (code, stderr) = recipe("pg-fence", &["--check"], &env).await?;
+    ensure!(
+        code == 3,
+        "pg-fence --check, primary unreachable: exit {code}: {stderr}"
+    );
+    let (code, stderr) = recipe("pg-fence", &[], &with(&[("FENCE_COMMAND", "/bin/false")])).await?;
+    ensure!(code == 6, "pg-fence, STONITH failed: exit {code}: {stderr}");
+    let (code, stderr) = recipe("pg-fence", &[], &with(&[("FENCE_COMMAND", "/bin/true")])).await?;
+    ensure!(code == 0, "pg-fence, STONITH done: exit {code}: {stderr}");
+    let (code, stderr) = recipe("pg-fence", &[], &with(&[("FENCE_UNREACHABLE_OK", "1")])).await?;
+    ensure!(
+        code == 0,
+        "pg-fence, unreachable declared acceptable: exit {code}: {stderr}"
+    );
+    Ok(())
+}
