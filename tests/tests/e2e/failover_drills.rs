@@ -429,8 +429,36 @@ async fn pg_fence_fences_a_reachable_primary_and_refuses_an_unreachable_one() ->
     let (code, stderr) = recipe("pg-promote", &["--check"], &env).await?;
     ensure!(code == 4, "pg-promote --check: exit {code}: {stderr}");
 
-    let (code, stderr) = recipe("pg-fence", &[], &env).await?;
+    // Clients come through an HAProxy too: the fence puts the primary in maintenance there.
+    let haproxy = clusterwatch_tests::harness::Haproxy::start(&format!(
+        "backend postgres\n  server pg-a 127.0.0.1:{}\n  server pg-b 127.0.0.1:{}\n",
+        pair.primary.port(),
+        pair.standby.port()
+    ))
+    .await?;
+    let socket = haproxy.socket().display().to_string();
+    let (code, stderr) = recipe("pg-fence", &[], &with(&[("HAPROXY_SOCKETS", &socket)])).await?;
     ensure!(code == 0, "pg-fence: exit {code}: {stderr}");
+    let stats = clusterwatch_tests::harness::http::client()?
+        .get(format!("{};csv", haproxy.stats_url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let status = |server: &str| {
+        stats
+            .lines()
+            .find(|line| line.starts_with(&format!("postgres,{server},")))
+            .and_then(|line| line.split(',').nth(17))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    ensure!(
+        status("pg-a") == "MAINT" && status("pg-b") != "MAINT",
+        "HAProxy after the fence: pg-a {}, pg-b {}",
+        status("pg-a"),
+        status("pg-b")
+    );
     ensure!(
         pair.primary
             .psql("SHOW default_transaction_read_only")
