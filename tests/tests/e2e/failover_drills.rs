@@ -437,6 +437,26 @@ async fn pg_fence_fences_a_reachable_primary_and_refuses_an_unreachable_one() ->
     ))
     .await?;
     let socket = haproxy.socket().display().to_string();
+    let (code, stderr) = recipe(
+        "pg-fence",
+        &["--check"],
+        &with(&[
+            ("HAPROXY_SOCKETS", &socket),
+            ("HAPROXY_SERVER", "postgres/pg-x"),
+        ]),
+    )
+    .await?;
+    ensure!(
+        code == 4,
+        "pg-fence --check, unknown HAProxy server: exit {code}: {stderr}"
+    );
+    let (code, stderr) = recipe(
+        "pg-fence",
+        &["--check"],
+        &with(&[("HAPROXY_SOCKETS", &socket)]),
+    )
+    .await?;
+    ensure!(code == 0, "pg-fence --check: exit {code}: {stderr}");
     let (code, stderr) = recipe("pg-fence", &[], &with(&[("HAPROXY_SOCKETS", &socket)])).await?;
     ensure!(code == 0, "pg-fence: exit {code}: {stderr}");
     let stats = clusterwatch_tests::harness::http::client()?
