@@ -413,6 +413,13 @@ impl PgNode {
         self.dsn_for(MONITOR_USER, MONITOR_PASSWORD)
     }
 
+    /// [`monitor_dsn`](Self::monitor_dsn), reaching the node at `port` on 127.0.0.1 instead
+    /// of its own (through a [`TcpProxy`](super::TcpProxy), for a path a test can cut).
+    pub fn monitor_dsn_via(&self, port: u16) -> String {
+        self.monitor_dsn()
+            .replace(&format!(":{}/", self.port), &format!(":{port}/"))
+    }
+
     /// The `archive_command` the node starts with:
     /// `test ! -f ARCHIVE/%f && cp %p ARCHIVE/%f`.
     pub fn default_archive_command(&self) -> String {
@@ -644,6 +651,32 @@ impl PgNode {
         ))
         .await?;
         Ok(())
+    }
+
+    /// Points this standby's replication connection at `port` on 127.0.0.1 (its upstream,
+    /// or a proxy in front of it) as `application_name`, and waits until it streams from
+    /// there (`pg_stat_wal_receiver`).
+    pub async fn stream_through(&self, application_name: &str, port: u16) -> Result<()> {
+        self.psql(&format!(
+            "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={port} user={SUPERUSER} application_name={application_name}'"
+        ))
+        .await?;
+        self.psql("SELECT pg_reload_conf()").await?;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{} to stream through port {port}", self.name),
+            async || {
+                let row = self
+                    .psql("SELECT status, sender_port FROM pg_stat_wal_receiver")
+                    .await?;
+                if row == format!("streaming|{port}") {
+                    Ok(true)
+                } else {
+                    bail!("pg_stat_wal_receiver: `{row}`")
+                }
+            },
+        )
+        .await
     }
 
     /// Waits until this node's `pg_stat_replication` shows the standby `application_name`

@@ -1,7 +1,8 @@
 //! A TCP proxy on loopback that a test can cut: the network path between one client and one
 //! server, made breakable without touching either. Cutting closes the listening socket (new
-//! connections are refused) and every connection it relays (both ends see the close).
-//! It does not delay, drop or reorder bytes: a cut path is gone, a live one is transparent.
+//! connections are refused) and every connection it relays (both ends see the close);
+//! restoring listens on the same port again. It does not delay, drop or reorder bytes: a cut
+//! path is gone, a live one is transparent.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,9 +33,19 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("could not bind the proxy's listening socket")?;
-        let addr = listener.local_addr()?;
-        let tasks: Arc<Mutex<Tasks>> = Arc::default();
-        let relays = Arc::clone(&tasks);
+        let proxy = TcpProxy {
+            addr: listener.local_addr()?,
+            upstream,
+            tasks: Arc::default(),
+        };
+        proxy.serve(listener);
+        Ok(proxy)
+    }
+
+    /// Runs the accept loop on `listener`, relaying to the upstream.
+    fn serve(&self, listener: TcpListener) {
+        let upstream = self.upstream;
+        let relays = Arc::clone(&self.tasks);
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let relay = tokio::spawn(async move {
@@ -53,12 +64,9 @@ impl TcpProxy {
                 }
             }
         });
-        tasks.lock().expect("proxy task list").running.push(accept);
-        Ok(TcpProxy {
-            addr,
-            upstream,
-            tasks,
-        })
+        let mut tasks = self.tasks.lock().expect("proxy task list");
+        tasks.cut = false;
+        tasks.running.push(accept);
     }
 
     /// Where clients connect.
@@ -84,6 +92,31 @@ impl TcpProxy {
         for task in tasks.running.drain(..) {
             task.abort();
         }
+    }
+
+    /// Mends a cut path: listens on the same port again (clients reconnect as after a network
+    /// outage). Restoring a live path is harmless.
+    pub async fn restore(&self) -> Result<()> {
+        if !self.tasks.lock().expect("proxy task list").cut {
+            return Ok(());
+        }
+        // The aborted accept loop drops its socket when the runtime next polls it: retry the
+        // bind briefly instead of assuming the port is already free.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("could not listen on {} again", self.addr))
+                }
+            }
+        };
+        self.serve(listener);
+        Ok(())
     }
 }
 

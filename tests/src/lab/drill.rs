@@ -285,7 +285,8 @@ fn journal_events(info: &LabInfo, hook: &str) -> Result<JournalTimes> {
     Ok(times)
 }
 
-fn unix_now() -> f64 {
+/// The unix time now, in seconds, as the hook journal writes its `ts`.
+pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs_f64())

@@ -6,6 +6,7 @@
 //! very same [`Lab`] and [`drill`](drill::drill) in-process.
 
 pub mod drill;
+pub mod pg_failover;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,8 +121,8 @@ impl Lab {
             .context("starting clusterwatch with the lab configuration")?;
 
         let alertmanager = Alertmanager::start(Some(&alertmanager_config(
-            &settings,
-            hooks_port,
+            settings.group_wait,
+            &[format!("http://127.0.0.1:{hooks_port}/hooks/alertmanager")],
             &token_file,
         )))
         .await
@@ -355,6 +356,21 @@ pub fn rule_files() -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The pack's rule files copied into `dir`, the PostgreSQL failover window of
+/// `failover.rules.yml` (every `[2m]` and `offset 2m`, as the README prescribes) shortened to
+/// `window` (a PromQL duration such as `20s`), so a test sees a failover decision in seconds.
+pub fn rules_with_short_window(dir: &Path, window: &str) -> Result<Vec<PathBuf>> {
+    use crate::harness::failover_rules::{rules_with_short_windows, ShortWindow};
+    rules_with_short_windows(
+        dir,
+        &[ShortWindow {
+            file: "failover.rules.yml",
+            from: "2m",
+            to: window,
+        }],
+    )
+}
+
 fn hook_state_dir(lab_dir: &Path) -> PathBuf {
     lab_dir.join("hooks")
 }
@@ -452,8 +468,26 @@ fn merge(base: &mut Value, extra: Value) {
     }
 }
 
-/// Alertmanager for the lab: the example's failover route, nothing sent anywhere else.
-fn alertmanager_config(settings: &LabSettings, hooks_port: u16, token_file: &Path) -> String {
+/// Alertmanager configured like `alertmanager/alertmanager.yml` for the hook receivers: the
+/// failover route (`action="failover"`, grouped by alert name, cluster and candidate, no
+/// resolved notifications) and the refusal route (`*FailoverNoCandidate`), each posting to
+/// every URL of `hook_urls` (one receiver per host) with the bearer token in `token_file`;
+/// nothing is sent anywhere else.
+pub fn alertmanager_config(
+    group_wait: Duration,
+    hook_urls: &[String],
+    token_file: &Path,
+) -> String {
+    let webhooks: Vec<Value> = hook_urls
+        .iter()
+        .map(|url| {
+            json!({
+                "url": url,
+                "send_resolved": false,
+                "http_config": { "authorization": { "type": "Bearer", "credentials_file": token_file } },
+            })
+        })
+        .collect();
     let config = json!({
         "route": {
             "receiver": "nobody",
@@ -461,24 +495,30 @@ fn alertmanager_config(settings: &LabSettings, hooks_port: u16, token_file: &Pat
             "group_wait": "30s",
             "group_interval": "5m",
             "repeat_interval": "4h",
-            "routes": [{
-                "receiver": "clusterwatch-hooks",
-                "matchers": ["action=\"failover\""],
-                "group_wait": format!("{}ms", settings.group_wait.as_millis()),
-                "group_interval": "1m",
-                "repeat_interval": "30m",
-            }],
+            "routes": [
+                {
+                    "receiver": "clusterwatch-hooks",
+                    "matchers": ["action=\"failover\""],
+                    "group_by": ["alertname", "cluster", "candidate"],
+                    "group_wait": format!("{}ms", group_wait.as_millis()),
+                    "group_interval": "1m",
+                    "repeat_interval": "30m",
+                    "continue": true,
+                },
+                {
+                    "receiver": "clusterwatch-refusals",
+                    "matchers": ["alertname=~\"PostgresFailoverNoCandidate|RedisFailoverNoCandidate\""],
+                    "group_wait": format!("{}ms", group_wait.as_millis()),
+                    "group_interval": "1m",
+                    "repeat_interval": "30m",
+                    "continue": true,
+                },
+            ],
         },
         "receivers": [
             { "name": "nobody" },
-            {
-                "name": "clusterwatch-hooks",
-                "webhook_configs": [{
-                    "url": format!("http://127.0.0.1:{hooks_port}/hooks/alertmanager"),
-                    "send_resolved": false,
-                    "http_config": { "authorization": { "type": "Bearer", "credentials_file": token_file } },
-                }],
-            },
+            { "name": "clusterwatch-hooks", "webhook_configs": webhooks },
+            { "name": "clusterwatch-refusals", "webhook_configs": webhooks },
         ],
     });
     serde_json::to_string_pretty(&config).expect("a JSON value always serializes")

@@ -8,14 +8,14 @@
 //! replication connection. The failover rules run with their windows shortened from 2 minutes
 //! to 20 seconds, the tuning the README describes, so the test takes about a minute and a half.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use clusterwatch_tests::harness::failover_rules::{active_alerts as active, alerts_ever};
 use clusterwatch_tests::harness::{
     temp_dir, wait_until, Clusterwatch, PgNode, Prometheus, PrometheusConfig, ScrapeJob, TcpProxy,
 };
-use serde_json::Value;
+use clusterwatch_tests::lab::rules_with_short_window;
 
 const CLUSTER: &str = "qdb";
 const PRIMARY: &str = "pg-a";
@@ -25,82 +25,6 @@ const STANDBY_C: &str = "pg-c";
 const WINDOW: &str = "20s";
 /// Long enough for a window, an evaluation and the slowest scrape on a busy machine.
 const WAIT: Duration = Duration::from_secs(90);
-
-/// The shipped rule files, with the PostgreSQL failover window shortened to [`WINDOW`].
-fn rules_with_short_window(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for path in clusterwatch_tests::lab::rule_files()? {
-        let mut text = std::fs::read_to_string(&path)?;
-        let name = path.file_name().context("a rule file without a name")?;
-        if name == "failover.rules.yml" {
-            let ranges = text.matches("[2m]").count();
-            let offsets = text.matches("offset 2m").count();
-            ensure!(
-                ranges >= 2 && offsets >= 1,
-                "failover.rules.yml no longer writes its PostgreSQL window as `[2m]` and `offset 2m`"
-            );
-            text = text
-                .replace("[2m]", &format!("[{WINDOW}]"))
-                .replace("offset 2m", &format!("offset {WINDOW}"));
-        }
-        let copy = dir.join(name);
-        std::fs::write(&copy, text)?;
-        files.push(copy);
-    }
-    Ok(files)
-}
-
-/// The monitoring DSN of `node`, reached at `port` instead of the node's own.
-fn dsn_via(node: &PgNode, port: u16) -> String {
-    node.monitor_dsn()
-        .replace(&format!(":{}/", node.port()), &format!(":{port}/"))
-}
-
-/// Points a standby's replication connection at `port` and waits until it streams through it.
-async fn stream_through(standby: &PgNode, application_name: &str, port: u16) -> Result<()> {
-    standby
-        .psql(&format!(
-            "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={port} user=postgres application_name={application_name}'"
-        ))
-        .await?;
-    standby.psql("SELECT pg_reload_conf()").await?;
-    wait_until(
-        Duration::from_secs(30),
-        &format!("{} to stream through port {port}", standby.name()),
-        async || {
-            let row = standby
-                .psql("SELECT status, sender_port FROM pg_stat_wal_receiver")
-                .await?;
-            if row == format!("streaming|{port}") {
-                Ok(true)
-            } else {
-                bail!("pg_stat_wal_receiver: `{row}`")
-            }
-        },
-    )
-    .await
-}
-
-/// The active alerts named `name`, as label maps.
-async fn active(prom: &Prometheus, name: &str, state: &str) -> Result<Vec<Value>> {
-    Ok(prom
-        .alerts()
-        .await?
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|alert| alert["labels"]["alertname"] == name && alert["state"] == state)
-        .map(|alert| alert["labels"].clone())
-        .collect())
-}
-
-/// How many evaluations ever had the failover alert pending or firing.
-async fn failover_alert_ever(prom: &Prometheus) -> Result<Value> {
-    Ok(prom
-        .query(r#"ALERTS{alertname=~"PostgresFailoverNeeded|PostgresFailoverNoCandidate"}[10m]"#)
-        .await?["result"]
-        .clone())
-}
 
 async fn query_value(prom: &Prometheus, promql: &str) -> Result<f64> {
     prom.query_f64(promql)
@@ -122,8 +46,8 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
     let replication_b = TcpProxy::start(primary_addr).await?;
     let replication_c = TcpProxy::start(primary_addr).await?;
     tokio::try_join!(
-        stream_through(&standby_b, "standby_b", replication_b.port()),
-        stream_through(&standby_c, "standby_c", replication_c.port()),
+        standby_b.stream_through("standby_b", replication_b.port()),
+        standby_c.stream_through("standby_c", replication_c.port()),
     )?;
 
     // Three observers, each reaching the primary through its own proxy, the standbys directly.
@@ -133,7 +57,7 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
         let path = TcpProxy::start(primary_addr).await?;
         let config = format!(
             "global:\n  timeout: 2s\npostgres:\n  - {{ name: {PRIMARY}, cluster: {CLUSTER}, dsn: '{}' }}\n  - {{ name: {STANDBY_B}, cluster: {CLUSTER}, dsn: '{}' }}\n  - {{ name: {STANDBY_C}, cluster: {CLUSTER}, dsn: '{}' }}\n",
-            dsn_via(&primary, path.port()),
+            primary.monitor_dsn_via(path.port()),
             standby_b.monitor_dsn(),
             standby_c.monitor_dsn(),
         );
@@ -145,7 +69,7 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
     let targets: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let prom = Prometheus::start(&PrometheusConfig {
         jobs: vec![ScrapeJob::new("clusterwatch", &targets)],
-        rule_files: rules_with_short_window(rules_dir.path())?,
+        rule_files: rules_with_short_window(rules_dir.path(), WINDOW)?,
         ..PrometheusConfig::default()
     })
     .await?;
@@ -184,10 +108,15 @@ async fn one_observer_cut_warns_and_the_primary_cut_from_everyone_names_the_best
         }
     })
     .await?;
-    let ever = failover_alert_ever(&prom).await?;
+    let ever = alerts_ever(
+        &prom,
+        "PostgresFailoverNeeded|PostgresFailoverNoCandidate",
+        "10m",
+    )
+    .await?;
     ensure!(
-        ever.as_array().is_some_and(Vec::is_empty),
-        "one observer's lost path started a failover decision: {ever}"
+        ever.is_empty(),
+        "one observer's lost path started a failover decision: {ever:?}"
     );
 
     // pg-c's replication is cut first, then the primary writes: pg-b is the most advanced.

@@ -5,6 +5,7 @@ mod checks;
 mod cluster_managers;
 mod dashboards;
 mod failover;
+mod failover_drills;
 mod failover_quorum;
 mod foundation;
 mod harness_selftest;

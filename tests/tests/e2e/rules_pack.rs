@@ -23,6 +23,8 @@ use serde_json::Value;
 const RUNBOOK_PREFIX: &str = "https://clusterwatch.invalid/runbooks/";
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
 const HOOK_RECEIVER: &str = "clusterwatch-hooks";
+/// The hook receivers again, for refused failovers (`*FailoverNoCandidate`) to be journaled.
+const REFUSAL_RECEIVER: &str = "clusterwatch-refusals";
 const ALERTMANAGER_CONFIG: &str = "alertmanager/alertmanager.yml";
 
 /// `promtool`, or a failure that says how to get it: CI installs it, so a missing tool is an
@@ -343,7 +345,8 @@ fn route_labels(alert: &Alert) -> Vec<String> {
 }
 
 /// Every alert labelled `action: failover` reaches the hook receiver, with its own labels and
-/// a cluster; an alert without the label never does.
+/// a cluster; an alert without the label never does. The refusal receiver gets the
+/// `*FailoverNoCandidate` alerts and nothing else.
 #[test]
 fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
     let amtool = amtool();
@@ -373,6 +376,15 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
                 alert.name
             ));
         }
+        // Refused failovers reach the hook receivers to be journaled; nothing else does.
+        let refusal = alert.name.ends_with("FailoverNoCandidate");
+        let to_refusals = receivers.split(',').any(|r| r.trim() == REFUSAL_RECEIVER);
+        if refusal != to_refusals {
+            problems.push(format!(
+                "{} is routed to `{receivers}`: {REFUSAL_RECEIVER} takes the *FailoverNoCandidate alerts, and only those",
+                alert.name
+            ));
+        }
         if failover && !receivers.split(',').any(|r| r.trim() != HOOK_RECEIVER) {
             problems.push(format!(
                 "{} reaches only the hook receiver: people must hear about a failover too",
@@ -388,7 +400,8 @@ fn failover_alerts_and_only_they_are_routed_to_the_hook_receiver() {
 }
 
 /// Hand-written cases of the example routing tree: the dead man's switch, the info route,
-/// warnings and criticals to the on-call people, failover to the hook receiver and people.
+/// warnings and criticals to the on-call people, failover to the hook receiver and people, a
+/// refused failover to the hook receiver's refusal route and people.
 #[test]
 fn amtool_routes_the_watchdog_info_and_paging_alerts() {
     let amtool = amtool();
@@ -422,6 +435,15 @@ fn amtool_routes_the_watchdog_info_and_paging_alerts() {
                 "cluster=db",
             ],
             "clusterwatch-hooks,oncall-email",
+        ),
+        // A refused failover is journaled by the hook receivers and pages.
+        (
+            &[
+                "alertname=PostgresFailoverNoCandidate",
+                "severity=critical",
+                "cluster=db",
+            ],
+            "clusterwatch-refusals,oncall-email",
         ),
         // A label set nobody foresaw still reaches people.
         (&["alertname=SomethingElse"], "oncall-email"),
@@ -467,7 +489,7 @@ fn every_alert_reaches_the_receiver_its_severity_calls_for() {
         let people: Vec<&str> = receivers
             .iter()
             .copied()
-            .filter(|r| *r != HOOK_RECEIVER)
+            .filter(|r| *r != HOOK_RECEIVER && *r != REFUSAL_RECEIVER)
             .collect();
         if people != expected {
             problems.push(format!(
