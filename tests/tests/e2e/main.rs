@@ -22,6 +22,7 @@ mod probes;
 mod redis;
 mod reload;
 mod rules_pack;
+mod seed_scenarios;
 mod seeds;
 mod sre_stats;
 mod status;
