@@ -17,14 +17,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clusterwatch_tests::harness::webhook::HookLab;
 use clusterwatch_tests::harness::{
-    free_port, repo_root, temp_dir, wait_until, Alertmanager, Clusterwatch, EtcdCluster,
-    Prometheus, PrometheusConfig, RedisNode, ScrapeJob,
+    free_port, repo_root, temp_dir, wait_until, Alertmanager, Clusterwatch, EtcdCluster, PgNode,
+    Prometheus, PrometheusConfig, RedisNode, ScrapeJob, Sshd,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Time for an alert to fire and its notification to arrive, on a busy two-core machine.
 const WAIT: Duration = Duration::from_secs(60);
+/// Time for a PostgreSQL failover decision and a promotion with repmgr.
+const FAILOVER_WAIT: Duration = Duration::from_secs(150);
 
 fn seed_file(seed: &str, file: &str) -> PathBuf {
     repo_root().join("examples").join(seed).join(file)
@@ -47,38 +49,65 @@ fn seed_entry(config: &Value, section: &str, name: &str) -> Result<Value> {
         .with_context(|| format!("the seed has no `{section}` entry `{name}`"))
 }
 
-/// The shipped rule files, each alert of `shortened` given the `for:` that goes with it.
-fn rules_with_short_for(dir: &Path, shortened: &[(&str, &str)]) -> Result<Vec<PathBuf>> {
-    let mut found = BTreeSet::new();
+/// How a scenario runs the shipped rules: the `for:` of some alerts shortened, some windows
+/// of a rule file shortened (`(file, shipped text, test text)`), and rule files added.
+#[derive(Default)]
+struct Tuning<'a> {
+    shorter_for: &'a [(&'a str, &'a str)],
+    replaced: &'a [(&'a str, &'a str, &'a str)],
+    added: Vec<PathBuf>,
+}
+
+/// The shipped rule files tuned as `tuning` says, written into `dir`.
+fn tuned_rules(dir: &Path, tuning: &Tuning) -> Result<Vec<PathBuf>> {
+    let mut shortened = BTreeSet::new();
+    let mut replaced = BTreeSet::new();
     let mut files = Vec::new();
     for path in clusterwatch_tests::lab::rule_files()? {
-        let mut lines: Vec<String> = std::fs::read_to_string(&path)?
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let name = path.file_name().context("a rule file without a name")?;
+        let mut text = std::fs::read_to_string(&path)?;
+        for (file, from, to) in tuning.replaced {
+            if name == *file && text.contains(from) {
+                text = text.replace(from, to);
+                replaced.insert((*file, *from));
+            }
+        }
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
         let mut current: Option<(&str, &str)> = None;
         for line in &mut lines {
-            if let Some(name) = line.trim().strip_prefix("- alert: ") {
-                current = shortened.iter().copied().find(|(alert, _)| *alert == name);
-            } else if line.trim_start().starts_with("- record: ") {
+            let trimmed = line.trim();
+            if let Some(alert) = trimmed.strip_prefix("- alert: ") {
+                current = tuning
+                    .shorter_for
+                    .iter()
+                    .copied()
+                    .find(|(a, _)| *a == alert);
+            } else if trimmed.starts_with("- record: ") {
                 current = None;
-            } else if let (Some((alert, short)), Some(indent)) = (
-                current,
-                line.find("for: ")
-                    .filter(|_| line.trim().starts_with("for: ")),
-            ) {
+            } else if let (Some((alert, short)), true) = (current, trimmed.starts_with("for: ")) {
+                let indent = line.len() - line.trim_start().len();
                 *line = format!("{}for: {short}", &line[..indent]);
-                found.insert(alert);
+                shortened.insert(alert);
                 current = None;
             }
         }
-        let copy = dir.join(path.file_name().context("a rule file without a name")?);
+        let copy = dir.join(name);
         std::fs::write(&copy, lines.join("\n") + "\n")?;
         files.push(copy);
     }
-    for (alert, _) in shortened {
-        ensure!(found.contains(alert), "no `for:` found for alert {alert}");
+    for (alert, _) in tuning.shorter_for {
+        ensure!(
+            shortened.contains(alert),
+            "the rules give alert {alert} no `for:` to shorten"
+        );
     }
+    for (file, from, _) in tuning.replaced {
+        ensure!(
+            replaced.contains(&(*file, *from)),
+            "{file} no longer holds `{from}`"
+        );
+    }
+    files.extend(tuning.added.iter().cloned());
     Ok(files)
 }
 
@@ -276,7 +305,7 @@ impl Monitoring {
     async fn start(
         seed: &str,
         clusterwatches: &[&Clusterwatch],
-        shortened: &[(&str, &str)],
+        tuning: &Tuning<'_>,
         addresses: &[(String, String)],
         token_file: &Path,
     ) -> Result<Monitoring> {
@@ -291,7 +320,7 @@ impl Monitoring {
         let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
         let prometheus = Prometheus::start(&PrometheusConfig {
             jobs: vec![ScrapeJob::new("clusterwatch", &targets)],
-            rule_files: rules_with_short_for(rules.path(), shortened)?,
+            rule_files: tuned_rules(rules.path(), tuning)?,
             alertmanagers: vec![alertmanager.addr()],
             evaluation_interval: Duration::from_secs(1),
         })
@@ -324,9 +353,21 @@ impl Monitoring {
         what: &str,
         allowed: &[&str],
         seen: &mut BTreeSet<String>,
+        done: impl AsyncFnMut(&BTreeSet<String>) -> Result<bool>,
+    ) -> Result<()> {
+        self.watch_within(WAIT, what, allowed, seen, done).await
+    }
+
+    /// [`watch_until`](Self::watch_until) with its own deadline.
+    async fn watch_within(
+        &self,
+        deadline: Duration,
+        what: &str,
+        allowed: &[&str],
+        seen: &mut BTreeSet<String>,
         mut done: impl AsyncFnMut(&BTreeSet<String>) -> Result<bool>,
     ) -> Result<()> {
-        wait_until(WAIT, what, async || {
+        wait_until(deadline, what, async || {
             let firing = self.firing("critical").await?;
             // Kept before judging, so one that fires only for a moment is still reported.
             seen.extend(firing.iter().cloned());
@@ -447,11 +488,14 @@ async fn sounz_production_down_switches_the_standby_once() -> Result<()> {
     let monitoring = Monitoring::start(
         "sounz",
         &[&slayer.clusterwatch, &megadeth.clusterwatch],
-        &[
-            ("StatusFileNoProduction", "3s"),
-            ("StatusFilePairInconsistent", "3s"),
-            ("StatusFileMultipleProduction", "3s"),
-        ],
+        &Tuning {
+            shorter_for: &[
+                ("StatusFileNoProduction", "3s"),
+                ("StatusFilePairInconsistent", "3s"),
+                ("StatusFileMultipleProduction", "3s"),
+            ],
+            ..Tuning::default()
+        },
         &[
             (
                 "http://10.0.0.1:9470/hooks/alertmanager".into(),
@@ -519,7 +563,9 @@ async fn sounz_production_down_switches_the_standby_once() -> Result<()> {
     );
     let finished = events(&megadeth.lab, "finished", "switch-to-production");
     ensure!(
-        events(&megadeth.lab, "started", "switch-to-production").len() == 1 && finished.len() == 1,
+        events(&megadeth.lab, "started", "switch-to-production").len() == 1
+            && finished.len() == 1
+            && finished[0]["result"] == "ok",
         "megadeth's journal: {:?}",
         megadeth.lab.journal()
     );
@@ -591,7 +637,7 @@ async fn rapidpro_redis_failure_is_recorded_once_and_internet_only_notifies() ->
     let monitoring = Monitoring::start(
         "rapidpro",
         &[&sms1],
-        &[],
+        &Tuning::default(),
         &[
             (
                 "http://10.172.20.201:9470/hooks/alertmanager".into(),
@@ -701,7 +747,10 @@ async fn clearwater_etcd_member_down_alerts_and_runs_nothing() -> Result<()> {
     let monitoring = Monitoring::start(
         "clearwater",
         &[&node],
-        &[("EtcdMemberDown", "3s")],
+        &Tuning {
+            shorter_for: &[("EtcdMemberDown", "3s")],
+            ..Tuning::default()
+        },
         &[],
         &token.path().join("token"),
     )
@@ -759,6 +808,218 @@ async fn clearwater_etcd_member_down_alerts_and_runs_nothing() -> Result<()> {
     ensure!(seen.is_empty(), "critical alerts fired: {seen:?}");
     eprintln!(
         "clearwater: ready in {ready:?}; member stop to e-mail {alerted:?}; total {:?}",
+        began.elapsed()
+    );
+    Ok(())
+}
+
+/// One SRE Element Manager's clusterwatch: it watches the three PostgreSQL nodes of `sre-db`
+/// (an observer of the failover rules) and runs em.yml's hook, `only_if_candidate` this EM.
+async fn sre_em(
+    seed: &Value,
+    name: &str,
+    nodes: &[(&str, &PgNode)],
+    repmgr_conf: &Path,
+) -> Result<(HookLab, Clusterwatch)> {
+    let lab = HookLab::new()?;
+    let mut hooks = seed_hooks(
+        "sre",
+        seed,
+        &lab,
+        &[
+            (
+                "REPMGR",
+                crate::seeds::repmgr_program()?.display().to_string(),
+            ),
+            ("REPMGR_CONF", repmgr_conf.display().to_string()),
+        ],
+    )?;
+    hooks["rules"][0]["only_if_candidate"] = json!(name);
+    let cluster = seed["postgres"][0]["cluster"].clone();
+    let postgres: Vec<Value> = nodes
+        .iter()
+        .map(|(target, node)| json!({ "name": target, "cluster": cluster, "dsn": node.monitor_dsn() }))
+        .collect();
+    let config = json!({ "global": { "timeout": "2s" }, "postgres": postgres, "hooks": hooks });
+    let clusterwatch = Clusterwatch::start(Some(&serde_json::to_string_pretty(&config)?), &[])
+        .await
+        .with_context(|| format!("clusterwatch for {name}"))?;
+    Ok((lab, clusterwatch))
+}
+
+/// SRE: a PostgreSQL primary (em1) with two standbys (em2, the other Element Manager, and
+/// cp1, a call processor), all registered with Debian's repmgr, watched by both EMs'
+/// clusterwatch. em1 is killed: PostgresFailoverNeeded fires naming em2 (cp1 has priority 0 in
+/// the seed's failover settings); the seed's routing sends it to both EMs; em2's
+/// repmgr-promote runs once (its `--dry-run` as validate, over SSH to cp1 too), promotes em2
+/// with `--siblings-follow`, and cp1 streams from em2; em1's receiver skips it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sre_primary_killed_promotes_the_standby_em_and_the_cp_follows() -> Result<()> {
+    let began = Instant::now();
+    let seed = read_seed("sre", "em.yml")?;
+    let em1 = PgNode::start_primary("em1").await?;
+    // One base backup after the other: two at once can make the primary recycle WAL the other
+    // still needs.
+    let em2 = PgNode::start_standby("em2", &em1, "em2").await?;
+    em1.wait_standby_streaming("em2", WAIT).await?;
+    let cp1 = PgNode::start_standby("cp1", &em1, "cp1").await?;
+    em1.wait_standby_streaming("cp1", WAIT).await?;
+
+    // repmgr runs as postgres under root (the recipe's REPMGR_USER), else as ourselves; it
+    // reaches the sibling over SSH for `standby follow`.
+    let user = if nix::unistd::Uid::effective().is_root() {
+        "postgres".to_owned()
+    } else {
+        nix::unistd::User::from_uid(nix::unistd::Uid::effective())?
+            .context("who am I")?
+            .name
+    };
+    let sshd = Sshd::start(&user).await?;
+    let bindir = crate::seeds::repmgr_program()?
+        .parent()
+        .context("repmgr has no directory")?
+        .to_owned();
+    let conf = |node: &PgNode, id: u32| {
+        let extra = format!(
+            "pg_bindir='{bin}'\nrepmgr_bindir='{bin}'\nssh_options='{ssh}'\n\
+             service_restart_command='{bin}/pg_ctl -D {data} -l {log} -w -m fast restart'\n",
+            bin = bindir.display(),
+            ssh = sshd.client_options(),
+            data = node.data_dir().display(),
+            log = node.log_path().display(),
+        );
+        crate::seeds::repmgr_conf(node, id, node.name(), &extra)
+    };
+    let (em1_conf, em2_conf, cp1_conf) = (conf(&em1, 1)?, conf(&em2, 2)?, conf(&cp1, 3)?);
+    crate::seeds::repmgr(&em1_conf, &["primary", "register"]).await?;
+    for standby in [&em2, &cp1] {
+        wait_until(
+            WAIT,
+            "repmgr's node table to reach the standbys",
+            async || {
+                Ok(standby
+                    .psql("SELECT count(*) FROM repmgr.nodes")
+                    .await
+                    .ok()
+                    .as_deref()
+                    == Some("1"))
+            },
+        )
+        .await?;
+    }
+    crate::seeds::repmgr(&em2_conf, &["standby", "register"]).await?;
+    crate::seeds::repmgr(&cp1_conf, &["standby", "register"]).await?;
+
+    let nodes = [("em1", &em1), ("em2", &em2), ("cp1", &cp1)];
+    let (em1_lab, em1_cw) = sre_em(&seed, "em1", &nodes, &em1_conf).await?;
+    let (em2_lab, em2_cw) = sre_em(&seed, "em2", &nodes, &em2_conf).await?;
+    let monitoring = Monitoring::start(
+        "sre",
+        &[&em1_cw, &em2_cw],
+        &Tuning {
+            // The PostgreSQL failover window, 2 minutes shipped (README, Tests).
+            replaced: &[
+                ("failover.rules.yml", "[2m]", "[20s]"),
+                ("failover.rules.yml", "offset 2m", "offset 20s"),
+            ],
+            added: vec![seed_file("sre", "failover-settings.rules.yml")],
+            ..Tuning::default()
+        },
+        &[
+            (
+                "http://10.0.161.180:9470/hooks/alertmanager".into(),
+                em1_lab.url(),
+            ),
+            (
+                "http://10.0.161.181:9470/hooks/alertmanager".into(),
+                em2_lab.url(),
+            ),
+        ],
+        &em2_lab.dir().join("token"),
+    )
+    .await?;
+    let mut seen = BTreeSet::new();
+    monitoring
+        .watch_until("both observers to see the primary", &[], &mut seen, async |_| {
+            Ok(monitoring
+                .prometheus
+                .query_f64("cluster:clusterwatch_pg_observers_seeing_primary:count{cluster=\"sre-db\"}")
+                .await?
+                == Some(2.0))
+        })
+        .await?;
+    let ready = began.elapsed();
+
+    let broke = Instant::now();
+    em1.kill9()?;
+    let allowed = ["PostgresFailoverNeeded", "PostgresDown{em1}"];
+    // The failover window (20 s), an evaluation, then the dry run, the promotion and the
+    // sibling's follow: about a minute here.
+    monitoring
+        .watch_within(
+            FAILOVER_WAIT,
+            "em2's repmgr-promote to finish",
+            &allowed,
+            &mut seen,
+            async |_| Ok(!events(&em2_lab, "finished", "repmgr-promote").is_empty()),
+        )
+        .await
+        .with_context(|| format!("em2's journal: {:?}", em2_lab.journal()))?;
+    let promoted = broke.elapsed();
+    let finished = events(&em2_lab, "finished", "repmgr-promote");
+    ensure!(
+        finished.len() == 1 && finished[0]["result"] == "ok",
+        "em2's journal: {:?}",
+        em2_lab.journal()
+    );
+    ensure!(
+        em2.psql("SELECT pg_is_in_recovery()").await? == "f",
+        "em2 is not primary"
+    );
+    let sibling = format!("streaming|{}", em2.port());
+    wait_until(FAILOVER_WAIT, "cp1 to stream from em2", async || {
+        let row = cp1
+            .psql("SELECT status, sender_port FROM pg_stat_wal_receiver")
+            .await?;
+        if row == sibling {
+            Ok(true)
+        } else {
+            bail!("cp1's pg_stat_wal_receiver: `{row}`")
+        }
+    })
+    .await?;
+    let followed = broke.elapsed();
+    monitoring
+        .watch_until(
+            "PostgresFailoverNeeded to resolve",
+            &allowed,
+            &mut seen,
+            async |firing| Ok(!firing.contains("PostgresFailoverNeeded")),
+        )
+        .await?;
+
+    ensure!(
+        seen.contains("PostgresFailoverNeeded"),
+        "em2 was promoted without PostgresFailoverNeeded: {seen:?}"
+    );
+    ensure!(
+        events(&em2_lab, "started", "repmgr-promote").len() == 1,
+        "em2's journal: {:?}",
+        em2_lab.journal()
+    );
+    ensure!(
+        events(&em1_lab, "started", "repmgr-promote").is_empty()
+            && !events(&em1_lab, "not_candidate", "repmgr-promote").is_empty(),
+        "em1's journal: {:?}",
+        em1_lab.journal()
+    );
+    let paged = monitoring.people.notified("noc-page");
+    ensure!(
+        paged.iter().all(|a| allowed.contains(&a.as_str())),
+        "paged: {paged:?}"
+    );
+    eprintln!(
+        "sre: ready in {ready:?}; kill to promotion {promoted:?}; cp1 following {followed:?}; total {:?}",
         began.elapsed()
     );
     Ok(())
