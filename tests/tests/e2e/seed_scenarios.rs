@@ -1003,6 +1003,10 @@ async fn sre_primary_killed_promotes_the_standby_em_and_the_cp_follows() -> Resu
         "em2 was promoted without PostgresFailoverNeeded: {seen:?}"
     );
     ensure!(
+        seen.iter().all(|a| allowed.contains(&a.as_str())),
+        "critical alerts seen: {seen:?}"
+    );
+    ensure!(
         events(&em2_lab, "started", "repmgr-promote").len() == 1,
         "em2's journal: {:?}",
         em2_lab.journal()
