@@ -434,6 +434,34 @@ struct SounzNode {
     lab: HookLab,
     status: PathBuf,
     clusterwatch: Clusterwatch,
+    /// The node's `switch-to-production` hook rule, as clusterwatch runs it.
+    switch: Value,
+}
+
+impl SounzNode {
+    /// Runs this node's hook `validate` command by hand, with the hook's environment: exit
+    /// code and standard error.
+    fn validate(&self) -> Result<(Option<i32>, String)> {
+        let argv: Vec<&str> = self.switch["validate"]
+            .as_array()
+            .context("no validate")?
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut command = std::process::Command::new(argv[0]);
+        command
+            .args(&argv[1..])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        for (key, value) in self.switch["env"].as_object().into_iter().flatten() {
+            command.env(key, value.as_str().unwrap_or_default());
+        }
+        let out = command.output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
 }
 
 async fn sounz_node(file: &str, status: &str, production_url: &str) -> Result<SounzNode> {
@@ -460,6 +488,7 @@ async fn sounz_node(file: &str, status: &str, production_url: &str) -> Result<So
             ("SWITCH_TIMEOUT", "20".to_owned()),
         ],
     )?;
+    let switch = hooks["rules"][0].clone();
     let config = json!({ "global": { "timeout": "1s" }, "files": [status_file], "hooks": hooks });
     let clusterwatch = Clusterwatch::start(Some(&serde_json::to_string_pretty(&config)?), &[])
         .await
@@ -468,6 +497,7 @@ async fn sounz_node(file: &str, status: &str, production_url: &str) -> Result<So
         lab,
         status: status_path,
         clusterwatch,
+        switch,
     })
 }
 
@@ -475,8 +505,9 @@ async fn sounz_node(file: &str, status: &str, production_url: &str) -> Result<So
 /// answering. StatusFileNoProduction fires naming megadeth (the only standby) as candidate;
 /// the seed's routing sends it to both nodes; megadeth's switch-to-production runs once and
 /// drives the menu (EMERGENCY, no data fetch) to production_alone; slayer skips it as not the
-/// candidate; the pair ends consistent (down + production_alone) and the alert resolves. The
-/// only critical alert on the way is StatusFileNoProduction, and the only page is its own.
+/// candidate (and its recipe, run by hand, refuses: not a standby); the pair ends consistent
+/// (down + production_alone) and the alert resolves. The only critical alert on the way is
+/// StatusFileNoProduction, and the only page is its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn sounz_production_down_switches_the_standby_once() -> Result<()> {
     let began = Instant::now();
@@ -583,6 +614,12 @@ async fn sounz_production_down_switches_the_standby_once() -> Result<()> {
         slayer.lab.journal()
     );
     ensure!(!slayer.lab.dir().join("dr/answers.log").exists());
+    // Had the alert reached slayer's recipe anyway, it refuses there: not a standby.
+    let (code, stderr) = slayer.validate()?;
+    ensure!(
+        code == Some(2) && stderr.contains("not 'standby'"),
+        "slayer's validate: exit {code:?}: {stderr}"
+    );
     ensure!(std::fs::read_to_string(&slayer.status)?.trim() == "down");
     let warnings = monitoring.firing("warning").await?;
     ensure!(
