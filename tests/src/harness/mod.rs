@@ -28,6 +28,7 @@ pub mod prometheus;
 pub mod redis;
 pub mod served;
 pub mod sipp;
+pub mod sshd;
 pub mod supervisord;
 pub mod tcp_proxy;
 pub mod versions;
@@ -50,6 +51,7 @@ pub use process::{wait_until, ChildGuard};
 pub use prometheus::{Prometheus, PrometheusConfig, ScrapeJob};
 pub use redis::{RedisNode, RedisPair, TestCertificates};
 pub use served::HttpServer;
+pub use sshd::Sshd;
 pub use supervisord::Supervisord;
 pub use tcp_proxy::TcpProxy;
 

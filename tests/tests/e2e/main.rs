@@ -25,6 +25,7 @@ mod redis;
 mod redis_drills;
 mod reload;
 mod rules_pack;
+mod seed_scenarios;
 mod seeds;
 mod sre_stats;
 mod status;

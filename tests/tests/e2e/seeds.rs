@@ -25,22 +25,31 @@ fn seed_dir(seed: &str) -> PathBuf {
     repo_root().join("examples").join(seed)
 }
 
-fn hook(name: &str) -> PathBuf {
+pub(crate) fn hook(name: &str) -> PathBuf {
     repo_root().join("alertmanager/hooks").join(name)
 }
 
-/// The clusterwatch configurations of a seed: every `*.yml` but the Alertmanager file.
-fn seed_configs(seed: &str) -> Vec<PathBuf> {
+/// The files of a seed whose names end in `suffix`, sorted.
+fn seed_files(seed: &str, suffix: &str) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(seed_dir(seed))
         .unwrap_or_else(|e| panic!("examples/{seed}: {e}"))
         .map(|entry| entry.expect("directory entry").path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "yml")
-                && p.file_name().is_some_and(|n| n != "alertmanager.yml")
-        })
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
         .collect();
     found.sort();
     found
+}
+
+/// The clusterwatch configurations of a seed: every `*.yml` but the Alertmanager file and
+/// Prometheus rule files (`*.rules.yml`).
+fn seed_configs(seed: &str) -> Vec<PathBuf> {
+    seed_files(seed, ".yml")
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name != "alertmanager.yml" && !name.ends_with(".rules.yml")
+        })
+        .collect()
 }
 
 /// Exit status (None: killed by a signal), stdout and stderr of a finished command.
@@ -89,6 +98,20 @@ fn every_seed_configuration_passes_check_config() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A seed's own recording rules (SRE's failover settings) load in Prometheus.
+#[test]
+fn every_seed_rules_file_passes_promtool() {
+    let promtool = find_program("CLUSTERWATCH_PROMTOOL", &["promtool"]).expect("promtool");
+    for seed in SEEDS {
+        for rules in seed_files(seed, ".rules.yml") {
+            let mut command = Command::new(&promtool);
+            command.args(["check", "rules"]).arg(&rules);
+            let (code, stdout, stderr) = output(command);
+            assert_eq!(code, Some(0), "{}: {stdout}{stderr}", rules.display());
+        }
+    }
 }
 
 #[test]
@@ -510,18 +533,23 @@ fn seed_hook_rules_run_the_right_recipe_and_nothing_for_alert_only_checks() {
         (
             "sounz/node-b.yml",
             vec![
-                json!({"alertname": "StatusFileNoProduction", "cluster": "sounz"}),
+                json!({"alertname": "StatusFileNoProduction", "cluster": "sounz", "candidate": "megadeth-status"}),
                 json!({"alertname": "StatusFileMultipleProduction", "cluster": "sounz"}),
                 json!({"alertname": "ProbeFailing", "target": "front-page"}),
+                // Not this node's to switch: slayer is the standby, or there is no single one.
+                json!({"alertname": "StatusFileNoProduction", "cluster": "sounz", "candidate": "slayer-status"}),
+                json!({"alertname": "StatusFileNoProduction", "cluster": "sounz"}),
             ],
             &[(0, "switch-to-production")],
         ),
         (
             "sre/em.yml",
             vec![
-                json!({"alertname": "PostgresFailoverNeeded", "cluster": "sre-db", "action": "failover"}),
+                json!({"alertname": "PostgresFailoverNeeded", "cluster": "sre-db", "action": "failover", "candidate": "em1"}),
                 json!({"alertname": "MongodbNoPrimary", "cluster": "sre_location", "action": "failover"}),
-                json!({"alertname": "PostgresFailoverNeeded", "cluster": "another-db", "action": "failover"}),
+                json!({"alertname": "PostgresFailoverNeeded", "cluster": "another-db", "action": "failover", "candidate": "em1"}),
+                // The rules chose the other EM.
+                json!({"alertname": "PostgresFailoverNeeded", "cluster": "sre-db", "action": "failover", "candidate": "em2"}),
             ],
             &[(0, "repmgr-promote")],
         ),
@@ -1079,8 +1107,13 @@ async fn failed_haproxy_only_notifies_with_the_survivors_state_and_the_manual_st
 
 /// Writes a repmgr configuration for `node` into its directory (readable by `postgres`, who
 /// runs repmgr) and returns its path. `name` is the node's name in repmgr, which for a
-/// standby must be its `application_name` upstream.
-fn repmgr_conf(node: &clusterwatch_tests::harness::PgNode, id: u32, name: &str) -> Result<PathBuf> {
+/// standby must be its `application_name` upstream; `extra` are more lines of settings.
+pub(crate) fn repmgr_conf(
+    node: &clusterwatch_tests::harness::PgNode,
+    id: u32,
+    name: &str,
+    extra: &str,
+) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = node.dir().join("repmgr.conf");
     std::fs::write(
@@ -1088,7 +1121,7 @@ fn repmgr_conf(node: &clusterwatch_tests::harness::PgNode, id: u32, name: &str) 
         format!(
             "node_id={id}\nnode_name='{name}'\n\
              conninfo='host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2'\n\
-             data_directory='{data}'\nlog_level=INFO\n",
+             data_directory='{data}'\nlog_level=INFO\n{extra}",
             port = node.port(),
             data = node.data_dir().display(),
         ),
@@ -1098,7 +1131,7 @@ fn repmgr_conf(node: &clusterwatch_tests::harness::PgNode, id: u32, name: &str) 
 }
 
 /// Runs `repmgr -f CONF ARGS…` as the hook would (as `postgres` when we are root).
-async fn repmgr(conf: &Path, args: &[&str]) -> Result<String> {
+pub(crate) async fn repmgr(conf: &Path, args: &[&str]) -> Result<String> {
     let program = repmgr_program()?;
     let mut command = if nix::unistd::Uid::effective().is_root() {
         let mut c = Command::new(find_program("CLUSTERWATCH_RUNUSER", &["runuser"])?);
@@ -1112,7 +1145,7 @@ async fn repmgr(conf: &Path, args: &[&str]) -> Result<String> {
 }
 
 /// Debian's `repmgr` for the PostgreSQL version the harness runs.
-fn repmgr_program() -> Result<PathBuf> {
+pub(crate) fn repmgr_program() -> Result<PathBuf> {
     let initdb = find_program("CLUSTERWATCH_PG_BINDIR", &["initdb"])?;
     let beside = std::fs::canonicalize(&initdb)?.with_file_name("repmgr");
     if beside.is_file() {
@@ -1128,11 +1161,12 @@ fn repmgr_program() -> Result<PathBuf> {
 async fn repmgr_promote_dry_run_refuses_while_the_primary_lives_then_promotes() -> Result<()> {
     let pair = clusterwatch_tests::harness::PgCluster::start_pair().await?;
     pair.wait_streaming(WAIT).await?;
-    let primary_conf = repmgr_conf(&pair.primary, 1, "primary")?;
+    let primary_conf = repmgr_conf(&pair.primary, 1, "primary", "")?;
     let standby_conf = repmgr_conf(
         &pair.standby,
         2,
         clusterwatch_tests::harness::postgres::STANDBY_NAME,
+        "",
     )?;
     repmgr(&primary_conf, &["primary", "register"]).await?;
     wait_until(
