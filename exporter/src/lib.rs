@@ -22,4 +22,6 @@ pub mod snapshot;
 pub mod sre_csv;
 pub mod status;
 pub mod sync;
+#[cfg(test)]
+mod test_support;
 pub mod web;

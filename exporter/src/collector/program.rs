@@ -618,13 +618,14 @@ mod tests {
         assert_eq!(one(&b, "clusterwatch_program_exit_code"), Some(-1.0));
         let d = one(&b, "clusterwatch_program_duration_seconds").unwrap();
         assert!((0.3..3.0).contains(&d), "{d}");
-        let pid = std::fs::read_to_string(&pid_file).unwrap();
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-        assert!(
-            stat.is_empty() || stat.contains(") Z "),
-            "the child survived: {stat}"
-        );
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if let Err(stat) = crate::test_support::wait_gone(pid) {
+            panic!("the child survived: {stat}");
+        }
     }
 
     #[tokio::test]

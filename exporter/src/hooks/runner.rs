@@ -210,22 +210,9 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // Reaped by init or a zombie at worst: never a running `sleep`. The SIGKILL is sent
-        // when `run` returns; the kernel may show the child as running for a moment while it
-        // dies, so look again until a short deadline.
-        let gone = || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit_once(')')
-                .map(|(_, s)| s.trim_start().chars().next());
-            (stat.is_empty() || state == Some(Some('Z')), stat)
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let mut seen = gone();
-        while !seen.0 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            seen = gone();
+        // Reaped by init or a zombie at worst: never a running `sleep`.
+        if let Err(stat) = crate::test_support::wait_gone(pid) {
+            panic!("child {pid} survived: {stat}");
         }
-        assert!(seen.0, "child {pid} survived: {}", seen.1);
     }
 }
