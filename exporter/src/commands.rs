@@ -390,13 +390,13 @@ fn stop_on_signal() -> std::io::Result<tokio::sync::watch::Receiver<u8>> {
     let (tx, rx) = tokio::sync::watch::channel(0u8);
     tokio::spawn(async move {
         for n in 1..=2u8 {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            let signal = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
             match n {
-                1 => tracing::info!("stop signal received, shutting down (a second one stops without waiting for hook runs)"),
-                _ => tracing::warn!("second stop signal: not waiting for hook runs in flight; their effect will be unknown"),
+                1 => tracing::info!("{signal} received, shutting down (a second one stops without waiting for hook runs)"),
+                _ => tracing::warn!("second {signal} received: not waiting for hook runs in flight; their effect will be unknown"),
             }
             let _ = tx.send(n);
         }

@@ -453,7 +453,7 @@ async fn a_second_sigterm_stops_without_waiting_and_the_run_is_unknown_after_res
     // The first SIGTERM: clusterwatch waits for the 60 s hook.
     cw.guard.signal(Signal::SIGTERM)?;
     wait_until(WAIT, "clusterwatch to start its stop", async || {
-        Ok(cw.guard.log_tail(50).contains("stop signal received"))
+        Ok(cw.guard.log_tail(50).contains("SIGTERM received"))
     })
     .await?;
     ensure!(cw.guard.is_running(), "exited without waiting for the hook");
