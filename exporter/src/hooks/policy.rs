@@ -57,10 +57,37 @@ pub struct Storm {
     pub window: f64,
 }
 
+/// A (hook, alert) pair that was decided, as the dedupe set keeps it: 16 bytes of a SHA-256
+/// over the five strings instead of the strings themselves (about 340 bytes). The set only
+/// grows (a re-send weeks later is still a repeat), so its size per incident is what a
+/// long-running receiver keeps; a collision of 128-bit digests is not a practical concern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Incident([u8; 16]);
+
+impl Incident {
+    fn of(hook: &str, alert: &AlertRef) -> Incident {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [
+            hook,
+            &alert.fingerprint,
+            &alert.starts_at,
+            &alert.status,
+            &alert.alertname,
+        ] {
+            // Length first: no two different pairs feed the same bytes.
+            digest.update(&(part.len() as u64).to_le_bytes());
+            digest.update(part.as_bytes());
+        }
+        let mut key = [0; 16];
+        key.copy_from_slice(&digest.finish().as_ref()[..16]);
+        Incident(key)
+    }
+}
+
 /// Everything the journal says that matters for the next decision.
 #[derive(Debug, Default)]
 pub struct State {
-    taken: HashSet<(String, AlertRef)>,
+    taken: HashSet<Incident>,
     open: BTreeMap<u64, OpenRun>,
     accepted: HashMap<GroupKey, f64>,
     disruptive: Vec<DisruptiveRun>,
@@ -171,7 +198,7 @@ pub fn decide(
     candidate: Option<&str>,
     ctx: &Context,
 ) -> Decision {
-    if state.taken.contains(&(rule.name.clone(), alert.clone())) {
+    if state.taken.contains(&Incident::of(&rule.name, alert)) {
         return Decision::Deduped;
     }
     if let Some(fence) = state.damage_fence {
@@ -348,7 +375,7 @@ impl State {
                 ..
             } => {
                 self.next_run = self.next_run.max(run + 1);
-                self.taken.insert((hook.clone(), alert.clone()));
+                self.taken.insert(Incident::of(hook, alert));
                 let key = (hook.clone(), cluster.clone());
                 let prev_accepted = self.accepted.insert(key.clone(), r.ts);
                 if *disruptive {
@@ -375,7 +402,7 @@ impl State {
                 );
             }
             Event::DryRun { hook, alert, .. } => {
-                self.taken.insert((hook.clone(), alert.clone()));
+                self.taken.insert(Incident::of(hook, alert));
             }
             Event::Deduped { .. }
             | Event::CooldownSkipped { .. }
@@ -432,7 +459,7 @@ impl State {
     fn give_back(&mut self, run: u64, incident: bool) {
         if let Some(open) = self.open.remove(&run) {
             if incident {
-                self.taken.remove(&(open.hook.clone(), open.alert));
+                self.taken.remove(&Incident::of(&open.hook, &open.alert));
             }
             let key = (open.hook, open.cluster);
             match open.prev_accepted {
@@ -608,6 +635,22 @@ pub(crate) mod tests {
             only_if_candidate: None,
             wait_for_lease: false,
         }
+    }
+
+    #[test]
+    fn incidents_are_told_apart_by_every_part_of_the_key() {
+        let alert = |fingerprint: &str, starts_at: &str, status: &str| AlertRef {
+            fingerprint: fingerprint.into(),
+            starts_at: starts_at.into(),
+            status: status.into(),
+            alertname: "NoPrimary".into(),
+        };
+        let one = Incident::of("promote", &alert("ab", "c", "firing"));
+        assert_eq!(one, Incident::of("promote", &alert("ab", "c", "firing")));
+        // The same bytes split differently are another incident.
+        assert_ne!(one, Incident::of("promote", &alert("a", "bc", "firing")));
+        assert_ne!(one, Incident::of("promote", &alert("ab", "c", "resolved")));
+        assert_ne!(one, Incident::of("fence", &alert("ab", "c", "firing")));
     }
 
     fn ctx(now: f64) -> Context {
