@@ -930,19 +930,7 @@ async fn sre_primary_killed_promotes_the_standby_em_and_the_cp_follows() -> Resu
     let (em1_conf, em2_conf, cp1_conf) = (conf(&em1, 1)?, conf(&em2, 2)?, conf(&cp1, 3)?);
     crate::seeds::repmgr(&em1_conf, &["primary", "register"]).await?;
     for standby in [&em2, &cp1] {
-        wait_until(
-            WAIT,
-            "repmgr's node table to reach the standbys",
-            async || {
-                Ok(standby
-                    .psql("SELECT count(*) FROM repmgr.nodes")
-                    .await
-                    .ok()
-                    .as_deref()
-                    == Some("1"))
-            },
-        )
-        .await?;
+        crate::seeds::repmgr_primary_registered_on(standby).await?;
     }
     crate::seeds::repmgr(&em2_conf, &["standby", "register"]).await?;
     crate::seeds::repmgr(&cp1_conf, &["standby", "register"]).await?;

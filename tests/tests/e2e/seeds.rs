@@ -1157,6 +1157,26 @@ pub(crate) fn repmgr_program() -> Result<PathBuf> {
 /// SRE: a real primary and standby registered with repmgr. `repmgr-promote --check` (repmgr's
 /// `--dry-run`) refuses while the primary is active; once it is stopped the dry run is clean,
 /// and the recipe promotes the standby with `standby promote --siblings-follow`.
+/// Waits until the primary's registration has replicated to `standby`: repmgr's `standby
+/// register` reads the node table there.
+pub(crate) async fn repmgr_primary_registered_on(
+    standby: &clusterwatch_tests::harness::PgNode,
+) -> Result<()> {
+    wait_until(
+        WAIT,
+        "repmgr's node table to reach the standby",
+        async || {
+            Ok(standby
+                .psql("SELECT count(*) FROM repmgr.nodes")
+                .await
+                .ok()
+                .as_deref()
+                == Some("1"))
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn repmgr_promote_dry_run_refuses_while_the_primary_lives_then_promotes() -> Result<()> {
     let pair = clusterwatch_tests::harness::PgCluster::start_pair().await?;
@@ -1169,20 +1189,7 @@ async fn repmgr_promote_dry_run_refuses_while_the_primary_lives_then_promotes() 
         "",
     )?;
     repmgr(&primary_conf, &["primary", "register"]).await?;
-    wait_until(
-        WAIT,
-        "repmgr's node table to reach the standby",
-        async || {
-            Ok(pair
-                .standby
-                .psql("SELECT count(*) FROM repmgr.nodes")
-                .await
-                .ok()
-                .as_deref()
-                == Some("1"))
-        },
-    )
-    .await?;
+    repmgr_primary_registered_on(&pair.standby).await?;
     repmgr(&standby_conf, &["standby", "register"]).await?;
 
     let promote = |check: bool| {
