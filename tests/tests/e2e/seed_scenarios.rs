@@ -975,6 +975,13 @@ async fn sre_primary_killed_promotes_the_standby_em_and_the_cp_follows() -> Resu
         .await?;
     let ready = began.elapsed();
 
+    // cp1 streams through the slot `cp1`, and `standby follow` keeps that slot name when it
+    // re-points cp1 at em2: em2 must hold a slot of that name before it becomes cp1's
+    // upstream (repmgr's `use_replication_slots` sites get theirs from repmgr). Without it
+    // cp1 retries against a missing slot until something else creates one.
+    em2.psql("SELECT pg_create_physical_replication_slot('cp1')")
+        .await
+        .context("a slot for cp1 on the standby that will be promoted")?;
     let broke = Instant::now();
     em1.kill9()?;
     let allowed = ["PostgresFailoverNeeded", "PostgresDown{em1}"];
@@ -1012,7 +1019,16 @@ async fn sre_primary_killed_promotes_the_standby_em_and_the_cp_follows() -> Resu
             bail!("cp1's pg_stat_wal_receiver: `{row}`")
         }
     })
-    .await?;
+    .await
+    .with_context(|| {
+        let log = cp1.logs();
+        let tail: Vec<&str> = log.lines().rev().take(25).collect();
+        format!(
+            "repmgr-promote's output: {}\ncp1's log, last lines first:\n{}",
+            finished[0]["stderr_tail"],
+            tail.join("\n")
+        )
+    })?;
     let followed = broke.elapsed();
     monitoring
         .watch_until(
