@@ -402,32 +402,6 @@ fn events(lab: &HookLab, event: &str, hook: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A menu-driven switch script like the site's: a mode, then whether to fetch data; it logs
-/// the answers next to itself and writes the new status.
-fn fake_switch_script(dir: &Path, status: &Path) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("switch-to-production.sh");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\n\
-             printf '1) EMERGENCY  2) Normal  3) Recovery\\nChoice: '\n\
-             read choice || exit 9\n\
-             echo \"choice=$choice\" >> answers.log\n\
-             case $choice in\n\
-             1) printf 'Grab the latest data from production? [y/n] '\n\
-                read grab || exit 9\n\
-                echo \"grab=$grab\" >> answers.log\n\
-                echo production_alone > {status} ;;\n\
-             *) exit 8 ;;\n\
-             esac\n",
-            status = status.display()
-        ),
-    )?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-    Ok(path)
-}
-
 /// One SOUNZ node: its status file, its menu script and its clusterwatch with the seed's
 /// `files:` entry and `hooks:` section.
 struct SounzNode {
@@ -471,7 +445,7 @@ async fn sounz_node(file: &str, status: &str, production_url: &str) -> Result<So
     std::fs::write(&status_path, format!("{status}\n"))?;
     let menu_dir = lab.dir().join("dr");
     std::fs::create_dir(&menu_dir)?;
-    let menu = fake_switch_script(&menu_dir, &status_path)?;
+    let menu = crate::seeds::fake_switch_script(&menu_dir, &status_path)?;
     let mut status_file = seed["files"][0].clone();
     status_file["path"] = json!(status_path);
     let hooks = seed_hooks(

@@ -961,7 +961,7 @@ impl Drop for LiveProduction {
 
 /// A menu-driven switch script like the site's: it asks for a mode, then whether to fetch
 /// data, logs the answers it read and writes the new status.
-fn fake_switch_script(dir: &Path, status: &Path) -> Result<PathBuf> {
+pub(crate) fn fake_switch_script(dir: &Path, status: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("switch-to-production.sh");
     std::fs::write(
