@@ -21,7 +21,9 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::journal::{Event, Record};
-use super::lock::{call, field, int, revoke_later, LockConfig, CALL_TIMEOUT};
+use super::lock::{
+    call, field, grant, int, keepalive, kv_value, owner_of, revoke_later, LockConfig, CALL_TIMEOUT,
+};
 use super::{now, Hooks};
 use crate::collector::{Engine, Target};
 use crate::config::{HumanDuration, Located, Pos, Problem};
@@ -518,14 +520,7 @@ impl Holder {
 
     /// Takes the key on a new lease, or takes back our own from before a restart.
     async fn take(&self) -> Result<Taken, String> {
-        let granted = call(
-            &self.lock,
-            "lease/grant",
-            &json!({ "TTL": self.lease.ttl.as_secs().max(1) }),
-            CALL_TIMEOUT,
-        )
-        .await?;
-        let lease = int(&granted["ID"]).ok_or("lease grant answered without an ID")?;
+        let lease = grant(&self.lock, self.lease.ttl).await?;
         let value = json!({ "owner": self.owner, "target": self.target }).to_string();
         let key = B64.encode(&self.key);
         let txn = json!({
@@ -556,9 +551,7 @@ impl Holder {
 
     /// One keepalive: `Ok(true)` renewed, `Ok(false)` etcd says the lease is gone.
     async fn renew(&self, lease: i64, timeout: Duration) -> Result<bool, String> {
-        let body = json!({ "ID": lease.to_string() });
-        let v = call(&self.lock, "lease/keepalive", &body, timeout).await?;
-        Ok(int(&v["TTL"]).unwrap_or(0) > 0)
+        Ok(keepalive(&self.lock, lease, timeout).await? > 0)
     }
 
     /// Runs the self-fence once and journals it. Whatever it returns, the holder stops
@@ -601,15 +594,7 @@ impl Holder {
 
 /// The `owner` written in a leader key's value (the raw value if it is not ours to read).
 fn holder_of(kv: &Value) -> String {
-    let raw = kv["value"]
-        .as_str()
-        .and_then(|s| B64.decode(s).ok())
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    serde_json::from_str::<Value>(&raw)
-        .ok()
-        .and_then(|v| v["owner"].as_str().map(str::to_owned))
-        .unwrap_or(raw)
+    owner_of(kv_value(kv))
 }
 
 // --- the promoting side: wait until no one holds the key ---------------------------------

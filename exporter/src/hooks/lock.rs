@@ -217,24 +217,12 @@ impl EtcdLock {
         call(&self.cfg, path, body, timeout).await
     }
 
-    async fn grant(&self, ttl: Duration) -> Result<i64, String> {
-        let v = self
-            .call(
-                "lease/grant",
-                &json!({ "TTL": ttl.as_secs().max(1) }),
-                CALL_TIMEOUT,
-            )
-            .await?;
-        int(&v["ID"]).ok_or_else(|| format!("lease grant answered without an ID: {v}"))
-    }
-
     async fn claim(&self, hook: &str, run: u64, alert: &AlertRef) -> Result<Pass, Refusal> {
         let (claim_key, running_key) = keys(&self.cfg.prefix, hook, alert);
-        let keep = self
-            .grant(self.cfg.keep)
+        let keep = grant(&self.cfg, self.cfg.keep)
             .await
             .map_err(Refusal::Unavailable)?;
-        let lease = match self.grant(self.cfg.ttl).await {
+        let lease = match grant(&self.cfg, self.cfg.ttl).await {
             Ok(l) => l,
             Err(e) => {
                 revoke_later(&self.cfg, keep);
@@ -262,23 +250,17 @@ impl EtcdLock {
             (value.clone(), int(&answer["header"]["revision"]))
         } else {
             let kv = &field(&answer["responses"][0], "response_range", "responseRange")["kvs"][0];
-            let holder = kv["value"]
-                .as_str()
-                .and_then(|s| B64.decode(s).ok())
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            (holder, int(field(kv, "create_revision", "createRevision")))
+            (
+                kv_value(kv),
+                int(field(kv, "create_revision", "createRevision")),
+            )
         };
         // A retry on another endpoint after an unanswered but applied transaction finds our
         // own claim: that is ours, not someone else's.
         if holder != value {
             revoke_later(&self.cfg, keep);
             revoke_later(&self.cfg, lease);
-            let owner = serde_json::from_str::<Value>(&holder)
-                .ok()
-                .and_then(|v| v["owner"].as_str().map(str::to_owned))
-                .unwrap_or(holder);
-            return Err(Refusal::HeldElsewhere(owner));
+            return Err(Refusal::HeldElsewhere(owner_of(holder)));
         }
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (lost_tx, lost_rx) = oneshot::channel::<String>();
@@ -329,6 +311,42 @@ pub(super) async fn call(
     Err(format!("etcd {path}: {}", errors.join("; ")))
 }
 
+/// Grants a lease of `ttl` (whole seconds, at least 1); its ID.
+pub(super) async fn grant(cfg: &LockConfig, ttl: Duration) -> Result<i64, String> {
+    let body = json!({ "TTL": ttl.as_secs().max(1) });
+    let v = call(cfg, "lease/grant", &body, CALL_TIMEOUT).await?;
+    int(&v["ID"]).ok_or_else(|| format!("lease grant answered without an ID: {v}"))
+}
+
+/// Renews a lease once; the TTL etcd answers (0: the lease is gone).
+pub(super) async fn keepalive(
+    cfg: &LockConfig,
+    lease: i64,
+    timeout: Duration,
+) -> Result<i64, String> {
+    let body = json!({ "ID": lease.to_string() });
+    let v = call(cfg, "lease/keepalive", &body, timeout).await?;
+    Ok(int(&v["TTL"]).unwrap_or(0))
+}
+
+/// A key's value as text, from a range answer's `kvs` entry (empty if it has none).
+pub(super) fn kv_value(kv: &Value) -> String {
+    kv["value"]
+        .as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The `owner` a claim or leader key's JSON value names; the raw value if it is not ours to
+/// read.
+pub(super) fn owner_of(value: String) -> String {
+    serde_json::from_str::<Value>(&value)
+        .ok()
+        .and_then(|v| v["owner"].as_str().map(str::to_owned))
+        .unwrap_or(value)
+}
+
 /// Revokes a lease in the background; if it fails, the lease expires by itself.
 pub(super) fn revoke_later(cfg: &LockConfig, lease: i64) {
     let cfg = cfg.clone();
@@ -361,13 +379,12 @@ async fn keep_alive(
             }
             _ = tokio::time::sleep(every) => {}
         }
-        let body = json!({ "ID": lease.to_string() });
-        let answer = call(&cfg, "lease/keepalive", &body, every).await;
-        let ttl = answer
-            .as_ref()
-            .map(|v| int(&v["TTL"]).unwrap_or(0))
-            .map_err(|_| ());
-        match renewal(ttl, last_ok.elapsed(), cfg.ttl) {
+        let answer = keepalive(&cfg, lease, every).await;
+        match renewal(
+            answer.as_ref().copied().map_err(|_| ()),
+            last_ok.elapsed(),
+            cfg.ttl,
+        ) {
             Renewal::Held => last_ok = Instant::now(),
             Renewal::Unsure => {}
             Renewal::Expired => {
