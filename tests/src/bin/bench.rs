@@ -218,9 +218,9 @@ async fn start_redis_exporter(address: &str) -> Result<(ChildGuard, String, temp
     start_other_exporter("redis_exporter", command, dir, url).await
 }
 
-/// Starts clusterwatch on `config`, measures it and stops it.
-async fn measure_clusterwatch(label: &str, config: &str, scrapes: usize) -> Result<Run> {
-    let mut cw = Clusterwatch::start(Some(config), &[]).await?;
+/// Starts clusterwatch on `config` (the embedded default if `None`), measures it and stops it.
+async fn measure_clusterwatch(label: &str, config: Option<&str>, scrapes: usize) -> Result<Run> {
+    let mut cw = Clusterwatch::start(config, &[]).await?;
     let pid = cw.process().pid().context("clusterwatch has no pid")?;
     let client = cw.client().clone();
     measure(label, &client, &cw.url("/metrics"), pid, scrapes).await
@@ -250,15 +250,20 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
         .chain((0..20).map(|i| format!("  - {{ name: db{i}, cluster: bench, dsn: '{dsn}' }}\n")))
         .collect();
 
-    let ours = measure_clusterwatch("clusterwatch, 1 PostgreSQL target", &one, scrapes).await?;
+    let ours =
+        measure_clusterwatch("clusterwatch, 1 PostgreSQL target", Some(&one), scrapes).await?;
     let theirs = measure_other(
         "prometheus-postgres-exporter 0.11 (Debian)",
         start_postgres_exporter(&dsn).await?,
         scrapes,
     )
     .await?;
-    let many =
-        measure_clusterwatch("clusterwatch, 20 PostgreSQL targets", &twenty, scrapes).await?;
+    let many = measure_clusterwatch(
+        "clusterwatch, 20 PostgreSQL targets",
+        Some(&twenty),
+        scrapes,
+    )
+    .await?;
 
     println!("\n== PostgreSQL primary on loopback: {scrapes} sequential scrapes each ==");
     print(&[&ours, &theirs, &many]);
@@ -266,6 +271,36 @@ async fn bench_postgres(scrapes: usize) -> Result<()> {
     println!("ratios (20 targets / 1 target; goal <= 2):");
     latency_ratios(&many, &ours);
     Ok(())
+}
+
+/// Scrapes clusterwatch alone, the workload `packaging/build-pgo` lays the executable out by:
+/// the embedded default, a PostgreSQL primary with its streaming standby, a Redis master with
+/// its replica, then the `web` runs (TLS, basic auth). Needs no other exporter.
+async fn bench_train(scrapes: usize) -> Result<()> {
+    let primary = PgNode::start_primary("train").await?;
+    let standby = PgNode::start_standby("train-standby", &primary, "train_standby").await?;
+    primary
+        .wait_standby_streaming("train_standby", Duration::from_secs(60))
+        .await?;
+    let pair = RedisPair::start().await?;
+    let postgres = format!(
+        "postgres:\n  - {{ name: primary, cluster: train, dsn: '{}' }}\n  - {{ name: standby, cluster: train, dsn: '{}' }}\n",
+        primary.monitor_dsn(),
+        standby.monitor_dsn()
+    );
+    let redis = format!(
+        "redis:\n  - {{ name: master, cluster: train, address: '{}' }}\n  - {{ name: replica, cluster: train, address: '{}' }}\n",
+        pair.master.url(),
+        pair.replica.url()
+    );
+    let runs = [
+        measure_clusterwatch("embedded default", None, scrapes).await?,
+        measure_clusterwatch("PostgreSQL primary and standby", Some(&postgres), scrapes).await?,
+        measure_clusterwatch("Redis master and replica", Some(&redis), scrapes).await?,
+    ];
+    println!("\n== training: {scrapes} sequential scrapes each ==");
+    print(&runs.iter().collect::<Vec<_>>());
+    bench_web(scrapes).await
 }
 
 const REDIS_EXPORTER: &str = "/usr/bin/prometheus-redis-exporter";
@@ -278,7 +313,7 @@ async fn bench_redis(scrapes: usize) -> Result<()> {
     let address = pair.master.url();
     let config = format!("redis:\n  - {{ name: master, cluster: bench, address: '{address}' }}\n");
 
-    let ours = measure_clusterwatch("clusterwatch, 1 Redis master", &config, scrapes).await?;
+    let ours = measure_clusterwatch("clusterwatch, 1 Redis master", Some(&config), scrapes).await?;
     let theirs = measure_other(
         "prometheus-redis-exporter 1.45 (Debian)",
         start_redis_exporter(&address).await?,
@@ -1060,6 +1095,7 @@ async fn run() -> Result<()> {
         "hooks" => bench_hooks(10).await,
         "sre" => bench_sre().await,
         "web" => bench_web(scrapes(500)).await,
+        "train" => bench_train(scrapes(300)).await,
         "all" => {
             bench_default(scrapes(1000)).await?;
             bench_postgres(scrapes(500)).await?;
@@ -1070,7 +1106,7 @@ async fn run() -> Result<()> {
             bench_web(scrapes(500)).await
         }
         other => bail!(
-            "unknown benchmark `{other}`: use default, postgres, redis, probes, hooks, sre, web or all"
+            "unknown benchmark `{other}`: use default, postgres, redis, probes, hooks, sre, web, train or all"
         ),
     }
 }
