@@ -195,3 +195,31 @@ fn verify_units(root: &Path, binary: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// An operator without a usable llvm-profdata learns it in seconds, with what to install,
+/// instead of after the quarter of an hour the instrumented build and its training take.
+#[test]
+fn the_profile_guided_build_refuses_an_llvm_profdata_that_cannot_read_the_profiles() -> Result<()> {
+    let target = temp_dir("cw-pgo-")?;
+    let output = Command::new(repo_root().join("packaging/build-pgo"))
+        .env("LLVM_PROFDATA", "/bin/false")
+        .env("CARGO_TARGET_DIR", target.path())
+        .output()
+        .context("could not run packaging/build-pgo")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.code() == Some(1),
+        "build-pgo exited with {} instead of 1:\n{stderr}",
+        output.status
+    );
+    ensure!(
+        stderr.contains("/bin/false cannot read the profiles of rustc (LLVM ")
+            && stderr.contains("apt-get install llvm-19"),
+        "the refusal does not say what is wrong and what to install:\n{stderr}"
+    );
+    ensure!(
+        !target.path().join("pgo-generate").exists(),
+        "build-pgo started the instrumented build before checking llvm-profdata"
+    );
+    Ok(())
+}
