@@ -3,7 +3,8 @@
 //! clusterwatch keeps the lease, a promotion is refused (`lease_held`); cut off from etcd while
 //! it keeps running, the primary fences itself (read-only) before its lease ends, the
 //! promotion waits for the lease to end and then runs exactly once, and the old primary
-//! accepts no writes; the new primary's clusterwatch then holds the key.
+//! accepts no writes; the new primary's clusterwatch then holds the key. The Redis self-fence
+//! recipe on a real master with its replica.
 
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use clusterwatch_tests::exposition::scrape;
 use clusterwatch_tests::harness::webhook::{alert, notification, HookLab};
-use clusterwatch_tests::harness::{wait_until, Clusterwatch, EtcdCluster, PgNode, TcpProxy};
+use clusterwatch_tests::harness::{
+    temp_dir, wait_until, Clusterwatch, EtcdCluster, PgNode, RedisPair, TcpProxy,
+};
 use serde_json::{json, Value};
 
 const CLUSTER: &str = "leased";
@@ -280,5 +283,105 @@ async fn a_promotion_waits_for_the_old_primarys_lease_which_fences_itself_first(
     })
     .await?;
     ensure!(lab_b.events("started").len() == 1);
+    Ok(())
+}
+
+/// Runs `redis-self-fence ARGS…` as the lease would, `password_file` as REDIS_PASSWORD_FILE;
+/// returns its exit code and stderr.
+fn redis_self_fence(
+    args: &[&str],
+    password_file: Option<&std::path::Path>,
+) -> Result<(i32, String)> {
+    let mut command = std::process::Command::new(recipe("redis-self-fence"));
+    command
+        .args(args)
+        .env("CW_LEASE_CLUSTER", "cache")
+        .env("CW_LEASE_TARGET", "master")
+        .env("CW_LEASE_REASON", "lease not renewed for 3s")
+        .env_remove("REDIS_PASSWORD_FILE");
+    if let Some(file) = password_file {
+        command.env("REDIS_PASSWORD_FILE", file);
+    }
+    let output = command.output().context("could not run redis-self-fence")?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// A fenced Redis master refuses every write for as long as it runs (no pause that ends),
+/// keeps serving reads, and its replica keeps its data; a master that answers but not to the
+/// fence (no password) is reported as possibly still writable, and one that is down as
+/// taking no writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_self_fence_refuses_every_write_and_keeps_reads() -> Result<()> {
+    const PASSWORD: &str = "fence-secret";
+    let mut pair = RedisPair::start_with_password(PASSWORD).await?;
+    let master = pair.master.addr();
+    pair.master.cli(&["SET", "order:1", "paid"]).await?;
+
+    let (code, stderr) = redis_self_fence(&["no-writes", &master], None)?;
+    ensure!(
+        code == 3 && stderr.contains("may still accept writes"),
+        "without the password the fence must say it could not fence (exit 3), got {code}: {stderr}"
+    );
+    ensure!(
+        pair.master.cli(&["SET", "order:2", "paid"]).await? == "OK",
+        "the failed fence changed the master"
+    );
+
+    let dir = temp_dir("cw-redis-fence-")?;
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, PASSWORD)?;
+    let (code, stderr) = redis_self_fence(&["no-writes", &master], Some(&password_file))?;
+    ensure!(code == 0, "the fence failed with {code}: {stderr}");
+    ensure!(
+        stderr.contains("cluster cache target master: lease not renewed for 3s")
+            && stderr.contains("writes refused now"),
+        "the fence does not say why and what it did: {stderr}"
+    );
+    ensure!(
+        !stderr.contains(PASSWORD),
+        "the fence printed the password: {stderr}"
+    );
+    for write in [
+        vec!["SET", "order:3", "paid"],
+        vec!["INCR", "orders"],
+        vec![
+            "EVAL",
+            "return redis.call('SET', KEYS[1], 'x')",
+            "1",
+            "order:4",
+        ],
+    ] {
+        let answer = pair.master.cli(&write).await?;
+        ensure!(
+            answer.contains("NOREPLICAS"),
+            "the fenced master took `{}`: {answer}",
+            write.join(" ")
+        );
+    }
+    ensure!(
+        pair.master.cli(&["GET", "order:1"]).await? == "paid",
+        "the fenced master no longer serves reads"
+    );
+    wait_until(
+        WAIT,
+        "the replica to hold the writes made before the fence",
+        async || Ok(pair.replica.cli(&["GET", "order:2"]).await? == "paid"),
+    )
+    .await?;
+
+    pair.master.stop()?;
+    let (code, stderr) = redis_self_fence(&["no-writes", &master], Some(&password_file))?;
+    ensure!(
+        code == 0 && stderr.contains("does not accept connections"),
+        "a stopped master takes no writes: the fence should succeed, got {code}: {stderr}"
+    );
+    let (code, stderr) = redis_self_fence(&["no-writes", "localhost"], None)?;
+    ensure!(
+        code == 2,
+        "an address without a port must be a usage error, got {code}: {stderr}"
+    );
     Ok(())
 }
