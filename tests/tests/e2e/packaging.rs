@@ -117,6 +117,22 @@ fn the_debian_package_installs_a_working_hardened_exporter() -> Result<()> {
         ".json",
         "usr/share/clusterwatch/dashboards",
     )?;
+    // The hook recipes, where the README's configuration examples run them from.
+    check_all_shipped(
+        &root,
+        "alertmanager/hooks",
+        "",
+        "usr/lib/clusterwatch/hooks",
+    )?;
+    for entry in std::fs::read_dir(root.join("usr/lib/clusterwatch/hooks"))? {
+        let path = entry?.path();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&path.metadata()?.permissions());
+        ensure!(
+            mode & 0o111 == 0o111,
+            "{} is not executable (mode {mode:o})",
+            path.display()
+        );
+    }
 
     // The packaged binary accepts the packaged configuration.
     let binary = root.join("usr/bin/clusterwatch");
