@@ -70,6 +70,10 @@ impl RunResult {
     }
 }
 
+/// The most alert names one `unmatched` record lists: enough to see a misrouted group, and a
+/// bound on a record's size whatever a notification holds.
+pub const UNMATCHED_NAMES_MAX: usize = 20;
+
 /// Every kind of record. Runs are numbered; a run's records share its number.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -86,6 +90,16 @@ pub enum Event {
         group_key: String,
         /// Number of alerts in it.
         alerts: usize,
+    },
+    /// Firing alerts of a notification that no hook rule matched: the answer to "why did
+    /// nothing run?" when a rule's `match` and the alert's labels do not meet.
+    Unmatched {
+        /// The notification they came in.
+        notification: u64,
+        /// How many.
+        alerts: usize,
+        /// Their distinct alert names, sorted, at most [`UNMATCHED_NAMES_MAX`].
+        alertnames: Vec<String>,
     },
     /// A hook will run for an alert.
     Matched {

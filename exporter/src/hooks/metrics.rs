@@ -52,6 +52,7 @@ pub(super) struct Counters {
     in_flight: HashMap<String, i64>,
     last_duration: HashMap<String, f64>,
     labels_dropped: HashMap<String, u64>,
+    unmatched: u64,
 }
 
 impl Counters {
@@ -80,6 +81,9 @@ impl Counters {
         };
         if let Some((hook, reason)) = skip {
             self.skip(hook, reason);
+        }
+        if let Event::Unmatched { alerts, .. } = event {
+            self.unmatched += *alerts as u64;
         }
     }
 
@@ -131,6 +135,12 @@ pub(super) fn write(
                 c.notifications.get(status).copied().unwrap_or(0) as f64,
             );
     }
+    out.counter(
+        "clusterwatch_hook_unmatched_alerts_total",
+        "Firing alerts received that matched no hook rule (their names are journaled as `unmatched`).",
+        &[],
+        c.unmatched as f64,
+    );
     let kill = ctx.kill_switch;
     out.gauge(
         "clusterwatch_hook_kill_switch_active",

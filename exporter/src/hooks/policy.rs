@@ -3,10 +3,10 @@
 //! whether the kill-switch file exists, so every rule is unit-tested and `hooks replay` can
 //! show a decision without acting.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::config::HookRule;
-use super::journal::{AlertRef, Event, Evidence, Record, RunResult};
+use super::journal::{AlertRef, Event, Evidence, Record, RunResult, UNMATCHED_NAMES_MAX};
 use super::payload::{Alert, Notification};
 
 /// How far back unknown runs are reported (the `HookRunUnknown` alert fires this long).
@@ -235,6 +235,27 @@ pub fn decide(
     Decision::Run
 }
 
+/// The `unmatched` record of a notification whose firing alerts include some that no rule
+/// matches. A resolved alert matching nothing is normal: most rules act on firing ones only.
+fn unmatched(rules: &[HookRule], n: &Notification, notification: u64) -> Option<Event> {
+    let mut alerts = 0;
+    let mut names = BTreeSet::new();
+    for a in n.alerts.iter() {
+        let firing = a.status == super::payload::Status::Firing;
+        if firing && !rules.iter().any(|rule| rule.applies(&a.labels, firing)) {
+            alerts += 1;
+            if names.len() < UNMATCHED_NAMES_MAX {
+                names.insert(a.labels.get("alertname").cloned().unwrap_or_default());
+            }
+        }
+    }
+    (alerts > 0).then(|| Event::Unmatched {
+        notification,
+        alerts,
+        alertnames: names.into_iter().collect(),
+    })
+}
+
 /// Decides every (hook, alert) pair of a notification, applying each record to `state` as it
 /// goes so alerts of one notification see each other (one run per cooldown, one budget).
 /// Returns the records to journal, the first being `received`, and the runs to start.
@@ -263,6 +284,9 @@ pub fn plan(
             alerts: n.alerts.len(),
         },
     );
+    if let Some(event) = unmatched(rules, n, notification) {
+        push(state, &mut records, event);
+    }
     for (ai, a) in n.alerts.iter().enumerate() {
         let firing = a.status == super::payload::Status::Firing;
         for (ri, rule) in rules.iter().enumerate() {
@@ -365,6 +389,8 @@ impl State {
             Event::Received { notification, .. } => {
                 self.next_notification = self.next_notification.max(notification + 1);
             }
+            // Nothing was decided for them: they only explain.
+            Event::Unmatched { .. } => {}
             Event::Matched {
                 run,
                 hook,
@@ -612,8 +638,8 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::hooks::config::{Matcher, On};
-    use crate::hooks::payload::decode;
     use crate::hooks::payload::tests::body;
+    use crate::hooks::payload::{decode, Status};
 
     /// A hook on `alertname="NoPrimary"` running /bin/true.
     pub(crate) fn rule(name: &str, disruptive: bool, cooldown: u64) -> HookRule {
@@ -686,6 +712,7 @@ pub(crate) mod tests {
             .iter()
             .map(|r| match r.event {
                 Event::Received { .. } => "received",
+                Event::Unmatched { .. } => "unmatched",
                 Event::Matched { .. } => "matched",
                 Event::Deduped { .. } => "deduped",
                 Event::CooldownSkipped { .. } => "cooldown",
@@ -696,6 +723,74 @@ pub(crate) mod tests {
                 _ => "other",
             })
             .collect()
+    }
+
+    #[test]
+    fn firing_alerts_no_rule_matches_are_journaled_by_name_and_bounded() {
+        let rules = [rule("promote", true, 0)];
+        let mut n = note("firing", "f1", "t0");
+        let proto = n.alerts[0].clone();
+        for (i, (name, status)) in [
+            ("DiskFull", Status::Firing),
+            ("DiskFull", Status::Firing),
+            ("RedisDown", Status::Firing),
+            ("Gone", Status::Resolved),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut a = proto.clone();
+            a.fingerprint = format!("u{i}");
+            a.status = status;
+            a.labels.insert("alertname".into(), name.into());
+            n.alerts.push(a);
+        }
+        let mut s = State::default();
+        let (records, runs) = plan(&mut s, &rules, &n, &ctx(100.0));
+        assert_eq!(kinds(&records), ["received", "unmatched", "matched"]);
+        assert_eq!(runs.len(), 1, "the matching alert still runs");
+        assert_eq!(
+            records[1].event,
+            Event::Unmatched {
+                notification: 0,
+                alerts: 3,
+                alertnames: vec!["DiskFull".into(), "RedisDown".into()],
+            },
+            "firing ones only, each name once, sorted"
+        );
+        // Replaying the record decides nothing: the next notification gets the next number.
+        let mut replayed = State::replay(&records);
+        let (again, _) = plan(
+            &mut replayed,
+            &rules,
+            &note("firing", "f2", "t1"),
+            &ctx(101.0),
+        );
+        assert!(matches!(
+            again[0].event,
+            Event::Received {
+                notification: 1,
+                ..
+            }
+        ));
+
+        // However many names a notification holds, one record lists a bounded few.
+        let mut many = note("firing", "m", "t0");
+        for i in 0..3 * UNMATCHED_NAMES_MAX {
+            let mut a = proto.clone();
+            a.fingerprint = format!("m{i}");
+            a.labels.insert("alertname".into(), format!("Other{i:03}"));
+            many.alerts.push(a);
+        }
+        let (records, _) = plan(&mut State::default(), &rules, &many, &ctx(100.0));
+        let Event::Unmatched {
+            alerts, alertnames, ..
+        } = &records[1].event
+        else {
+            panic!("no unmatched record: {:?}", kinds(&records));
+        };
+        assert_eq!(*alerts, 3 * UNMATCHED_NAMES_MAX);
+        assert_eq!(alertnames.len(), UNMATCHED_NAMES_MAX);
     }
 
     #[test]

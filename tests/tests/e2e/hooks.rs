@@ -195,6 +195,31 @@ async fn alertmanager_notification_runs_its_hook_once_despite_resends_and_a_5xx(
             &[("hook", "promote")]
         )
         .is_some());
+    assert_eq!(
+        m.value("clusterwatch_hook_unmatched_alerts_total", &[]),
+        Some(0.0),
+        "matched and resolved alerts are not unmatched"
+    );
+
+    // An alert whose name no rule matches (a typo in the rule or the alert) runs nothing,
+    // and says so: in the journal by name, and in a counter an alert can watch.
+    let typo =
+        json!([{ "labels": { "alertname": "TestNoPrimry", "cluster": "db" }, "startsAt": starts }]);
+    am.post_alerts(&typo).await?;
+    wait_for("the unmatched alert to be journaled", || {
+        lab.events("unmatched")
+            .iter()
+            .any(|r| r["alertnames"] == json!(["TestNoPrimry"]) && r["alerts"] == 1)
+    })
+    .await?;
+    let m = scrape(&cw).await?;
+    assert!(
+        m.value("clusterwatch_hook_unmatched_alerts_total", &[])
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(lab.invocations("promote").len(), 1);
+    assert!(lab.invocations("other").is_empty());
     Ok(())
 }
 
