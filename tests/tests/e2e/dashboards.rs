@@ -7,7 +7,7 @@
 //! rendering and layout are not tested.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -774,6 +774,9 @@ const EXPECTED_VALUES: &[(&str, &str, &str, f64)] = &[
     ("Program state now", "program", "idle", 1.0),
     ("Interfaces", "interface", "lo", 3.0),
     ("Textfile rejected", "file", "backup.prom", 0.0),
+    // `sh -c 'exit 3'` ends as exit_nonzero, the second result of the encoding.
+    ("Failing check programs", "target", "check-fails", 2.0),
+    ("Log file present", "target", "app-log", 1.0),
     ("Runs of unknown outcome", "hook", "promote", 0.0),
 ];
 
@@ -787,8 +790,10 @@ const SAMPLES_CSV: &str =
     "cp1,profiling.cp.INVITE,2022-05-10T16:31:00,1652193060,12.500,11.000,13.250\n";
 
 /// The node checks' files: SRE stats, a status file saying production, an out-of-service
-/// flag, and a textfile directory with one file. Returns the configuration sections.
-fn node_checks(dir: &Path) -> Result<String> {
+/// flag, a textfile directory with one file, and a log that exists before clusterwatch starts
+/// (so it is followed from its end: [`APP_LOG_LINES`] go in once it is scraped). Two program
+/// checks, one passing and one failing. Returns the configuration sections and the log's path.
+fn node_checks(dir: &Path) -> Result<(String, PathBuf)> {
     let counters = dir.join("counters.csv");
     let samples = dir.join("samples.csv");
     std::fs::write(&counters, COUNTERS_CSV)?;
@@ -803,7 +808,9 @@ fn node_checks(dir: &Path) -> Result<String> {
         textfiles.join("backup.prom"),
         "# TYPE backup_last_ok gauge\nbackup_last_ok 1\n",
     )?;
-    Ok(format!(
+    let log = dir.join("app.log");
+    std::fs::write(&log, "written before clusterwatch started: not counted\n")?;
+    let sections = format!(
         "sre_stats:\n  counters: '{}'\n  samples: '{}'\n  cluster: cp\n\
          files:\n\
          \x20 - {{ name: cp1-status, cluster: cp, path: '{}', states: [down, production, standby, production_alone, standby_as_production, production_as_standby] }}\n\
@@ -811,15 +818,28 @@ fn node_checks(dir: &Path) -> Result<String> {
          \x20 - {{ name: solo-status, path: '{}', states: [down, production, standby] }}\n\
          processes:\n  - {{ name: postgres, cluster: pg, process_name: '^postgres$', min: 2 }}\n\
          network:\n  cluster: cp\n  interfaces: [lo]\n  addresses:\n    - {{ name: vip, address: 127.0.0.1 }}\n\
-         textfile:\n  directory: '{}'\n",
+         textfile:\n  directory: '{}'\n\
+         programs:\n\
+         \x20 - {{ name: check-ok, cluster: cp, command: ['true'], interval: 5s }}\n\
+         \x20 - {{ name: check-fails, cluster: cp, command: [sh, -c, 'exit 3'], interval: 5s }}\n\
+         logs:\n\
+         \x20 - {{ name: app-log, cluster: cp, path: '{}', patterns: {{ error: 'ERROR', panic: 'panic' }} }}\n",
         counters.display(),
         samples.display(),
         status.display(),
         flag.display(),
         status.display(),
         textfiles.display(),
-    ))
+        log.display(),
+    );
+    Ok((sections, log))
 }
+
+/// Appended to the followed log once clusterwatch has looked at it: one line for each
+/// pattern and one for none, so the log panels have matches and a last-match time.
+const APP_LOG_LINES: &str = "2026-01-01 ERROR disk quota exceeded\n\
+                             2026-01-01 thread main panic: index out of range\n\
+                             2026-01-01 INFO request served\n";
 
 #[tokio::test]
 async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
@@ -881,7 +901,7 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
     ))
     .await?;
     let node = temp_dir("cw-dashboards-node-")?;
-    let node_sections = node_checks(node.path())?;
+    let (node_sections, app_log) = node_checks(node.path())?;
     // The hook runner on the main listener: one hook that runs (and succeeds), one dry-run.
     let hooks = HookLab::new()?;
     let ok_hook = hooks.script("ok-hook", "exit 0")?;
@@ -981,6 +1001,12 @@ async fn every_panel_query_returns_data_from_a_real_stack() -> Result<()> {
         .wait_for_target_up("clusterwatch", Duration::from_secs(60))
         .await?;
     let scraping = started.elapsed();
+    // A scrape has looked at the log (from its end), so these lines count as new ones.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&app_log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, APP_LOG_LINES.as_bytes()))
+        .context("appending to the followed log")?;
 
     // Rates and derivatives need two samples and sizes come on their own cadence, so poll
     // until every query has data; an invalid query fails at once.
