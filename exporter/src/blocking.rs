@@ -51,6 +51,7 @@ impl InFlight {
         let handle = tokio::task::spawn_blocking(move || {
             let result = f();
             crate::sync::lock(&keys).remove(&owned_key);
+            crate::memory::release_unused_stack();
             result
         });
         match tokio::time::timeout_at(deadline, handle).await {

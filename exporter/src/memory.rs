@@ -1,6 +1,6 @@
-//! Keeping resident memory small: glibc's allocator tuned at start, free heap pages handed
-//! back while serving, and the code pages only start-up and the first scrapes needed dropped.
-//! What memory the collectors keep is their own business; this only shapes how it is held.
+//! Keeping resident memory small: glibc's allocator tuned at start, free heap and stack pages
+//! handed back while serving, and the code pages only start-up and the first scrapes needed
+//! dropped. What memory the collectors keep is their own business; this only shapes how it is held.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -154,6 +154,66 @@ fn trim_heap() {
     }
 }
 
+/// Hands back the pages of the calling thread's stack below the caller's frame, at most once
+/// per [`TRIM_EVERY`] per thread; called by blocking-pool threads between calls. Ten scrapes
+/// a second keep every pool thread alive, and each keeps resident the deepest its stack has
+/// ever been, which creeps up as rarer paths (a reconnect, an error) run on it in turn.
+/// What the next calls need comes back zeroed at the next touch.
+pub fn release_unused_stack() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::cell::Cell;
+        use std::time::Instant;
+        thread_local! {
+            static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+        }
+        let now = Instant::now();
+        if LAST
+            .get()
+            .is_some_and(|last| now.duration_since(last) < TRIM_EVERY)
+        {
+            return;
+        }
+        LAST.set(Some(now));
+        let Some(lowest) = stack_lowest_address() else {
+            return;
+        };
+        // An address in this frame; what the madvise call itself pushes stays well within
+        // the margin below it.
+        let here = std::ptr::addr_of!(now) as usize;
+        // SAFETY: sysconf only reads a constant of the system.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let start = lowest.next_multiple_of(page);
+        let end = here.saturating_sub(16 * 1024) & !(page - 1);
+        if end > start {
+            // SAFETY: [start, end) lies within this thread's own stack (above its guard
+            // page) and below every live frame of it, so no one uses those pages: a later
+            // push faults them in again, zeroed, as on first use.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
+/// The lowest usable address of the calling thread's stack (above its guard page).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn stack_lowest_address() -> Option<usize> {
+    // SAFETY: the attribute object is initialised by pthread_getattr_np before it is read
+    // and destroyed once; both calls only read this thread's descriptor.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return None;
+        }
+        let mut address: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        let ok = libc::pthread_attr_getstack(&attr, &mut address, &mut size) == 0;
+        libc::pthread_attr_destroy(&mut attr);
+        ok.then_some(address as usize)
+    }
+}
+
 /// Drops this process's mapped pages of files (the executable, shared libraries) that are
 /// still the file's, read-only and never written: start-up code (argument and configuration
 /// parsing, TLS and runtime set-up) is megabytes the kernel mapped in 64 KiB runs and would
@@ -253,6 +313,41 @@ Anonymous:             0 kB
         assert_eq!(caches_plan(false, false), CachesPlan::Restart);
         assert_eq!(caches_plan(true, true), CachesPlan::Restarted);
         assert_eq!(caches_plan(true, false), CachesPlan::Leave);
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn releasing_unused_stack_keeps_the_thread_working() {
+        fn deep(n: u64) -> u64 {
+            let buffer = std::hint::black_box([n; 512]);
+            if n == 0 {
+                buffer[0]
+            } else {
+                deep(n - 1) + buffer[511]
+            }
+        }
+        fn resident(page: usize) -> bool {
+            let mut state = 0u8;
+            // SAFETY: mincore only reports on a page of this thread's own stack mapping.
+            let ok = unsafe { libc::mincore(page as *mut libc::c_void, 1, &mut state) } == 0;
+            ok && state & 1 == 1
+        }
+        std::thread::spawn(|| {
+            let frame = 0u8;
+            // A page the recursion below uses, far below this frame.
+            // SAFETY: sysconf only reads a constant of the system.
+            let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+            let page = (std::ptr::addr_of!(frame) as usize - 128 * 1024) & !(size - 1);
+            assert_eq!(deep(64), (1..=64).sum::<u64>());
+            assert!(resident(page));
+            release_unused_stack();
+            assert!(!resident(page));
+            // The pages handed back come back zeroed on the next touch, and hold values again.
+            assert_eq!(deep(64), (1..=64).sum::<u64>());
+            assert!(resident(page));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
