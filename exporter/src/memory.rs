@@ -64,21 +64,44 @@ pub fn drop_thread_caches() {
             use std::os::unix::process::CommandExt;
             let mut args = std::env::args_os();
             let arg0 = args.next().unwrap_or_default();
+            // Started from /proc/self/exe, the process would be named "exe" (`ps`, `pgrep`,
+            // /proc/PID/comm): its name goes along and is set again after the restart.
+            let name = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
             // The running executable itself, even if its file was replaced meanwhile; exec
             // only returns on failure, and then nothing has changed.
             let _ = std::process::Command::new("/proc/self/exe")
                 .arg0(arg0)
                 .args(args)
                 .env(TUNABLES, NO_THREAD_CACHES)
-                .env(RESTARTED, "1")
+                .env(RESTARTED, name.trim_end_matches('\n'))
                 .exec();
         }
         CachesPlan::Restarted => {
+            if let Some(name) = std::env::var_os(RESTARTED) {
+                set_thread_name(&name);
+            }
             // No other thread exists yet, so nothing reads the environment meanwhile.
             std::env::remove_var(TUNABLES);
             std::env::remove_var(RESTARTED);
         }
         CachesPlan::Leave => {}
+    }
+}
+
+/// Names the calling thread (the main thread's name is the process's); an empty name or one
+/// with a NUL byte is left alone. The kernel keeps the first 15 bytes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_thread_name(name: &std::ffi::OsStr) {
+    use std::os::unix::ffi::OsStrExt;
+    if name.is_empty() {
+        return;
+    }
+    let Ok(name) = std::ffi::CString::new(name.as_bytes()) else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string that lives across the call.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr());
     }
 }
 
@@ -313,6 +336,20 @@ Anonymous:             0 kB
         assert_eq!(caches_plan(false, false), CachesPlan::Restart);
         assert_eq!(caches_plan(true, true), CachesPlan::Restarted);
         assert_eq!(caches_plan(true, false), CachesPlan::Leave);
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn the_name_carried_over_a_restart_is_set_again() {
+        std::thread::spawn(|| {
+            let comm = || std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+            set_thread_name("clusterwatch".as_ref());
+            assert_eq!(comm(), "clusterwatch\n");
+            set_thread_name("".as_ref());
+            assert_eq!(comm(), "clusterwatch\n");
+        })
+        .join()
+        .unwrap();
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
