@@ -35,14 +35,10 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     // Two workers at most: an exporter mostly waits on sockets, and every worker more costs
     // a stack and, under contention, allocator pages (blocking calls have their own pool).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(2));
-    // The blocking pool keeps tokio's defaults (up to 512 threads, 10 s keep-alive). A bound
-    // would let a few calls stuck in the kernel (statvfs on a dead NFS mount: each holds its
-    // thread until it returns) starve every other file and /proc read; blocking.rs starts
-    // at most one call per key, which bounds stuck threads instead. A shorter keep-alive
-    // frees nothing: tokio wakes its idle threads in turn, so ten scrapes a second keep all
-    // of them alive, and limiting calls in flight to four left the pool as large (it starts
-    // a thread whenever none is idle at that instant). What each thread costs is kept down
-    // in memory.rs instead: no per-thread malloc caches, unused stack handed back.
+    // tokio's blocking pool keeps its defaults: only the journal's payload writes, reloads
+    // and password checks use it. Collectors' file and /proc reads run on blocking.rs's own
+    // threads, which end when a load spike is over (tokio wakes its idle threads in turn, so
+    // ten scrapes a second kept every thread it ever started alive).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
