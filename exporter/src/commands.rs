@@ -35,6 +35,10 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     // Two workers at most: an exporter mostly waits on sockets, and every worker more costs
     // a stack and, under contention, allocator pages (blocking calls have their own pool).
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(2));
+    // tokio's blocking pool keeps its defaults: only the journal's payload writes, reloads
+    // and password checks use it. Collectors' file and /proc reads run on blocking.rs's own
+    // threads, which end when a load spike is over (tokio wakes its idle threads in turn, so
+    // ten scrapes a second kept every thread it ever started alive).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    clusterwatch::memory::drop_thread_caches();
     clusterwatch::memory::tune_allocator();
     let cli = clusterwatch::cli::Cli::parse();
     clusterwatch::logging::init(cli.log_level, cli.log_format);

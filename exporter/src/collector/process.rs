@@ -97,7 +97,8 @@ struct Proc {
 #[derive(Default)]
 struct Table {
     cached: Mutex<Option<(Instant, Arc<Vec<Proc>>)>>,
-    system: Arc<Mutex<Option<System>>>,
+    /// sysinfo's own table, and the most processes it has held.
+    system: Arc<Mutex<Option<(System, usize)>>>,
     inflight: InFlight,
 }
 
@@ -141,23 +142,31 @@ impl Table {
     }
 }
 
-fn read_table(system: &Mutex<Option<System>>) -> Vec<Proc> {
+fn read_table(system: &Mutex<Option<(System, usize)>>) -> Vec<Proc> {
     let mut guard = crate::sync::lock(system);
     if guard.is_none() {
-        *guard = System::new().ok();
+        *guard = System::new().ok().map(|s| (s, 0));
     }
-    let Some(s) = guard.as_mut() else {
+    let Some((s, most)) = guard.as_mut() else {
         return Vec::new();
     };
+    // Without tasks: sysinfo would otherwise list every thread of every process as one
+    // more entry (only to be filtered out below), reading each one's files, and its table
+    // keeps the capacity of the most threads it ever saw (0.4 MiB after a parallel build).
     s.refresh_processes_specifics(
         ProcessesToUpdate::All,
         true,
         ProcessRefreshKind::nothing()
+            .without_tasks()
             .with_memory()
             .with_cmd(UpdateKind::OnlyIfNotSet),
     );
     let me = sysinfo::Pid::from_u32(std::process::id());
-    s.processes()
+    let held = s.processes().len();
+    *most = (*most).max(held);
+    let stale = oversized(held, *most);
+    let procs = s
+        .processes()
         .iter()
         // Threads are listed like processes on Linux; a process is counted once.
         .filter(|(pid, p)| **pid != me && p.thread_kind().is_none())
@@ -172,7 +181,20 @@ fn read_table(system: &Mutex<Option<System>>) -> Vec<Proc> {
             start_time: p.start_time(),
             rss: p.memory(),
         })
-        .collect()
+        .collect();
+    if stale {
+        // The next read starts a new table, sized for what runs then.
+        *guard = None;
+    }
+    procs
+}
+
+/// Whether sysinfo's table is to be started afresh: a hash table keeps the capacity of the
+/// most entries it ever held (a parallel build's processes: 0.2 MiB), and its entries keep
+/// the command lines of processes long gone. Starting afresh costs one read of every
+/// command line.
+fn oversized(held: usize, most: usize) -> bool {
+    held < most / 2
 }
 
 /// One configured process pattern.
@@ -244,6 +266,14 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_starts_afresh_once_half_the_most_processes_are_gone() {
+        assert!(!oversized(400, 400));
+        assert!(!oversized(200, 400));
+        assert!(oversized(199, 400));
+        assert!(!oversized(0, 1));
+    }
     use crate::configuration as config;
     use std::path::Path;
 
