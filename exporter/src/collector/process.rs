@@ -266,6 +266,8 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::configuration as config;
+    use std::path::Path;
 
     #[test]
     fn the_table_starts_afresh_once_half_the_most_processes_are_gone() {
@@ -274,8 +276,6 @@ mod tests {
         assert!(oversized(199, 400));
         assert!(!oversized(0, 1));
     }
-    use crate::configuration as config;
-    use std::path::Path;
 
     #[test]
     fn exactly_one_pattern() {
